@@ -1,0 +1,230 @@
+//! The crate's one error type.
+//!
+//! Modelled on tokio's `JoinError`: small, hand-written, and shaped around the
+//! caller's questions ("did it panic? which signal? was it the zygote?").
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+/// What went wrong, in one word. Returned by [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The task panicked; [`Error::panic_message`] has the message and location.
+    Panicked,
+    /// The worker was terminated by a signal (a crash, `kill()`, a cancelled
+    /// task's `SIGKILL`); [`Error::signal`] has the number.
+    Signaled,
+    /// The worker exited (for example through `std::process::exit`) without
+    /// returning a result; [`Error::exit_code`] has the code.
+    Exited,
+    /// The task ran past its [`Task::timeout`](crate::Task::timeout) and was stopped.
+    TimedOut,
+    /// The zygote process is gone, so the task could not start or could not be
+    /// watched to the end.
+    ZygoteDied,
+    /// An argument or a result could not be encoded or decoded, or the bytes a
+    /// worker wrote were malformed, oversized or inconsistent.
+    Codec,
+    /// A system call failed; the message names it.
+    Io,
+    /// [`Zygote::start`](crate::Zygote::start) was called from a process that
+    /// already runs more than one thread, where forking is unsound.
+    MultiThreaded,
+    /// A global function such as [`run_in_process`](crate::run_in_process) was
+    /// called before [`init`](crate::init).
+    NotInitialized,
+}
+
+/// The error returned by every fallible operation of this crate.
+///
+/// `Error` answers "what happened to my task?": use [`kind`](Error::kind), then
+/// the accessor for that kind. Its `Display` form is a lowercase sentence
+/// fragment, as the Rust API guidelines ask.
+///
+/// ```
+/// use run_in_process::{Error, ErrorKind};
+/// fn describe(e: &Error) -> String {
+///     match e.kind() {
+///         ErrorKind::Panicked => format!("panic: {}", e.panic_message().unwrap_or("?")),
+///         ErrorKind::Signaled => format!("signal {}", e.signal().unwrap_or(0)),
+///         _ => e.to_string(),
+///     }
+/// }
+/// ```
+pub struct Error {
+    kind: ErrorKind,
+    repr: Repr,
+}
+
+enum Repr {
+    Panic(String),
+    Signal(i32),
+    Exit(i32),
+    TimedOut(Duration),
+    Message(String),
+    Io(&'static str, io::Error),
+}
+
+impl Error {
+    /// The category of this error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// For [`ErrorKind::Panicked`]: the panic message, followed by `" at file:line:col"`
+    /// when the panic had a location.
+    pub fn panic_message(&self) -> Option<&str> {
+        match &self.repr {
+            Repr::Panic(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// For [`ErrorKind::Signaled`]: the signal that terminated the worker.
+    pub fn signal(&self) -> Option<i32> {
+        match self.repr {
+            Repr::Signal(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// For [`ErrorKind::Exited`]: the worker's exit code.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.repr {
+            Repr::Exit(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// True if this error means the task did not produce its result because the
+    /// zygote went away (shorthand for `kind() == ErrorKind::ZygoteDied`).
+    pub fn is_zygote_died(&self) -> bool {
+        self.kind == ErrorKind::ZygoteDied
+    }
+
+    pub(crate) fn panicked(message: String) -> Error {
+        Error {
+            kind: ErrorKind::Panicked,
+            repr: Repr::Panic(message),
+        }
+    }
+
+    pub(crate) fn signaled(signal: i32) -> Error {
+        Error {
+            kind: ErrorKind::Signaled,
+            repr: Repr::Signal(signal),
+        }
+    }
+
+    pub(crate) fn exited(code: i32) -> Error {
+        Error {
+            kind: ErrorKind::Exited,
+            repr: Repr::Exit(code),
+        }
+    }
+
+    pub(crate) fn timed_out(after: Duration) -> Error {
+        Error {
+            kind: ErrorKind::TimedOut,
+            repr: Repr::TimedOut(after),
+        }
+    }
+
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            repr: Repr::Message(message.into()),
+        }
+    }
+
+    pub(crate) fn zygote_died() -> Error {
+        Error::new(ErrorKind::ZygoteDied, "the zygote process died")
+    }
+
+    pub(crate) fn codec(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Codec, message)
+    }
+
+    /// An I/O error from the named system call.
+    pub(crate) fn io(call: &'static str, source: io::Error) -> Error {
+        Error {
+            kind: ErrorKind::Io,
+            repr: Repr::Io(call, source),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.repr {
+            Repr::Panic(m) => write!(f, "task panicked: {m}"),
+            Repr::Signal(s) => write!(f, "worker was killed by signal {s}{}", signal_name(*s)),
+            Repr::Exit(c) => write!(f, "worker exited with code {c} without returning a result"),
+            Repr::TimedOut(d) => write!(f, "task timed out after {d:?}"),
+            Repr::Message(m) => f.write_str(m),
+            Repr::Io(call, e) => write!(f, "{call} failed: {e}"),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("message", &self.to_string())
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.repr {
+            Repr::Io(_, e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match e.kind {
+            ErrorKind::TimedOut => io::ErrorKind::TimedOut,
+            ErrorKind::Codec => io::ErrorKind::InvalidData,
+            ErrorKind::Io => match &e.repr {
+                Repr::Io(_, source) => source.kind(),
+                _ => io::ErrorKind::Other,
+            },
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGHUP => " (SIGHUP)",
+        libc::SIGINT => " (SIGINT)",
+        libc::SIGQUIT => " (SIGQUIT)",
+        libc::SIGILL => " (SIGILL)",
+        libc::SIGTRAP => " (SIGTRAP)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGBUS => " (SIGBUS)",
+        libc::SIGFPE => " (SIGFPE)",
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGUSR1 => " (SIGUSR1)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGUSR2 => " (SIGUSR2)",
+        libc::SIGPIPE => " (SIGPIPE)",
+        libc::SIGALRM => " (SIGALRM)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGXCPU => " (SIGXCPU)",
+        libc::SIGXFSZ => " (SIGXFSZ)",
+        libc::SIGSYS => " (SIGSYS)",
+        _ => "",
+    }
+}
+
+/// A shorthand for `std::result::Result<T, run_in_process::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

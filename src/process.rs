@@ -1,0 +1,772 @@
+//! The public API: [`Zygote`], [`Builder`], [`Task`], [`Process`], [`State`].
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustix::process::Signal;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::Interest;
+use tokio::time::Instant;
+
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::reactor::{Deadlines, Record, TaskIo};
+use crate::ring::Ring;
+use crate::shm::SealedBytes;
+use crate::slots::Slots;
+use crate::spill::SpillReceiver;
+use crate::sys::{self, Wait, WaitStatus};
+use crate::wire::RecordKind;
+use crate::worker::{Entry, Outcome};
+use crate::zygote::{self, Limits, ZygoteProcess};
+
+/// Default number of tasks that may run at once.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
+/// Default size of one result slot in shared memory.
+pub const DEFAULT_SLOT_SIZE: usize = 64 * 1024;
+/// Default largest argument or result, in bytes.
+pub const DEFAULT_MAX_PAYLOAD: u64 = 1 << 30;
+/// Default time a task has to finish after a stop request, before `SIGKILL`.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+
+/// A handle to a zygote process, which forks a fresh worker process per task.
+///
+/// Start it at the top of `main`, while the process is still single-threaded,
+/// then use it from async code. `Zygote` is cheap to clone; all clones share
+/// one zygote process, which exits when the last clone is dropped.
+///
+/// ```no_run
+/// use run_in_process::Zygote;
+///
+/// fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let zygote = Zygote::start()?; // before the runtime exists
+///     let rt = tokio::runtime::Runtime::new()?;
+///     let n: u64 = rt.block_on(zygote.run(square, 12))?;
+///     assert_eq!(n, 144);
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Zygote {
+    inner: Arc<Inner>,
+}
+
+/// Options for starting a [`Zygote`]. Made by [`Zygote::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    max_in_flight: u32,
+    slot_size: usize,
+    max_payload: u64,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            slot_size: DEFAULT_SLOT_SIZE,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+impl Builder {
+    /// How many workers may be alive at once (default 64). Callers beyond the
+    /// limit wait for a worker to finish; they do not fail.
+    pub fn max_in_flight(mut self, n: u32) -> Builder {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Bytes of shared memory per task for its result (default 64 KiB).
+    /// Larger results still work; they travel through a sealed memfd instead,
+    /// which costs a few more system calls.
+    pub fn slot_size(mut self, bytes: usize) -> Builder {
+        self.slot_size = bytes.clamp(64, 1 << 30);
+        self
+    }
+
+    /// The largest argument or result accepted, in bytes (default 1 GiB).
+    /// Anything larger fails with [`ErrorKind::Codec`]; the limit also bounds
+    /// what the parent will decode from a worker.
+    pub fn max_payload(mut self, bytes: u64) -> Builder {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Forks the zygote.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::MultiThreaded`] if the process already runs more than one
+    /// thread (start the zygote at the top of `main`, before any runtime), or
+    /// [`ErrorKind::Io`] if a system call fails.
+    pub fn start(self) -> Result<Zygote> {
+        let limits = Limits {
+            slots: self.max_in_flight,
+            slot_bytes: self.slot_size,
+            max_payload: self.max_payload,
+        };
+        let process = zygote::spawn(limits)?;
+        Ok(Zygote {
+            inner: Arc::new(Inner {
+                slots: Arc::new(Slots::new(limits.slots)),
+                spill: SpillReceiver::new(limits.slots as usize),
+                next_gen: AtomicU64::new(1),
+                limits,
+                process,
+            }),
+        })
+    }
+}
+
+impl Zygote {
+    /// Starts a zygote with default options; see [`Builder::start`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::start`].
+    pub fn start() -> Result<Zygote> {
+        Builder::default().start()
+    }
+
+    /// Options for a zygote.
+    ///
+    /// ```no_run
+    /// let zygote = run_in_process::Zygote::builder().max_in_flight(8).start()?;
+    /// # Ok::<(), run_in_process::Error>(())
+    /// ```
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The zygote's process id.
+    pub fn pid(&self) -> u32 {
+        self.inner.process.pid.as_raw_nonzero().get() as u32
+    }
+
+    /// Runs `f(arg)` in a fresh worker process and returns its result.
+    ///
+    /// `f` must be a function item or a closure that captures nothing: the
+    /// worker is a fork of the same program, so the function travels as an
+    /// address, never as data. `arg` and the result travel through serde.
+    ///
+    /// ```compile_fail,E0080
+    /// let zygote = run_in_process::Zygote::start().unwrap();
+    /// let offset = 7u64;
+    /// // Does not compile: the closure captures `offset`.
+    /// let task = zygote.task(move |x: u64| x + offset, 1);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Panicked`], [`ErrorKind::Signaled`] or [`ErrorKind::Exited`]
+    /// if the task panicked, crashed or exited; [`ErrorKind::Codec`] if `arg`
+    /// cannot be encoded (reported before any process is forked) or the result
+    /// cannot be encoded or decoded; [`ErrorKind::ZygoteDied`] if the zygote is
+    /// gone; [`ErrorKind::Io`] if a system call fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future kills the worker (if it has not finished) and frees
+    /// its resources in the background, without blocking. The task may or may
+    /// not have run, and its side effects may have happened.
+    pub async fn run<F, A, R>(&self, f: F, arg: A) -> Result<R>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.task(f, arg).run().await
+    }
+
+    /// Runs `f(arg).await` in a fresh worker process, on a single-threaded
+    /// tokio runtime created in the worker, and returns its result.
+    ///
+    /// # Errors
+    ///
+    /// As [`Zygote::run`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Zygote::run`].
+    pub async fn run_async<F, Fut, A, R>(&self, f: F, arg: A) -> Result<R>
+    where
+        F: Fn(A) -> Fut + Copy + 'static,
+        Fut: Future<Output = R>,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.task_async(f, arg).run().await
+    }
+
+    /// Starts `f(arg)` in a fresh worker and returns a handle to it once the
+    /// worker process exists.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Codec`] if `arg` cannot be encoded, [`ErrorKind::ZygoteDied`]
+    /// if the zygote is gone, [`ErrorKind::Io`] if the fork fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Zygote::run`].
+    pub async fn open<F, A, R>(&self, f: F, arg: A) -> Result<Process<R>>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.task(f, arg).open().await
+    }
+
+    /// A task with options (timeout, grace period), to [`run`](Task::run) or
+    /// [`open`](Task::open).
+    ///
+    /// ```no_run
+    /// # async fn demo(zygote: run_in_process::Zygote) {
+    /// use std::time::Duration;
+    /// fn spin(_: ()) -> u64 { loop {} }
+    /// let r = zygote.task(spin, ()).timeout(Duration::from_millis(100)).run().await;
+    /// assert_eq!(r.unwrap_err().kind(), run_in_process::ErrorKind::TimedOut);
+    /// # }
+    /// ```
+    pub fn task<F, A, R>(&self, f: F, arg: A) -> Task<R>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        assert_zero_sized(&f);
+        Task::new(self, entry::<F, A, R>, &arg)
+    }
+
+    /// Like [`task`](Zygote::task), for an async function.
+    pub fn task_async<F, Fut, A, R>(&self, f: F, arg: A) -> Task<R>
+    where
+        F: Fn(A) -> Fut + Copy + 'static,
+        Fut: Future<Output = R>,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        assert_zero_sized(&f);
+        Task::new(self, entry_async::<F, Fut, A, R>, &arg)
+    }
+
+    /// Number of worker processes alive (started and not yet reaped).
+    pub fn workers(&self) -> usize {
+        self.inner.slots.in_use()
+    }
+
+    /// Waits until every worker started so far has exited and been reaped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only observes.
+    pub async fn wait_idle(&self) {
+        self.inner.slots.wait_idle().await
+    }
+}
+
+impl fmt::Debug for Zygote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Zygote")
+            .field("pid", &self.pid())
+            .field("workers", &self.workers())
+            .finish()
+    }
+}
+
+/// One task to run, with its options. Made by [`Zygote::task`].
+#[must_use = "a task does nothing until `run` or `open` is awaited"]
+pub struct Task<R> {
+    inner: Arc<Inner>,
+    entry: Entry,
+    arg: Result<Vec<u8>>,
+    timeout: Option<Duration>,
+    grace: Duration,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> Task<R> {
+    fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
+        let limit = zygote.inner.limits.max_payload;
+        let arg = codec::encode(arg)
+            .map_err(|e| Error::codec(format!("cannot encode the argument: {e}")))
+            .and_then(|bytes| {
+                if bytes.len() as u64 > limit {
+                    Err(Error::codec(format!(
+                        "the argument is {} bytes, over the limit of {limit}",
+                        bytes.len()
+                    )))
+                } else {
+                    Ok(bytes)
+                }
+            });
+        Task {
+            inner: Arc::clone(&zygote.inner),
+            entry,
+            arg,
+            timeout: None,
+            grace: DEFAULT_GRACE,
+            _result: PhantomData,
+        }
+    }
+
+    /// Stops the task if it runs longer than `timeout`: it is asked to stop
+    /// (see [`stop_requested`](crate::stop_requested)), then killed after the
+    /// grace period. The result is then [`ErrorKind::TimedOut`], unless a
+    /// cooperative task returned its value during the grace period.
+    pub fn timeout(mut self, timeout: Duration) -> Task<R> {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a task that was asked to stop may take before it is killed
+    /// with `SIGKILL` (default 2 s). Applies to the timeout and to
+    /// [`Process::terminate`].
+    pub fn grace(mut self, grace: Duration) -> Task<R> {
+        self.grace = grace;
+        self
+    }
+
+    async fn start(self) -> Result<TaskIo> {
+        let arg = self.arg?;
+        let deadlines = Deadlines {
+            stop_at: self.timeout.map(|t| Instant::now() + t),
+            kill_at: None,
+            grace: self.grace,
+            timeout: self.timeout,
+        };
+        TaskIo::start(self.inner, self.entry as usize as u64, &arg, deadlines).await
+    }
+
+    /// Runs the task to completion and returns its result.
+    ///
+    /// # Errors
+    ///
+    /// As [`Zygote::run`], plus [`ErrorKind::TimedOut`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Zygote::run`].
+    pub async fn run(self) -> Result<R> {
+        let io = self.start().await?;
+        Process::<R>::new(io).result().await
+    }
+
+    /// Starts the task and returns a handle once its worker process exists.
+    ///
+    /// # Errors
+    ///
+    /// As [`Zygote::open`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Zygote::run`].
+    pub async fn open(self) -> Result<Process<R>> {
+        let io = self.start().await?;
+        let mut process = Process::new(io);
+        process.wait_started().await?;
+        Ok(process)
+    }
+}
+
+/// Where a [`Process`] is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// The request is sent; the worker process may not exist yet.
+    Starting,
+    /// The worker process exists and has not delivered a result.
+    Running,
+    /// The worker delivered its result, or exited, or can no longer be
+    /// watched.
+    Finished,
+}
+
+/// A running task: its worker's pid, signals, exit status and result.
+///
+/// Made by [`Zygote::open`] or [`Task::open`]. Dropping it kills the worker if
+/// it is still running.
+pub struct Process<R> {
+    io: TaskIo,
+    /// Taken by `terminate` from `&self`; moved into `io` by the next await.
+    stop_requested: std::sync::Mutex<bool>,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> fmt::Debug for Process<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.io.pid)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl<R: DeserializeOwned> Process<R> {
+    fn new(io: TaskIo) -> Process<R> {
+        Process {
+            io,
+            stop_requested: std::sync::Mutex::new(false),
+            _result: PhantomData,
+        }
+    }
+
+    async fn wait_started(&mut self) -> Result<()> {
+        loop {
+            if self.io.pid.is_some() {
+                return Ok(());
+            }
+            if let Some(errno) = self.io.spawn_errno {
+                return Err(Error::io("fork", std::io::Error::from_raw_os_error(errno)));
+            }
+            if self.io.zygote_gone {
+                return Err(Error::zygote_died());
+            }
+            self.io.pump().await;
+        }
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.io.pid.unwrap_or(0)
+    }
+
+    /// Where the task is in its life. Cheap: one atomic load of shared memory.
+    pub fn state(&self) -> State {
+        if self.io.ended() || self.io.committed() {
+            State::Finished
+        } else if self.io.pid.is_some() {
+            State::Running
+        } else {
+            State::Starting
+        }
+    }
+
+    /// Sends signal `sig` to the worker.
+    ///
+    /// Goes through the worker's pidfd, so it can never reach an unrelated
+    /// process that reused the pid. Sending to a worker that already exited
+    /// does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if `sig` is not a valid signal number or the call
+    /// fails.
+    pub fn send_signal(&self, sig: i32) -> Result<()> {
+        let sig = sys::signal_from_raw(sig).ok_or_else(|| {
+            Error::io(
+                "pidfd_send_signal",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )
+        })?;
+        self.send(sig)
+    }
+
+    fn send(&self, sig: Signal) -> Result<()> {
+        // `open` returns only once the pidfd has arrived, so it is there.
+        self.io.send_now(sig).map(drop)
+    }
+
+    /// Asks the task to stop: `SIGTERM` now, and `SIGKILL` if it is still
+    /// running after the grace period (escalated while [`wait`](Process::wait)
+    /// or [`result`](Process::result) is being awaited, or on drop). A task
+    /// that never calls [`stop_requested`](crate::stop_requested) ends at once,
+    /// by `SIGTERM`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the signal cannot be sent.
+    pub fn terminate(&self) -> Result<()> {
+        *self
+            .stop_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.send(Signal::TERM)
+    }
+
+    /// Kills the worker with `SIGKILL`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Io`] if the signal cannot be sent.
+    pub fn kill(&self) -> Result<()> {
+        self.send(Signal::KILL)
+    }
+
+    fn sync_stop_request(&mut self) {
+        let requested = std::mem::take(
+            &mut *self
+                .stop_requested
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if requested && self.io.deadlines.kill_at.is_none() {
+            self.io.deadlines.kill_at = Some(Instant::now() + self.io.deadlines.grace);
+        }
+    }
+
+    /// Waits for the worker to exit and returns its exit status. Can be called
+    /// again; it returns the same status.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::ZygoteDied`] if the zygote died first, so the status is
+    /// unknown; [`ErrorKind::Io`] if the worker was never forked.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future loses nothing, and the worker keeps
+    /// running until the `Process` itself is dropped.
+    pub async fn wait(&mut self) -> Result<ExitStatus> {
+        loop {
+            self.sync_stop_request();
+            if let Some(status) = self.io.exit {
+                return Ok(ExitStatus::from_raw(status.0));
+            }
+            if let Some(errno) = self.io.spawn_errno {
+                return Err(Error::io("fork", std::io::Error::from_raw_os_error(errno)));
+            }
+            if self.io.zygote_gone {
+                return Err(Error::zygote_died());
+            }
+            self.io.pump().await;
+        }
+    }
+
+    /// Waits for the task's result.
+    ///
+    /// # Errors
+    ///
+    /// As [`Zygote::run`], plus [`ErrorKind::TimedOut`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the `Process`, which kills the worker.
+    pub async fn result(mut self) -> Result<R> {
+        loop {
+            self.sync_stop_request();
+            if let Some(record) = self.io.record.take() {
+                return self.decode(record);
+            }
+            if let Some(status) = self.io.exit {
+                return Err(self.exit_error(status));
+            }
+            if let Some(errno) = self.io.spawn_errno {
+                return Err(Error::io("fork", std::io::Error::from_raw_os_error(errno)));
+            }
+            if self.io.zygote_gone {
+                return Err(Error::zygote_died());
+            }
+            self.io.pump().await;
+        }
+    }
+
+    fn exit_error(&self, status: WaitStatus) -> Error {
+        if self.io.timed_out {
+            return Error::timed_out(self.io.deadlines.timeout.unwrap_or_default());
+        }
+        match (status.signal(), status.code()) {
+            (Some(sig), _) => Error::signaled(sig),
+            (None, Some(code)) => Error::exited(code),
+            (None, None) => Error::exited(-1),
+        }
+    }
+
+    fn decode(&self, record: Record) -> Result<R> {
+        let limit = usize::try_from(self.io.inner.limits.max_payload).unwrap_or(usize::MAX);
+        let taken = match record {
+            Record::Taken(t) => t,
+            Record::Invalid(e) => return Err(Error::codec(format!("invalid result record: {e}"))),
+        };
+        let text = || String::from_utf8_lossy(&taken.payload).into_owned();
+        match taken.kind {
+            RecordKind::Value => codec::decode(&taken.payload, limit)
+                .map_err(|e| Error::codec(format!("cannot decode the result: {e}"))),
+            RecordKind::Panic => Err(Error::panicked(text())),
+            RecordKind::EncodeFailed => Err(Error::codec(text())),
+            RecordKind::Spilled => {
+                let fd = self
+                    .io
+                    .take_spill(taken.len)
+                    .ok_or_else(|| Error::codec("the spilled result did not arrive"))?;
+                let bytes = SealedBytes::open(fd.as_fd(), self.io.inner.limits.max_payload)
+                    .map_err(|e| Error::codec(format!("spilled result refused: {e}")))?;
+                if bytes.bytes().len() as u64 != taken.len {
+                    return Err(Error::codec("spilled result has the wrong length"));
+                }
+                codec::decode(bytes.bytes(), limit)
+                    .map_err(|e| Error::codec(format!("cannot decode the result: {e}")))
+            }
+        }
+    }
+}
+
+/// The parent's shared state for one zygote.
+pub(crate) struct Inner {
+    pub(crate) process: ZygoteProcess,
+    pub(crate) limits: Limits,
+    pub(crate) slots: Arc<Slots>,
+    pub(crate) spill: SpillReceiver,
+    next_gen: AtomicU64,
+}
+
+impl Inner {
+    pub(crate) fn ring(&self) -> &Ring {
+        &self.process.ring
+    }
+
+    /// A fresh task generation: unique for this zygote's life.
+    pub(crate) fn next_gen(&self) -> u64 {
+        self.next_gen.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Generations below this have been handed out.
+    pub(crate) fn issued(&self) -> u64 {
+        self.next_gen.load(Ordering::Relaxed)
+    }
+
+    /// Sends a spawn request, waiting for room in the socket if need be.
+    pub(crate) async fn send_request(&self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        loop {
+            match sys::send_frame(self.process.command.as_fd(), frame, fds) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_would_block() => {
+                    // Rare: the zygote is behind by a socket buffer's worth of
+                    // requests. Wait on a private duplicate of the fd, so that
+                    // concurrent waiters never share an epoll registration.
+                    let dup = self
+                        .process
+                        .command
+                        .try_clone()
+                        .map_err(|e| Error::io("dup", e))?;
+                    let fd = crate::reactor::register(dup, Interest::WRITABLE)?;
+                    let _ = fd
+                        .writable()
+                        .await
+                        .map_err(|e| Error::io("epoll_wait", e))?;
+                }
+                Err(e)
+                    if matches!(
+                        e.errno(),
+                        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                    ) =>
+                {
+                    return Err(Error::zygote_died());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // End-of-stream on the command socket tells the zygote to kill its
+        // workers and exit; then reap it. Bounded: a zygote that does not exit
+        // within a second is killed.
+        let _ = rustix::net::shutdown(&self.process.command, rustix::net::Shutdown::Write);
+        let pidfd = self.process.pidfd.as_fd();
+        let mut pfd = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let second = rustix::time::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        if !matches!(rustix::event::poll(&mut pfd, Some(&second)), Ok(n) if n > 0) {
+            let _ = sys::pidfd_send_signal(pidfd, Signal::KILL);
+        }
+        let _ = sys::waitid_pidfd(pidfd, Wait::Reap);
+    }
+}
+
+/// Fails to compile (when instantiated) unless `F` is zero-sized: a fn item
+/// or a closure that captures nothing.
+fn assert_zero_sized<F>(_: &F) {
+    const {
+        assert!(
+            std::mem::size_of::<F>() == 0,
+            "run-in-process: the function must be a fn item or a closure that captures nothing"
+        )
+    };
+}
+
+/// Conjures the zero-sized function value `F`.
+fn conjure<F: Copy + 'static>() -> F {
+    const { assert!(std::mem::size_of::<F>() == 0) };
+    // SAFETY: SAFETY.md F2. `F` is zero-sized (checked at compile time above)
+    // and `Copy`, so a value of `F` has no bytes to get wrong and may be
+    // duplicated freely: producing one here is a bitwise copy of the value the
+    // caller passed to `Zygote::task` in the parent, of which this process is
+    // a fork. Fn items and non-capturing closures are inhabited and have no
+    // validity invariant beyond their (empty) bytes.
+    unsafe { std::mem::zeroed() }
+}
+
+fn entry<F, A, R>(arg: &[u8], limit: usize) -> Outcome
+where
+    F: Fn(A) -> R + Copy + 'static,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let f = conjure::<F>();
+    let arg: A = match codec::decode(arg, limit) {
+        Ok(a) => a,
+        Err(e) => return Outcome::CodecFailed(format!("cannot decode the argument: {e}")),
+    };
+    encode_result(&f(arg))
+}
+
+fn entry_async<F, Fut, A, R>(arg: &[u8], limit: usize) -> Outcome
+where
+    F: Fn(A) -> Fut + Copy + 'static,
+    Fut: Future<Output = R>,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let f = conjure::<F>();
+    let arg: A = match codec::decode(arg, limit) {
+        Ok(a) => a,
+        Err(e) => return Outcome::CodecFailed(format!("cannot decode the argument: {e}")),
+    };
+    // A runtime of the worker's own, created after the fork: the zygote never
+    // starts one (SAFETY.md F1), and this process is disposable.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start a tokio runtime in the worker");
+    encode_result(&runtime.block_on(f(arg)))
+}
+
+fn encode_result<R: Serialize>(value: &R) -> Outcome {
+    match codec::encode(value) {
+        Ok(bytes) => Outcome::Value(bytes),
+        Err(e) => Outcome::CodecFailed(format!("cannot encode the result: {e}")),
+    }
+}
+
+/// Checks, at compile time, that the public types are thread-safe.
+#[allow(dead_code)] // reason: compile-time assertion only
+fn assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Zygote>();
+    check::<Process<u64>>();
+    check::<Task<u64>>();
+    check::<Error>();
+    check::<ErrorKind>();
+    check::<State>();
+}

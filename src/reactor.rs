@@ -1,0 +1,453 @@
+//! The tokio side of one task: readiness on the task's eventfd and report
+//! socket, timers, signals, and cleanup when the task is dropped.
+//!
+//! Each task owns its file descriptors and registers them with whatever tokio
+//! runtime polls it, so there is no shared driver task, no background thread,
+//! and nothing bound to the runtime that happened to start the zygote:
+//!
+//! * the **doorbell** (an eventfd) is rung by the worker right after it commits
+//!   its result record, *before* it exits: completion is seen without waiting
+//!   for the (slow to observe) process exit;
+//! * the **report socket** delivers the zygote's `Started` (with the worker's
+//!   pidfd) and `Exited` (with its wait status) reports. End-of-stream on it
+//!   without an `Exited` report means the zygote died;
+//! * the **pidfd** is used for signals (`pidfd_send_signal` cannot hit a
+//!   recycled pid).
+//!
+//! Closing the report socket tells the zygote the parent lost interest; the
+//! zygote then kills the worker. That is how a dropped future cancels its task
+//! without any blocking call in `Drop`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::process::Signal;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::process::Inner;
+use crate::ring::Taken;
+use crate::slots::Lease;
+use crate::sys::{self, WaitStatus};
+use crate::wire::{self, Report, WireError};
+
+/// What became of the task's result record.
+pub(crate) enum Record {
+    Taken(Taken),
+    Invalid(WireError),
+}
+
+/// Stop policy: when to ask the worker to stop, and when to kill it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadlines {
+    /// Send SIGTERM (a stop request) at this instant: the task's timeout.
+    pub(crate) stop_at: Option<Instant>,
+    /// SIGKILL at this instant: set when a stop request was sent.
+    pub(crate) kill_at: Option<Instant>,
+    pub(crate) grace: Duration,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// One task's I/O state in the parent.
+pub(crate) struct TaskIo {
+    pub(crate) inner: Arc<Inner>,
+    /// Held until the worker is known to be reaped (or handed to the reaper).
+    lease: Option<Lease>,
+    pub(crate) generation: u64,
+    pub(crate) key: u64,
+    /// `Some` until `Drop` hands it to the reaper.
+    report: Option<AsyncFd<OwnedFd>>,
+    doorbell: AsyncFd<OwnedFd>,
+    pub(crate) pid: Option<u32>,
+    pidfd: Option<OwnedFd>,
+    pub(crate) record: Option<Record>,
+    pub(crate) exit: Option<WaitStatus>,
+    pub(crate) spawn_errno: Option<i32>,
+    /// The report socket ended without an `Exited` report.
+    pub(crate) zygote_gone: bool,
+    pub(crate) deadlines: Deadlines,
+    /// The timeout fired (a stop request was sent because of it).
+    pub(crate) timed_out: bool,
+    /// A signal requested before the pidfd arrived, sent when it does.
+    pending_signal: Option<Signal>,
+}
+
+impl TaskIo {
+    /// Sends the spawn request for an already-encoded argument and returns the
+    /// task's I/O state. The worker may not have been forked yet.
+    pub(crate) async fn start(
+        inner: Arc<Inner>,
+        entry: u64,
+        arg: &[u8],
+        deadlines: Deadlines,
+    ) -> Result<TaskIo, Error> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::io(
+                "epoll_ctl",
+                std::io::Error::other(
+                    "run-in-process futures must be polled inside a tokio runtime",
+                ),
+            ));
+        }
+        let lease = inner.slots.acquire().await;
+        let generation = inner.next_gen();
+        let key = sys::random_u64()?;
+        let (report, report_zygote) = sys::seqpacket_pair()?;
+        let doorbell = sys::eventfd()?;
+        let arg_fd = if arg.len() > crate::zygote::INLINE_ARG_MAX {
+            Some(crate::shm::sealed_memfd("run-in-process-arg", arg)?)
+        } else {
+            None
+        };
+        let place = match arg_fd {
+            Some(_) => wire::ArgPlace::Memfd(arg.len() as u64),
+            None => wire::ArgPlace::Inline(arg.len() as u64),
+        };
+        let request = wire::Request {
+            generation,
+            key,
+            entry,
+            slot: lease.slot(),
+            arg: place,
+        };
+        let frame = request.encode(if arg_fd.is_some() { &[] } else { arg });
+        let mut fds = vec![report_zygote.as_fd(), doorbell.as_fd()];
+        if let Some(fd) = &arg_fd {
+            fds.push(fd.as_fd());
+        }
+        inner.send_request(&frame, &fds).await?;
+        drop(fds);
+        // The zygote has its own copies now (in flight in the socket buffer).
+        drop(report_zygote);
+        drop(arg_fd);
+        let report = register(report, Interest::READABLE)?;
+        let doorbell = register(doorbell, Interest::READABLE)?;
+        Ok(TaskIo {
+            inner,
+            lease: Some(lease),
+            generation,
+            key,
+            report: Some(report),
+            doorbell,
+            pid: None,
+            pidfd: None,
+            record: None,
+            exit: None,
+            spawn_errno: None,
+            zygote_gone: false,
+            deadlines,
+            timed_out: false,
+            pending_signal: None,
+        })
+    }
+
+    /// True once nothing more can happen: the worker was reaped, never
+    /// started, or can no longer be watched.
+    pub(crate) fn ended(&self) -> bool {
+        self.exit.is_some() || self.spawn_errno.is_some() || self.zygote_gone
+    }
+
+    /// Waits for the next event (a doorbell, a report, a deadline) and records
+    /// its effect in `self`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: every effect is recorded in `self` before it returns, and
+    /// a dropped wait loses no event (readiness stays set until consumed).
+    pub(crate) async fn pump(&mut self) {
+        let Deadlines {
+            stop_at, kill_at, ..
+        } = self.deadlines;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let report = self.report.as_ref();
+        tokio::select! {
+            biased;
+            ready = self.doorbell.readable(), if self.record.is_none() => match ready {
+                Ok(mut guard) => {
+                    let _ = sys::eventfd_drain(guard.get_inner().as_fd());
+                    guard.clear_ready();
+                    drop(guard);
+                    self.check_record();
+                }
+                Err(_) => self.zygote_gone = true,
+            },
+            ready = async { report?.readable().await.ok() }, if report.is_some() => match ready {
+                Some(mut guard) => {
+                    let (reports, end) = drain_reports(guard.get_inner().as_fd());
+                    if end == Drained::WouldBlock {
+                        guard.clear_ready();
+                    }
+                    drop(guard);
+                    self.apply_reports(reports, end);
+                }
+                None => self.zygote_gone = true,
+            },
+            () = tokio::time::sleep_until(stop_at.unwrap_or(far)), if stop_at.is_some() => {
+                self.deadlines.stop_at = None;
+                self.timed_out = true;
+                let _ = self.request_stop();
+            }
+            () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                self.deadlines.kill_at = None;
+                let _ = self.signal(Signal::KILL);
+            }
+        }
+    }
+
+    /// Applies reports read from the report socket, in order.
+    fn apply_reports(&mut self, reports: Vec<(Report, Option<OwnedFd>)>, end: Drained) {
+        for (report, fd) in reports {
+            match report {
+                Report::Started { pid } => {
+                    self.pid = Some(pid);
+                    self.pidfd = fd;
+                    if let Some(sig) = self.pending_signal.take() {
+                        let _ = self.signal(sig);
+                    }
+                }
+                Report::Exited { status } => {
+                    self.exit = Some(WaitStatus(status));
+                    // The record, if any, was committed before the exit, so it
+                    // is visible now even if the doorbell has not been seen.
+                    self.check_record();
+                    self.release();
+                }
+                Report::SpawnFailed { errno } => {
+                    self.spawn_errno = Some(errno);
+                    self.release();
+                }
+            }
+        }
+        if end != Drained::WouldBlock && !self.ended() {
+            // End of stream without an exit report (or a frame the zygote
+            // cannot have sent): the zygote is gone. A record committed before
+            // it died is still good.
+            self.zygote_gone = true;
+            self.check_record();
+        }
+    }
+
+    /// Takes the result record from the ring if it has been committed.
+    pub(crate) fn check_record(&mut self) {
+        if self.record.is_some() {
+            return;
+        }
+        let Some(slot) = self
+            .lease
+            .as_ref()
+            .and_then(|l| self.inner.ring().slot(l.slot()))
+        else {
+            return;
+        };
+        match slot.take(self.key, self.generation, self.inner.limits.max_payload) {
+            Ok(Some(taken)) => self.record = Some(Record::Taken(taken)),
+            Ok(None) => {}
+            Err(e) => self.record = Some(Record::Invalid(e)),
+        }
+    }
+
+    /// Has the worker committed a result record?
+    pub(crate) fn committed(&self) -> bool {
+        self.record.is_some()
+            || self
+                .lease
+                .as_ref()
+                .and_then(|l| self.inner.ring().slot(l.slot()))
+                .is_some_and(|s| s.committed(self.generation))
+    }
+
+    /// Sends `sig` to the worker if its pidfd has arrived; returns whether it
+    /// had. A worker that has already exited is not an error.
+    pub(crate) fn send_now(&self, sig: Signal) -> Result<bool, Error> {
+        if self.ended() {
+            return Ok(true);
+        }
+        let Some(fd) = &self.pidfd else {
+            return Ok(false);
+        };
+        match sys::pidfd_send_signal(fd.as_fd(), sig) {
+            // ESRCH: it has exited already (not yet reaped).
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(true),
+            r => r.map(|()| true).map_err(Error::from),
+        }
+    }
+
+    /// Sends `sig` to the worker, or queues it until the worker's pidfd arrives.
+    pub(crate) fn signal(&mut self, sig: Signal) -> Result<(), Error> {
+        if !self.send_now(sig)? {
+            // SIGKILL overrides anything queued; otherwise keep the first.
+            if sig == Signal::KILL || self.pending_signal.is_none() {
+                self.pending_signal = Some(sig);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the worker to stop: SIGTERM now, SIGKILL after the grace period.
+    pub(crate) fn request_stop(&mut self) -> Result<(), Error> {
+        if self.deadlines.kill_at.is_none() {
+            self.deadlines.kill_at = Some(Instant::now() + self.deadlines.grace);
+        }
+        self.signal(Signal::TERM)
+    }
+
+    /// Returns the slot once the worker is reaped.
+    fn release(&mut self) {
+        self.inner.spill.forget(self.generation);
+        self.lease = None;
+    }
+
+    /// Takes the spilled result's memfd announced by a `Spilled` record.
+    pub(crate) fn take_spill(&self, len: u64) -> Option<OwnedFd> {
+        let tag = wire::SpillNotice::tag_for(self.key, self.generation, len);
+        let issued = self.inner.issued();
+        self.inner.spill.take(
+            self.inner.process.spill.as_fd(),
+            self.generation,
+            tag,
+            |g| g < issued,
+        )
+    }
+}
+
+/// Registers an owned fd with the current tokio runtime's reactor.
+pub(crate) fn register(fd: OwnedFd, interest: Interest) -> Result<AsyncFd<OwnedFd>, Error> {
+    // SAFETY: SAFETY.md T1. `register_with_interest` requires that the fd stay
+    // open, refer to the same open file description, and be what `as_raw_fd`
+    // returns, for the whole life of the `AsyncFd`. The `AsyncFd` takes the
+    // `OwnedFd` by value, so nothing else can close or replace it, and
+    // `OwnedFd::as_raw_fd` always returns the fd it owns.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| Error::io("epoll_ctl", e.into_parts().1))
+}
+
+/// How a drain of the report socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// Nothing more queued for now.
+    WouldBlock,
+    /// End of stream: every holder of the zygote's end closed it.
+    Eof,
+    /// A malformed frame or a socket error: the channel is unusable.
+    Broken,
+}
+
+/// Reads every report queued on a task's report socket.
+fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedFd>)>, Drained) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; wire::REPORT_LEN + 1];
+    loop {
+        match sys::recv_frame(fd, &mut buf) {
+            Ok(Some(frame)) => {
+                if frame.truncated {
+                    return (out, Drained::Broken);
+                }
+                match Report::decode(&buf[..frame.len]) {
+                    Ok(report) => out.push((report, frame.fds.into_iter().next())),
+                    Err(_) => return (out, Drained::Broken),
+                }
+            }
+            Ok(None) => return (out, Drained::Eof),
+            Err(e) if e.is_would_block() => return (out, Drained::WouldBlock),
+            Err(_) => return (out, Drained::Broken),
+        }
+    }
+}
+
+/// True if `reports` say the worker is gone (reaped or never forked).
+fn reaped(reports: &[(Report, Option<OwnedFd>)]) -> bool {
+    reports
+        .iter()
+        .any(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
+}
+
+impl Drop for TaskIo {
+    fn drop(&mut self) {
+        if self.lease.is_none() || self.ended() {
+            return;
+        }
+        // The worker may still be running. Cancel it unless it already
+        // delivered its result (then it is exiting on its own).
+        if !self.committed() {
+            let _ = self.signal(Signal::KILL);
+        }
+        // Keep the slot until the zygote reports the worker reaped, without
+        // blocking: a small task on the current runtime waits for that.
+        let reaper = Reaper {
+            report: self.report.take(),
+            lease: self.lease.take(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(reaper.run());
+            }
+            Err(_) => reaper.block(),
+        }
+    }
+}
+
+/// Waits for a dropped task's worker to be reaped, then frees its slot.
+struct Reaper {
+    report: Option<AsyncFd<OwnedFd>>,
+    lease: Option<Lease>,
+}
+
+impl Reaper {
+    async fn run(mut self) {
+        if let Some(report) = &self.report {
+            loop {
+                let Ok(mut guard) = report.readable().await else {
+                    break;
+                };
+                let (reports, end) = drain_reports(guard.get_inner().as_fd());
+                if reaped(&reports) || end != Drained::WouldBlock {
+                    break;
+                }
+                guard.clear_ready();
+            }
+        }
+        self.lease = None;
+    }
+
+    /// Outside any runtime: wait on the socket directly, bounded, then free
+    /// the slot (generation checks keep a late writer harmless).
+    fn block(mut self) {
+        if let Some(report) = self.report.take() {
+            let fd = report.into_inner();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                let (reports, end) = drain_reports(fd.as_fd());
+                if reaped(&reports) || end != Drained::WouldBlock {
+                    break;
+                }
+                let mut pfd = [rustix::event::PollFd::new(
+                    &fd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let tick = rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = rustix::event::poll(&mut pfd, Some(&tick));
+            }
+        }
+        self.lease = None;
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // A reaper task dropped unfinished (its runtime shut down): finish the
+        // wait synchronously so the slot is not lost.
+        if self.lease.is_some() && self.report.is_some() {
+            Reaper {
+                report: self.report.take(),
+                lease: self.lease.take(),
+            }
+            .block();
+        }
+    }
+}

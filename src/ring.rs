@@ -1,0 +1,265 @@
+//! The result ring: fixed-size slots in shared memory, one per task in flight.
+//!
+//! # Protocol
+//!
+//! The parent owns slot allocation: a slot is handed to exactly one task at a
+//! time and is returned to the free list only after that task's worker has been
+//! reaped, so no live process but that worker *should* write it. Each task has
+//! a generation number `generation`, unique for the zygote's life, and a secret `key`
+//! that only the parent and that worker know.
+//!
+//! Slot layout, in 64-bit words (all accessed atomically, see [`crate::shm`]):
+//!
+//! | word | written by | meaning                                                   |
+//! |-----:|------------|-----------------------------------------------------------|
+//! | 0    | worker     | `commit`: the `generation` of the record below, stored last (Release) |
+//! | 1..5 | worker     | record header `[generation, kind, len, checksum]` ([`crate::wire`]) |
+//! | 5..8 | nobody     | reserved, zero                                            |
+//! | 8..  | worker     | payload bytes, little-endian within each word             |
+//!
+//! The worker writes the payload and the header with Relaxed stores, then
+//! stores `generation` into `commit` with Release; it is its last write to the slot.
+//! The parent loads `commit` with Acquire and proceeds only when it equals its
+//! task's `generation`: that load synchronises with the worker's Release store, so the
+//! payload and header are visible. The parent then copies header and payload
+//! out with Relaxed loads, issues an Acquire fence and re-reads `commit` (the
+//! seqlock reader's check): if another process rewrote the slot meanwhile, the
+//! copy is discarded. Only the copy is validated and decoded, never the shared
+//! bytes (SAFETY.md S3).
+//!
+//! A worker killed half-way through its write never stores `commit`, so its
+//! torn record is never read; a record left by an earlier task carries an older
+//! `generation` and is never taken for a later task's; a record whose words were
+//! scribbled on fails the checksum.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use crate::shm::SharedWords;
+use crate::sys::SysResult;
+use crate::wire::{self, RECORD_HEADER_WORDS, RecordHeader, RecordKind, WireError};
+
+/// Words before the payload in every slot.
+const SLOT_HEADER_WORDS: usize = 8;
+
+/// The ring of result slots, mapped in the parent, the zygote and every worker.
+pub(crate) struct Ring {
+    mem: SharedWords,
+    /// Number of slots, `1..=u32::MAX`.
+    slots: u32,
+    /// Words per slot, header included; `> SLOT_HEADER_WORDS`.
+    slot_words: usize,
+}
+
+impl Ring {
+    /// Creates a ring of `slots` slots with at least `payload_bytes` of payload
+    /// capacity each (rounded up to whole words).
+    pub(crate) fn create(slots: u32, payload_bytes: usize) -> SysResult<(Ring, OwnedFd)> {
+        let slot_words = SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1);
+        let (mem, fd) = SharedWords::create("run-in-process-ring", slots as usize * slot_words)?;
+        Ok((
+            Ring {
+                mem,
+                slots,
+                slot_words,
+            },
+            fd,
+        ))
+    }
+
+    pub(crate) fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// The words of slot `index`, or `None` if out of range.
+    pub(crate) fn slot(&self, index: u32) -> Option<Slot<'_>> {
+        if index >= self.slots {
+            return None;
+        }
+        let start = index as usize * self.slot_words;
+        self.mem
+            .words()
+            .get(start..start + self.slot_words)
+            .map(|words| Slot { words })
+    }
+}
+
+/// One slot of the ring.
+pub(crate) struct Slot<'a> {
+    /// `SLOT_HEADER_WORDS + capacity / 8` words.
+    words: &'a [AtomicU64],
+}
+
+/// A record copied out of a slot and validated.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) kind: RecordKind,
+    /// For [`RecordKind::Spilled`], the announced length of the spilled bytes.
+    pub(crate) len: u64,
+    /// The payload bytes (empty for a spilled record).
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Slot<'_> {
+    fn commit(&self) -> &AtomicU64 {
+        &self.words[0]
+    }
+
+    fn payload_words(&self) -> &[AtomicU64] {
+        &self.words[SLOT_HEADER_WORDS..]
+    }
+
+    /// Payload capacity in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.payload_words().len() * 8
+    }
+
+    /// Worker side: writes a record for task `generation` and commits it.
+    ///
+    /// The caller must have checked `payload.len() <= self.capacity()`; a
+    /// longer payload is cut (and would then fail the parent's checksum).
+    pub(crate) fn publish(&self, key: u64, generation: u64, kind: RecordKind, payload: &[u8]) {
+        self.write(key, generation, kind, payload.len() as u64, payload);
+    }
+
+    /// Worker side: commits a record saying the result of `len` bytes was
+    /// spilled to a sealed memfd.
+    pub(crate) fn publish_spilled(&self, key: u64, generation: u64, len: u64) {
+        self.write(key, generation, RecordKind::Spilled, len, &[]);
+    }
+
+    fn write(&self, key: u64, generation: u64, kind: RecordKind, len: u64, payload: &[u8]) {
+        debug_assert!(payload.len() <= self.capacity());
+        let words = self.payload_words();
+        for (word, chunk) in words.iter().zip(payload.chunks(8)) {
+            let mut bytes = [0u8; 8];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        let header = wire::encode_record_header(key, generation, kind, len, payload);
+        for (word, value) in self.words[1..=RECORD_HEADER_WORDS].iter().zip(header) {
+            word.store(value, Ordering::Relaxed);
+        }
+        // Release: pairs with the Acquire load in `committed`/`take`, making
+        // every store above visible to a parent that sees `generation` here.
+        self.commit().store(generation, Ordering::Release);
+    }
+
+    /// Parent side: has the record for `generation` been committed?
+    pub(crate) fn committed(&self, generation: u64) -> bool {
+        // Acquire: synchronises with the worker's Release store in `publish`.
+        self.commit().load(Ordering::Acquire) == generation
+    }
+
+    /// Parent side: copies out, validates and returns the record of task `generation`.
+    ///
+    /// Returns `Ok(None)` if the record is not committed yet. Never trusts a
+    /// byte of shared memory that it has not copied and checked first.
+    pub(crate) fn take(
+        &self,
+        key: u64,
+        generation: u64,
+        spill_limit: u64,
+    ) -> Result<Option<Taken>, WireError> {
+        if !self.committed(generation) {
+            return Ok(None);
+        }
+        let mut header = [0u64; RECORD_HEADER_WORDS];
+        for (h, word) in header.iter_mut().zip(&self.words[1..=RECORD_HEADER_WORDS]) {
+            *h = word.load(Ordering::Relaxed);
+        }
+        let capacity = self.capacity() as u64;
+        let header: RecordHeader =
+            wire::decode_record_header(header, generation, capacity, spill_limit)?;
+        let inline_len = if header.kind == RecordKind::Spilled {
+            0
+        } else {
+            // Bounded by `capacity` in `decode_record_header`.
+            header.len as usize
+        };
+        let mut payload = Vec::with_capacity(inline_len);
+        for word in self.payload_words().iter().take(inline_len.div_ceil(8)) {
+            payload.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+        payload.truncate(inline_len);
+        // Seqlock-style re-check: the fence orders the loads above before the
+        // load below, so if `commit` still holds `generation`, no *complete* rewrite
+        // of the slot happened during the copy. Partial scribbles are caught
+        // by the checksum.
+        fence(Ordering::Acquire);
+        let now = self.commit().load(Ordering::Relaxed);
+        if now != generation {
+            return Err(WireError::Stale {
+                expected: generation,
+                found: now,
+            });
+        }
+        wire::verify_record(key, generation, &header, &payload)?;
+        Ok(Some(Taken {
+            kind: header.kind,
+            len: header.len,
+            payload,
+        }))
+    }
+
+    /// Test helper: overwrite raw words, as a hostile worker could.
+    #[cfg(test)]
+    fn scribble(&self, index: usize, value: u64) {
+        self.words[index].store(value, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Ring {
+        Ring::create(4, 64).unwrap().0
+    }
+
+    #[test]
+    fn published_record_is_taken_exactly_as_written() {
+        let r = ring();
+        let s = r.slot(2).unwrap();
+        assert!(s.take(9, 1, 0).unwrap().is_none());
+        s.publish(9, 1, RecordKind::Value, b"abcdefghij");
+        let t = s.take(9, 1, 0).unwrap().unwrap();
+        assert_eq!(
+            (t.kind, t.payload.as_slice()),
+            (RecordKind::Value, &b"abcdefghij"[..])
+        );
+    }
+
+    #[test]
+    fn stale_generation_is_never_delivered() {
+        let r = ring();
+        let s = r.slot(0).unwrap();
+        s.publish(9, 1, RecordKind::Value, b"old");
+        assert!(s.take(9, 2, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn scribbled_payload_or_wrong_key_fails() {
+        let r = ring();
+        let s = r.slot(1).unwrap();
+        s.publish(9, 3, RecordKind::Value, b"payload!");
+        s.scribble(SLOT_HEADER_WORDS, 0x4141);
+        assert_eq!(s.take(9, 3, 0).unwrap_err(), WireError::Checksum);
+        s.publish(9, 3, RecordKind::Value, b"payload!");
+        assert_eq!(s.take(10, 3, 0).unwrap_err(), WireError::Checksum);
+    }
+
+    #[test]
+    fn huge_length_is_refused_without_allocating() {
+        let r = ring();
+        let s = r.slot(3).unwrap();
+        s.publish(9, 4, RecordKind::Value, b"x");
+        s.scribble(3, u64::MAX);
+        assert_eq!(s.take(9, 4, 0).unwrap_err(), WireError::Length(u64::MAX));
+    }
+
+    #[test]
+    fn slot_index_out_of_range_is_none() {
+        assert!(ring().slot(4).is_none());
+    }
+}

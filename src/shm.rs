@@ -1,0 +1,161 @@
+//! Shared memory: the only place a mapped pointer becomes a Rust type.
+//!
+//! Two kinds of memory cross process boundaries here:
+//!
+//! * the **ring**: one `memfd`, sized once, sealed against shrinking and
+//!   growing, mapped `MAP_SHARED` by the parent before it forks the zygote so
+//!   that the zygote and every worker inherit the same pages. It is exposed
+//!   only as `&[AtomicU64]` (SAFETY.md S1): every access is an atomic load or
+//!   store, so a worker scribbling on it concurrently is never a data race on
+//!   our side, and nobody ever holds a `&[u8]` over it.
+//! * **sealed payloads**: a `memfd` that its writer filled and then sealed
+//!   against writes, growth and shrinking. Once the reader has checked the
+//!   seals, the bytes can no longer change, so mapping them read-only as
+//!   `&[u8]` is sound (SAFETY.md S2). Large arguments and results use this path.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
+
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+use rustix::fs::SealFlags;
+
+use crate::sys::{self, SysError, SysResult};
+
+/// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
+pub(crate) struct SharedWords {
+    map: MmapRaw,
+    words: usize,
+}
+
+impl SharedWords {
+    /// Creates a memfd of `words * 8` bytes, seals its size, and maps it shared.
+    ///
+    /// Returns the mapping and the memfd; the caller may close the memfd once
+    /// every process that needs the mapping has it (mappings outlive the fd).
+    pub(crate) fn create(name: &str, words: usize) -> SysResult<(SharedWords, OwnedFd)> {
+        let len = words.checked_mul(8).filter(|&l| l > 0).ok_or_else(|| {
+            SysError::new(
+                "memfd_create",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad ring size"),
+            )
+        })?;
+        let fd = sys::memfd_create(name)?;
+        sys::ftruncate(fd.as_fd(), len as u64)?;
+        // A worker must not be able to shrink the file under the parent's
+        // mapping (the parent would take SIGBUS on its next access) nor grow it.
+        sys::add_seals(
+            fd.as_fd(),
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+        )?;
+        let file = File::from(fd);
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(|e| SysError::new("mmap", e))?;
+        Ok((SharedWords { map, words }, file.into()))
+    }
+
+    /// The mapping as atomic words. All cross-process access goes through this.
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        let ptr = self.map.as_ptr().cast::<AtomicU64>();
+        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
+        // SAFETY: SAFETY.md S1. The pointer comes from a live mapping of
+        // exactly `words * 8` bytes owned by `self`, so it is valid for the
+        // returned lifetime; mmap returns page-aligned memory, which satisfies
+        // AtomicU64's alignment; AtomicU64 has the same size as u64 and every
+        // bit pattern is a valid value; the memfd's size is sealed, so the
+        // pages cannot disappear under us (no SIGBUS). Other processes may
+        // write these words at any time, which `&[AtomicU64]` permits: we only
+        // ever access them through atomic operations.
+        unsafe { std::slice::from_raw_parts(ptr, self.words) }
+    }
+}
+
+// Safety of Send/Sync comes from MmapRaw (Send + Sync) plus the fact that we
+// only hand out atomics; no impl is needed.
+
+/// Writes `data` into a new memfd and seals it read-only (write, grow, shrink
+/// and further sealing all forbidden), so its reader can map it as plain bytes.
+pub(crate) fn sealed_memfd(name: &str, data: &[u8]) -> SysResult<OwnedFd> {
+    let fd = sys::memfd_create(name)?;
+    sys::ftruncate(fd.as_fd(), data.len() as u64)?;
+    if !data.is_empty() {
+        // write(2) rather than a mapping: F_SEAL_WRITE is refused while a
+        // writable shared mapping of the file exists.
+        sys::write_all(fd.as_fd(), data)?;
+    }
+    sys::add_seals(
+        fd.as_fd(),
+        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// Bytes of a memfd whose seals guarantee they can no longer change.
+pub(crate) enum SealedBytes {
+    Empty,
+    Mapped(Mmap),
+}
+
+impl SealedBytes {
+    /// Checks that `fd` is a memfd sealed against writing, growing and
+    /// shrinking, no longer than `limit` bytes, and maps it read-only.
+    ///
+    /// Fails (without mapping) if any seal is missing: the writer is untrusted
+    /// and could otherwise change or truncate the bytes while we decode them.
+    pub(crate) fn open(fd: BorrowedFd<'_>, limit: u64) -> Result<SealedBytes, SealError> {
+        let need = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW;
+        let seals = sys::get_seals(fd).map_err(SealError::Sys)?;
+        if !seals.contains(need) {
+            return Err(SealError::NotSealed);
+        }
+        let len = rustix::fs::fstat(fd)
+            .map_err(|e| SealError::Sys(SysError::new("fstat", e)))?
+            .st_size as u64;
+        if len > limit {
+            return Err(SealError::TooLarge(len));
+        }
+        if len == 0 {
+            return Ok(SealedBytes::Empty);
+        }
+        let file = File::from(
+            fd.try_clone_to_owned()
+                .map_err(|e| SealError::Sys(SysError::new("dup", e)))?,
+        );
+        // SAFETY: SAFETY.md S2. `Mmap::map` is unsafe because the file could
+        // be modified or truncated while mapped, which would change or unmap
+        // bytes behind a `&[u8]`. We checked above that the memfd carries
+        // F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW; seals can never be
+        // removed (memfd_create(2)), so for the lifetime of this mapping the
+        // contents are immutable and the size is fixed at `len`.
+        let map = unsafe { MmapOptions::new().len(len as usize).map(&file) }
+            .map_err(|e| SealError::Sys(SysError::new("mmap", e)))?;
+        Ok(SealedBytes::Mapped(map))
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            SealedBytes::Empty => &[],
+            SealedBytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// Why a sealed payload was refused.
+#[derive(Debug)]
+pub(crate) enum SealError {
+    NotSealed,
+    TooLarge(u64),
+    Sys(SysError),
+}
+
+impl std::fmt::Display for SealError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SealError::NotSealed => f.write_str("payload memfd is not sealed read-only"),
+            SealError::TooLarge(n) => write!(f, "payload of {n} bytes exceeds the size limit"),
+            SealError::Sys(e) => write!(f, "{} failed: {}", e.call, e.source),
+        }
+    }
+}

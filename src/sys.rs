@@ -1,0 +1,529 @@
+//! Thin, syscall-named wrappers: the only module that talks to the kernel.
+//!
+//! Each wrapper is named after the call it makes and returns owned fds. Errors
+//! come back as [`SysError`], which remembers which call failed, so the
+//! [`Error`](crate::Error) a user sees says `"pidfd_open failed: ..."` rather
+//! than a bare errno. rustix supplies safe wrappers for almost everything; the
+//! few calls it does not cover (`fork`, `_exit`, `close_range`, `fflush`,
+//! `sigaction`) are the `unsafe` blocks of this file, each proved against
+//! SAFETY.md.
+
+use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use rustix::event::{EventfdFlags, eventfd as rustix_eventfd};
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+
+use crate::error::Error;
+
+/// A failed system call: its name and the OS error.
+#[derive(Debug)]
+pub(crate) struct SysError {
+    pub(crate) call: &'static str,
+    pub(crate) source: io::Error,
+}
+
+impl SysError {
+    pub(crate) fn new(call: &'static str, source: impl Into<io::Error>) -> SysError {
+        SysError {
+            call,
+            source: source.into(),
+        }
+    }
+
+    pub(crate) fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    pub(crate) fn is_would_block(&self) -> bool {
+        self.source.kind() == io::ErrorKind::WouldBlock
+    }
+}
+
+impl From<SysError> for Error {
+    fn from(e: SysError) -> Error {
+        Error::io(e.call, e.source)
+    }
+}
+
+pub(crate) type SysResult<T> = Result<T, SysError>;
+
+/// Attaches a call name to a rustix result.
+trait Call<T> {
+    fn call(self, name: &'static str) -> SysResult<T>;
+}
+
+impl<T> Call<T> for rustix::io::Result<T> {
+    fn call(self, name: &'static str) -> SysResult<T> {
+        self.map_err(|e| SysError::new(name, e))
+    }
+}
+
+/// What [`fork`] returns in each of the two processes.
+pub(crate) enum Forked {
+    /// We are the new child process.
+    Child,
+    /// We are the parent; this is the child's pid.
+    Parent(Pid),
+}
+
+/// `fork()`—duplicates the calling process; see `fork(2)`.
+///
+/// Uses libc's `fork`, not a raw `clone`, so that glibc's own fork handlers
+/// (malloc arena locks, stdio list lock, thread-id cache) and those registered
+/// with `pthread_atfork` by C libraries (OpenSSL's RNG fork detection) run.
+///
+/// # Safety
+///
+/// The calling process must have exactly one thread (SAFETY.md F1): in the
+/// child, only the calling thread exists, so any lock another thread held at
+/// the moment of the fork would stay locked forever.
+pub(crate) unsafe fn fork() -> SysResult<Forked> {
+    debug_assert_eq!(thread_count().ok(), Some(1));
+    // SAFETY: the caller guarantees the process is single-threaded (SAFETY.md
+    // F1), which is the only precondition for running arbitrary code in the
+    // child of `fork`; `fork` itself has no memory-safety preconditions.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(SysError::new("fork", io::Error::last_os_error())),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(
+            Pid::from_raw(pid).expect("fork returned a positive pid"),
+        )),
+    }
+}
+
+/// `_exit(code)`—ends the process at once, without atexit handlers, stdio
+/// flushing or destructors; see `_exit(2)`.
+///
+/// This is the only way a zygote or worker leaves (SAFETY.md F4).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` has no preconditions; it never returns and runs no user
+    // code, which is exactly why forked children use it (SAFETY.md F4).
+    unsafe { libc::_exit(code) }
+}
+
+/// Flushes Rust's stdout/stderr and every C stdio stream (`fflush(NULL)`).
+///
+/// Called before a fork so a child cannot write out the parent's buffered
+/// output a second time, and by a worker before `_exit`, which does not flush.
+pub(crate) fn flush_stdio() {
+    // Flushing can fail if stdout is closed; there is nothing useful to do then.
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: `fflush(NULL)` flushes all open C output streams and takes only
+    // libc's own stdio locks; passing a null pointer is explicitly allowed by
+    // fflush(3). No Rust invariant is involved (SAFETY.md F5).
+    unsafe { libc::fflush(std::ptr::null_mut()) };
+}
+
+/// Counts the threads of the calling process, from `/proc/self/status`.
+pub(crate) fn thread_count() -> SysResult<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| SysError::new("read /proc/self/status", e))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| {
+            SysError::new(
+                "read /proc/self/status",
+                io::Error::new(io::ErrorKind::InvalidData, "no Threads: line"),
+            )
+        })
+}
+
+/// `close_range(first, last, 0)` over every gap between the fds in `keep`:
+/// closes every descriptor above 2 except those in `keep`; see `close_range(2)`.
+///
+/// Falls back to closing the entries of `/proc/self/fd` one by one on kernels
+/// older than 5.9.
+///
+/// # Safety
+///
+/// Only for a freshly forked, single-threaded child that owns every fd it has
+/// inherited (SAFETY.md F3): closing fds owned by live Rust objects elsewhere
+/// in the process would break I/O safety, so the caller must not use any
+/// object that owned a closed fd afterwards (it never returns to them; it
+/// leaves through `_exit`).
+pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&fd| fd > 2)
+        .map(|&fd| fd as u32)
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    let mut ok = true;
+    for &k in keep.iter().chain(std::iter::once(&u32::MAX)) {
+        if k > first {
+            // SAFETY: SYS_close_range takes three integers and touches no
+            // memory; the caller owns every fd in the range (SAFETY.md F3).
+            let r = unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0u32) };
+            ok &= r == 0;
+        }
+        first = k.saturating_add(1);
+    }
+    if !ok {
+        close_fds_except_slow(&keep);
+    }
+}
+
+fn close_fds_except_slow(keep: &[u32]) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: same argument as in `close_fds_except`, whose caller
+            // owns every inherited fd (SAFETY.md F3). Closing the directory's
+            // own fd (already dropped above) is harmless: EBADF is ignored.
+            unsafe { libc::close(fd as i32) };
+        }
+    }
+}
+
+/// Restores the signal state an `exec` would give: every signal unblocked and
+/// every *caught* signal back to its default action. Ignored signals stay
+/// ignored (as across `execve(2)`), which keeps Rust's `SIGPIPE = SIG_IGN`.
+///
+/// A handler inherited from the parent would run the parent's code, written for
+/// the parent's threads and fds, inside a worker; resetting it is the
+/// post-fork hygiene Android's zygote and CPython's forkserver also do.
+pub(crate) fn reset_signals() {
+    let empty = {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: `sigemptyset` initialises the set it is given and reads
+        // nothing from it (sigsetops(3)); the pointer is valid for writes.
+        unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+        // SAFETY: initialised by `sigemptyset` just above.
+        unsafe { set.assume_init() }
+    };
+    // SAFETY: `empty` is a valid sigset and the old-set pointer may be null
+    // (sigprocmask(2)); changing our own mask breaks no Rust invariant.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    for sig in 1..=libc::SIGRTMAX() {
+        // SIGKILL and SIGSTOP cannot be caught; the numbers between the
+        // classic signals and SIGRTMIN() are glibc's own (thread cancellation,
+        // setxid broadcast), whose handlers must stay.
+        let reserved = (32..libc::SIGRTMIN()).contains(&sig);
+        // SIGSEGV and SIGBUS carry Rust's stack-overflow reporter, which a
+        // fresh Rust program would install again at start-up.
+        let rust_runtime = sig == libc::SIGSEGV || sig == libc::SIGBUS;
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || reserved || rust_runtime {
+            continue;
+        }
+        let mut old = MaybeUninit::<libc::sigaction>::zeroed();
+        // SAFETY: querying (null new action) writes only into `old`, a valid,
+        // zero-initialised `sigaction` (sigaction(2)).
+        let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+        if r != 0 {
+            continue;
+        }
+        // SAFETY: `sigaction` returned 0, so it filled `old` (and `zeroed` made
+        // every byte initialised regardless).
+        let old = unsafe { old.assume_init() };
+        if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+            // SAFETY: installing SIG_DFL runs no code of ours, so there is no
+            // handler whose async-signal-safety we would have to prove; this
+            // process is single-threaded (SAFETY.md F1, F5).
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+}
+
+/// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`; see `eventfd(2)`.
+pub(crate) fn eventfd() -> SysResult<OwnedFd> {
+    rustix_eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).call("eventfd")
+}
+
+/// Adds one to an eventfd counter (`write(fd, &1u64, 8)`).
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> SysResult<()> {
+    rustix::io::write(fd, &1u64.to_ne_bytes())
+        .map(drop)
+        .call("write(eventfd)")
+}
+
+/// Reads and resets an eventfd counter; `Ok(0)` when it was zero.
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) -> SysResult<u64> {
+    let mut buf = [0u8; 8];
+    match rustix::io::read(fd, &mut buf) {
+        Ok(_) => Ok(u64::from_ne_bytes(buf)),
+        Err(rustix::io::Errno::AGAIN) => Ok(0),
+        Err(e) => Err(SysError::new("read(eventfd)", e)),
+    }
+}
+
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK)`.
+///
+/// SEQPACKET keeps message boundaries (one frame per `sendmsg`) and reports
+/// the peer's last close as a zero-length read, which is how every side of this
+/// crate learns that another has died.
+pub(crate) fn seqpacket_pair() -> SysResult<(OwnedFd, OwnedFd)> {
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .call("socketpair")
+}
+
+/// Most fds that one frame carries (a spawn request: socket, eventfd, argument).
+pub(crate) const MAX_FRAME_FDS: usize = 3;
+
+/// `sendmsg(sock, frame, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`.
+///
+/// One call sends one whole frame or nothing. `MSG_NOSIGNAL` turns a dead peer
+/// into `EPIPE` instead of a process-killing `SIGPIPE`.
+pub(crate) fn send_frame(
+    sock: BorrowedFd<'_>,
+    frame: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> SysResult<()> {
+    debug_assert!(fds.len() <= MAX_FRAME_FDS);
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FRAME_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        let pushed = control.push(SendAncillaryMessage::ScmRights(fds));
+        debug_assert!(pushed);
+    }
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(frame)],
+        &mut control,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )
+    .call("sendmsg")?;
+    if sent != frame.len() {
+        return Err(SysError::new(
+            "sendmsg",
+            io::Error::new(io::ErrorKind::WriteZero, "short send on a SEQPACKET socket"),
+        ));
+    }
+    Ok(())
+}
+
+/// One frame received by [`recv_frame`].
+pub(crate) struct Received {
+    /// Bytes written into the caller's buffer.
+    pub(crate) len: usize,
+    /// The frame was longer than the buffer, or carried more fds than allowed.
+    pub(crate) truncated: bool,
+    /// Descriptors that came with the frame, already `CLOEXEC`.
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+/// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)`: one frame and its fds.
+///
+/// Returns `Ok(None)` at end of stream (every holder of the peer end closed it).
+/// Received fds are `CLOEXEC` from the first instant, so no concurrent fork or
+/// exec in another thread can leak them.
+pub(crate) fn recv_frame(sock: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<Option<Received>> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FRAME_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    )
+    .call("recvmsg")?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let truncated = msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
+    Ok(Some(Received {
+        len: msg.bytes.min(buf.len()),
+        truncated,
+        fds,
+    }))
+}
+
+/// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)`; see `memfd_create(2)`.
+pub(crate) fn memfd_create(name: &str) -> SysResult<OwnedFd> {
+    rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .call("memfd_create")
+}
+
+/// `ftruncate(fd, len)`; see `ftruncate(2)`.
+pub(crate) fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> SysResult<()> {
+    rustix::fs::ftruncate(fd, len).call("ftruncate")
+}
+
+/// `fcntl(fd, F_ADD_SEALS, seals)`; see `memfd_create(2)`, "File sealing".
+pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: SealFlags) -> SysResult<()> {
+    rustix::fs::fcntl_add_seals(fd, seals).call("fcntl(F_ADD_SEALS)")
+}
+
+/// `fcntl(fd, F_GET_SEALS)`.
+pub(crate) fn get_seals(fd: BorrowedFd<'_>) -> SysResult<SealFlags> {
+    rustix::fs::fcntl_get_seals(fd).call("fcntl(F_GET_SEALS)")
+}
+
+/// `pidfd_open(pid, 0)`; see `pidfd_open(2)`.
+///
+/// Race-free only on an unreaped child of the caller: nobody else can reap it,
+/// so the pid cannot have been recycled (SAFETY.md P2).
+pub(crate) fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
+    rustix::process::pidfd_open(pid, PidfdFlags::empty()).call("pidfd_open")
+}
+
+/// Converts a user-supplied signal number into rustix's [`Signal`].
+///
+/// Named signals and the real-time range libc reports as free for applications
+/// are accepted; libc's reserved signals and out-of-range numbers are not.
+pub(crate) fn signal_from_raw(sig: i32) -> Option<Signal> {
+    if let Some(s) = Signal::from_named_raw(sig) {
+        return Some(s);
+    }
+    if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
+        // SAFETY: `from_raw_unchecked` requires a valid signal number that
+        // libc does not reserve; `SIGRTMIN()..=SIGRTMAX()` is by definition the
+        // range libc leaves to applications (signal(7)).
+        return Some(unsafe { Signal::from_raw_unchecked(sig) });
+    }
+    None
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`; see `pidfd_send_signal(2)`.
+///
+/// Unlike `kill(pid)`, this cannot hit an unrelated process that reused the pid.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: Signal) -> SysResult<()> {
+    rustix::process::pidfd_send_signal(pidfd, sig).call("pidfd_send_signal")
+}
+
+/// `kill(-pgid, SIGKILL)`: kills a whole process group; see `kill(2)`.
+pub(crate) fn kill_process_group(pgid: Pid) -> SysResult<()> {
+    rustix::process::kill_process_group(pgid, Signal::KILL).call("kill(-pgid)")
+}
+
+/// A reaped process's raw wait status, as `waitpid(2)` encodes it, so that
+/// [`std::process::ExitStatus`] can be built from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WaitStatus(pub(crate) i32);
+
+impl WaitStatus {
+    pub(crate) fn exited(code: i32) -> WaitStatus {
+        WaitStatus((code & 0xff) << 8)
+    }
+
+    pub(crate) fn signaled(sig: i32, core_dumped: bool) -> WaitStatus {
+        WaitStatus((sig & 0x7f) | if core_dumped { 0x80 } else { 0 })
+    }
+
+    pub(crate) fn code(self) -> Option<i32> {
+        (self.0 & 0x7f == 0).then_some((self.0 >> 8) & 0xff)
+    }
+
+    pub(crate) fn signal(self) -> Option<i32> {
+        let sig = self.0 & 0x7f;
+        (sig != 0).then_some(sig)
+    }
+}
+
+/// How [`waitid_pidfd`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Block until the child exits, and reap it.
+    Reap,
+    /// Reap it if it has exited; `Ok(None)` if it is still running.
+    ReapIfExited,
+    /// Report whether it has exited, leaving it unreaped (`WNOWAIT`).
+    Peek,
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED | ...)`: waits for a child; see `waitid(2)`.
+pub(crate) fn waitid_pidfd(pidfd: BorrowedFd<'_>, how: Wait) -> SysResult<Option<WaitStatus>> {
+    let opts = match how {
+        Wait::Reap => WaitIdOptions::EXITED,
+        Wait::ReapIfExited => WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        Wait::Peek => WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+    };
+    loop {
+        match rustix::process::waitid(WaitId::PidFd(pidfd), opts) {
+            Ok(None) => return Ok(None),
+            Ok(Some(st)) => {
+                if let Some(code) = st.exit_status() {
+                    return Ok(Some(WaitStatus::exited(code)));
+                }
+                if let Some(sig) = st.terminating_signal() {
+                    return Ok(Some(WaitStatus::signaled(sig, st.dumped())));
+                }
+                // With only WEXITED requested nothing else can be reported;
+                // treat anything unexpected as "not exited yet".
+                return Ok(None);
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(SysError::new("waitid(P_PIDFD)", e)),
+        }
+    }
+}
+
+/// `prctl(PR_SET_PDEATHSIG, SIGKILL)`, then checks that the parent is still
+/// `parent`: a parent that died between `fork` and the `prctl` would never
+/// deliver the signal, so the caller must exit at once if this returns false.
+pub(crate) fn die_with_parent(parent: Pid) -> bool {
+    if rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_err() {
+        return false;
+    }
+    rustix::process::getppid() == Some(parent)
+}
+
+/// `setpgid(0, 0)`: makes the caller the leader of a new process group, so
+/// terminal signals (Ctrl-C) aimed at the parent's group miss it and its whole
+/// group can be killed at once.
+pub(crate) fn setpgid_self() -> SysResult<()> {
+    rustix::process::setpgid(None, None).call("setpgid")
+}
+
+/// `getpid()`.
+pub(crate) fn getpid() -> Pid {
+    rustix::process::getpid()
+}
+
+/// 64 random bits from `getrandom(2)`.
+pub(crate) fn random_u64() -> SysResult<u64> {
+    let mut buf = [0u8; 8];
+    let mut filled = 0;
+    while filled < buf.len() {
+        filled +=
+            rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty())
+                .call("getrandom")?;
+    }
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// `write` all of `data` to `fd`, retrying on short writes and `EINTR`.
+pub(crate) fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> SysResult<()> {
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(SysError::new("write", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Raw fd number of an owned or borrowed fd, for wire frames and `close_range`.
+pub(crate) fn raw(fd: impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
+}

@@ -1,0 +1,561 @@
+//! The wire format: every frame that crosses a process boundary, as pure
+//! encode/decode functions over byte slices (no syscalls, no shared memory).
+//!
+//! All integers are little-endian. Every frame starts with a 4-byte magic and a
+//! 2-byte version, so a frame from a different build of this crate is refused
+//! rather than misread. Decoders are total: for every input they return a value
+//! or a [`WireError`], never panic, and never allocate or loop in proportion
+//! to a number read from the input.
+//!
+//! # Frames
+//!
+//! **Spawn request**, parent → zygote, on the command socket (48-byte header,
+//! then the argument bytes when they travel inline):
+//!
+//! | offset | size | field                                                |
+//! |-------:|-----:|------------------------------------------------------|
+//! | 0      | 4    | magic `RIPq`                                         |
+//! | 4      | 2    | version (1)                                          |
+//! | 6      | 2    | kind: 1 = spawn                                      |
+//! | 8      | 8    | `generation`: task generation, unique per zygote            |
+//! | 16     | 8    | `key`: per-task secret seeding the record checksum   |
+//! | 24     | 8    | `entry`: address of the monomorphised task function  |
+//! | 32     | 4    | `slot`: ring slot the worker must write its result to |
+//! | 36     | 4    | flags: bit 0 = argument is in a sealed memfd         |
+//! | 40     | 8    | argument length in bytes                             |
+//!
+//! It carries two fds (the zygote's end of the task's report socket, the
+//! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
+//!
+//! **Report**, zygote → parent, on the task's own report socket (16 bytes):
+//! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
+//! then a `u64`: the worker's pid, its raw wait status, or the `fork` errno.
+//! A *started* report carries one fd, the worker's pidfd.
+//!
+//! **Spill notice**, worker → parent, on the shared spill socket (24 bytes):
+//! magic `RIPs`, version, kind 1, `generation`, and a tag `checksum(key, generation, ...)`
+//! that proves the sender knew the task's key. It carries the sealed memfd that
+//! holds a result too large for the worker's ring slot.
+//!
+//! **Result record**, worker → parent, in the worker's ring slot; see
+//! [`crate::ring`] for the slot layout and [`decode_record`] for its checks.
+//!
+//! # Version history
+//!
+//! * 1: first version.
+
+use std::fmt;
+
+/// The version written into, and required of, every frame.
+pub(crate) const VERSION: u16 = 1;
+
+const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
+const REPORT_MAGIC: [u8; 4] = *b"RIPr";
+const SPILL_MAGIC: [u8; 4] = *b"RIPs";
+
+/// Size of a spawn request's fixed header.
+pub(crate) const REQUEST_HEADER: usize = 48;
+/// Size of a report frame.
+pub(crate) const REPORT_LEN: usize = 16;
+/// Size of a spill notice.
+pub(crate) const SPILL_LEN: usize = 24;
+
+/// Request flag: the argument travels in a sealed memfd, not inline.
+pub(crate) const FLAG_ARG_MEMFD: u32 = 1;
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WireError {
+    /// Shorter than its fixed header.
+    Short { need: usize, got: usize },
+    /// Wrong magic: not a frame of this kind.
+    Magic,
+    /// A frame from another version of this crate.
+    Version(u16),
+    /// Unknown kind or flags value.
+    Kind(u16),
+    /// A length field disagrees with the frame or exceeds its limit.
+    Length(u64),
+    /// Unknown flag bits.
+    Flags(u32),
+    /// The record is not the one this task is waiting for.
+    Stale { expected: u64, found: u64 },
+    /// The record's checksum does not match its contents.
+    Checksum,
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Short { need, got } => write!(f, "frame too short: {got} of {need} bytes"),
+            WireError::Magic => f.write_str("bad frame magic"),
+            WireError::Version(v) => write!(f, "unsupported wire version {v}"),
+            WireError::Kind(k) => write!(f, "unknown frame kind {k}"),
+            WireError::Length(n) => write!(f, "bad length field {n}"),
+            WireError::Flags(x) => write!(f, "unknown flags {x:#x}"),
+            WireError::Stale { expected, found } => {
+                write!(
+                    f,
+                    "record of task {found} where task {expected} was expected"
+                )
+            }
+            WireError::Checksum => f.write_str("record checksum mismatch"),
+        }
+    }
+}
+
+/// A little-endian reader over a byte slice that never panics.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        // Callers check the total length first; a short input yields zeros
+        // instead of a panic, and the length check has already failed.
+        let mut out = [0u8; N];
+        if let Some((head, rest)) = self.0.split_first_chunk::<N>() {
+            out = *head;
+            self.0 = rest;
+        }
+        out
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
+fn check_header(frame: &[u8], need: usize, magic: [u8; 4]) -> Result<Reader<'_>, WireError> {
+    if frame.len() < need {
+        return Err(WireError::Short {
+            need,
+            got: frame.len(),
+        });
+    }
+    let mut r = Reader(frame);
+    if r.take::<4>() != magic {
+        return Err(WireError::Magic);
+    }
+    let version = r.u16();
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(r)
+}
+
+/// Where a spawn request's argument bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArgPlace {
+    /// Inline, after the header, this many bytes.
+    Inline(u64),
+    /// In the sealed memfd that travels with the frame, this many bytes.
+    Memfd(u64),
+}
+
+/// A decoded spawn request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub(crate) generation: u64,
+    pub(crate) key: u64,
+    pub(crate) entry: u64,
+    pub(crate) slot: u32,
+    pub(crate) arg: ArgPlace,
+}
+
+impl Request {
+    /// Encodes the header followed by `inline_arg` (empty for a memfd argument).
+    pub(crate) fn encode(&self, inline_arg: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(REQUEST_HEADER + inline_arg.len());
+        out.extend_from_slice(&REQUEST_MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&self.entry.to_le_bytes());
+        out.extend_from_slice(&self.slot.to_le_bytes());
+        let (flags, len) = match self.arg {
+            ArgPlace::Inline(n) => (0, n),
+            ArgPlace::Memfd(n) => (FLAG_ARG_MEMFD, n),
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(inline_arg);
+        out
+    }
+
+    /// Decodes a request frame; returns the header and the inline argument.
+    ///
+    /// `slots` bounds the slot index and `max_arg` the argument length.
+    pub(crate) fn decode(
+        frame: &[u8],
+        slots: u32,
+        max_arg: u64,
+    ) -> Result<(Request, &[u8]), WireError> {
+        let mut r = check_header(frame, REQUEST_HEADER, REQUEST_MAGIC)?;
+        let kind = r.u16();
+        if kind != 1 {
+            return Err(WireError::Kind(kind));
+        }
+        let generation = r.u64();
+        let key = r.u64();
+        let entry = r.u64();
+        let slot = r.u32();
+        let flags = r.u32();
+        let len = r.u64();
+        if slot >= slots {
+            return Err(WireError::Length(slot.into()));
+        }
+        if len > max_arg {
+            return Err(WireError::Length(len));
+        }
+        let inline = &frame[REQUEST_HEADER..];
+        let arg = match flags {
+            0 if inline.len() as u64 == len => ArgPlace::Inline(len),
+            FLAG_ARG_MEMFD if inline.is_empty() => ArgPlace::Memfd(len),
+            0 | FLAG_ARG_MEMFD => return Err(WireError::Length(len)),
+            other => return Err(WireError::Flags(other)),
+        };
+        Ok((
+            Request {
+                generation,
+                key,
+                entry,
+                slot,
+                arg,
+            },
+            inline,
+        ))
+    }
+}
+
+/// A report from the zygote about one task's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Report {
+    /// The worker exists; its pidfd travels with the frame.
+    Started { pid: u32 },
+    /// The worker was reaped with this raw wait status.
+    Exited { status: i32 },
+    /// `fork` failed with this errno.
+    SpawnFailed { errno: i32 },
+}
+
+impl Report {
+    pub(crate) fn encode(&self) -> [u8; REPORT_LEN] {
+        let (kind, value): (u16, u64) = match *self {
+            Report::Started { pid } => (1, pid.into()),
+            Report::Exited { status } => (2, status as u32 as u64),
+            Report::SpawnFailed { errno } => (3, errno as u32 as u64),
+        };
+        let mut out = [0u8; REPORT_LEN];
+        out[0..4].copy_from_slice(&REPORT_MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&kind.to_le_bytes());
+        out[8..16].copy_from_slice(&value.to_le_bytes());
+        out
+    }
+
+    pub(crate) fn decode(frame: &[u8]) -> Result<Report, WireError> {
+        let mut r = check_header(frame, REPORT_LEN, REPORT_MAGIC)?;
+        if frame.len() != REPORT_LEN {
+            return Err(WireError::Length(frame.len() as u64));
+        }
+        let kind = r.u16();
+        let value = r.u64();
+        let small = u32::try_from(value).map_err(|_| WireError::Length(value))?;
+        match kind {
+            1 if small != 0 => Ok(Report::Started { pid: small }),
+            1 => Err(WireError::Length(0)),
+            2 => Ok(Report::Exited {
+                status: small as i32,
+            }),
+            3 => Ok(Report::SpawnFailed {
+                errno: small as i32,
+            }),
+            k => Err(WireError::Kind(k)),
+        }
+    }
+}
+
+/// A spill notice: "the result of task `generation` is in the memfd attached".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SpillNotice {
+    pub(crate) generation: u64,
+    pub(crate) tag: u64,
+}
+
+impl SpillNotice {
+    pub(crate) fn encode(&self) -> [u8; SPILL_LEN] {
+        let mut out = [0u8; SPILL_LEN];
+        out[0..4].copy_from_slice(&SPILL_MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&1u16.to_le_bytes());
+        out[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        out[16..24].copy_from_slice(&self.tag.to_le_bytes());
+        out
+    }
+
+    pub(crate) fn decode(frame: &[u8]) -> Result<SpillNotice, WireError> {
+        let mut r = check_header(frame, SPILL_LEN, SPILL_MAGIC)?;
+        if frame.len() != SPILL_LEN {
+            return Err(WireError::Length(frame.len() as u64));
+        }
+        let kind = r.u16();
+        if kind != 1 {
+            return Err(WireError::Kind(kind));
+        }
+        Ok(SpillNotice {
+            generation: r.u64(),
+            tag: r.u64(),
+        })
+    }
+
+    /// The tag a worker that knows `key` computes for a spilled result.
+    pub(crate) fn tag_for(key: u64, generation: u64, len: u64) -> u64 {
+        checksum(key, &[generation, RecordKind::Spilled as u64, len], &[])
+    }
+}
+
+/// What a result record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub(crate) enum RecordKind {
+    /// The encoded return value.
+    Value = 1,
+    /// A UTF-8 panic message.
+    Panic = 2,
+    /// The worker could not encode the return value; a UTF-8 message.
+    EncodeFailed = 3,
+    /// The encoded value is in a sealed memfd announced by a spill notice.
+    Spilled = 4,
+}
+
+impl RecordKind {
+    fn from_word(w: u64) -> Option<RecordKind> {
+        Some(match w {
+            1 => RecordKind::Value,
+            2 => RecordKind::Panic,
+            3 => RecordKind::EncodeFailed,
+            4 => RecordKind::Spilled,
+            _ => return None,
+        })
+    }
+}
+
+/// Number of header words of a result record (see [`crate::ring`]).
+pub(crate) const RECORD_HEADER_WORDS: usize = 4;
+
+/// The header words of a result record, in slot order after the commit word:
+/// `[generation, kind, len, checksum]`.
+///
+/// `len` is `payload.len()`, except for a [`RecordKind::Spilled`] record, whose
+/// payload is empty and whose `len` is that of the spilled bytes.
+pub(crate) fn encode_record_header(
+    key: u64,
+    generation: u64,
+    kind: RecordKind,
+    len: u64,
+    payload: &[u8],
+) -> [u64; RECORD_HEADER_WORDS] {
+    debug_assert!(kind == RecordKind::Spilled || len == payload.len() as u64);
+    [
+        generation,
+        kind as u64,
+        len,
+        checksum(key, &[generation, kind as u64, len], payload),
+    ]
+}
+
+/// A record header that passed [`decode_record_header`]'s checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    pub(crate) kind: RecordKind,
+    pub(crate) len: u64,
+    pub(crate) checksum: u64,
+}
+
+/// Validates the header words of a record copied out of slot memory.
+///
+/// `capacity` is the slot's payload capacity in bytes; `spill_limit` bounds
+/// the length a spilled record may announce.
+pub(crate) fn decode_record_header(
+    words: [u64; RECORD_HEADER_WORDS],
+    generation: u64,
+    capacity: u64,
+    spill_limit: u64,
+) -> Result<RecordHeader, WireError> {
+    let [found, kind, len, checksum] = words;
+    if found != generation {
+        return Err(WireError::Stale {
+            expected: generation,
+            found,
+        });
+    }
+    let kind = RecordKind::from_word(kind).ok_or(WireError::Kind(kind as u16))?;
+    let limit = if kind == RecordKind::Spilled {
+        spill_limit
+    } else {
+        capacity
+    };
+    if len > limit {
+        return Err(WireError::Length(len));
+    }
+    Ok(RecordHeader {
+        kind,
+        len,
+        checksum,
+    })
+}
+
+/// Checks a record's payload (already copied out) against its header.
+pub(crate) fn verify_record(
+    key: u64,
+    generation: u64,
+    header: &RecordHeader,
+    payload: &[u8],
+) -> Result<(), WireError> {
+    let expected_len = if header.kind == RecordKind::Spilled {
+        0
+    } else {
+        header.len
+    };
+    if payload.len() as u64 != expected_len {
+        return Err(WireError::Length(payload.len() as u64));
+    }
+    let sum = if header.kind == RecordKind::Spilled {
+        checksum(key, &[generation, header.kind as u64, header.len], &[])
+    } else {
+        checksum(key, &[generation, header.kind as u64, header.len], payload)
+    };
+    if sum != header.checksum {
+        return Err(WireError::Checksum);
+    }
+    Ok(())
+}
+
+/// A keyed 64-bit checksum over some header words and a byte payload.
+///
+/// It detects torn, stale and scribbled records; it is **not** a MAC and is
+/// not meant to stop a worker that targets another task deliberately (see
+/// SAFETY.md S3). Word-at-a-time multiply-xor with a murmur3 finaliser:
+/// several GB/s, so it costs little next to the copy it protects.
+pub(crate) fn checksum(key: u64, words: &[u64], payload: &[u8]) -> u64 {
+    const M: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = key ^ M;
+    let mut mix = |w: u64| {
+        h = (h ^ w).wrapping_mul(M);
+        h ^= h >> 29;
+    };
+    for &w in words {
+        mix(w);
+    }
+    let mut chunks = payload.chunks_exact(8);
+    for c in &mut chunks {
+        mix(u64::from_le_bytes(c.try_into().unwrap_or_default()));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        mix(u64::from_le_bytes(last));
+    }
+    mix(payload.len() as u64);
+    // fmix64 from MurmurHash3.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_inline_and_memfd() {
+        let req = Request {
+            generation: 7,
+            key: 0xdead_beef,
+            entry: 0x5555_0000,
+            slot: 3,
+            arg: ArgPlace::Inline(5),
+        };
+        let frame = req.encode(b"hello");
+        assert_eq!(
+            Request::decode(&frame, 4, 1 << 20),
+            Ok((req, &b"hello"[..]))
+        );
+        let big = Request {
+            arg: ArgPlace::Memfd(1 << 30),
+            ..req
+        };
+        assert_eq!(
+            Request::decode(&big.encode(&[]), 4, 1 << 31),
+            Ok((big, &[][..]))
+        );
+    }
+
+    #[test]
+    fn request_rejects_bad_slot_length_and_truncation() {
+        let req = Request {
+            generation: 1,
+            key: 2,
+            entry: 3,
+            slot: 9,
+            arg: ArgPlace::Inline(2),
+        };
+        let frame = req.encode(b"ab");
+        assert_eq!(Request::decode(&frame, 4, 100), Err(WireError::Length(9)));
+        assert!(Request::decode(&frame[..frame.len() - 1], 16, 100).is_err());
+        assert!(Request::decode(&frame[..10], 16, 100).is_err());
+    }
+
+    #[test]
+    fn report_round_trips_and_rejects_zero_pid() {
+        for r in [
+            Report::Started { pid: 42 },
+            Report::Exited { status: 0x0300 },
+            Report::SpawnFailed { errno: 11 },
+        ] {
+            assert_eq!(Report::decode(&r.encode()), Ok(r));
+        }
+        let mut zero = Report::Started { pid: 1 }.encode();
+        zero[8] = 0;
+        assert!(Report::decode(&zero).is_err());
+    }
+
+    #[test]
+    fn record_checksum_detects_any_flipped_bit() {
+        let payload = b"some payload bytes!";
+        let [generation, kind, len, sum] =
+            encode_record_header(11, 5, RecordKind::Value, payload.len() as u64, payload);
+        let h = decode_record_header([generation, kind, len, sum], 5, 64, 0).unwrap();
+        assert_eq!(verify_record(11, 5, &h, payload), Ok(()));
+        for i in 0..payload.len() * 8 {
+            let mut p = payload.to_vec();
+            p[i / 8] ^= 1 << (i % 8);
+            assert_eq!(verify_record(11, 5, &h, &p), Err(WireError::Checksum));
+        }
+        assert_eq!(verify_record(12, 5, &h, payload), Err(WireError::Checksum));
+    }
+
+    #[test]
+    fn record_header_rejects_stale_generation_and_oversize() {
+        let w = encode_record_header(1, 5, RecordKind::Value, 100, &[0; 100]);
+        assert_eq!(
+            decode_record_header(w, 6, 1000, 0),
+            Err(WireError::Stale {
+                expected: 6,
+                found: 5
+            })
+        );
+        assert_eq!(
+            decode_record_header(w, 5, 99, 0),
+            Err(WireError::Length(100))
+        );
+    }
+}

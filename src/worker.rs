@@ -1,0 +1,285 @@
+//! The worker: what runs in the freshly forked child, from the fork to `_exit`.
+//!
+//! A worker is a fork of the zygote, which never started a thread, so it begins
+//! single-threaded with every lock free (SAFETY.md F1). It may therefore
+//! allocate and run ordinary Rust code, unlike the child of a fork from a
+//! threaded process (compare std's `Command::spawn`, whose child may only make
+//! async-signal-safe calls before `exec`). What it must do first is shed the
+//! state that belongs to the parent: its process group, its signal handlers and
+//! mask, and every fd but its own three (SAFETY.md F3, F5). It leaves only
+//! through `_exit`, so no destructor or atexit handler of the parent runs a
+//! second time in it (SAFETY.md F4).
+//!
+//! This module never touches tokio.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::process::Pid;
+
+use crate::ring::Ring;
+use crate::shm::{self, SealedBytes};
+use crate::sys;
+use crate::wire::{RecordKind, SpillNotice};
+
+/// What a task's monomorphised entry point returns to the worker.
+pub(crate) enum Outcome {
+    /// The encoded return value.
+    Value(Vec<u8>),
+    /// The argument could not be decoded or the value could not be encoded.
+    CodecFailed(String),
+}
+
+/// A task's entry point: decodes the argument (at most `limit` bytes), calls
+/// the user's function, encodes its result. Sent to the zygote as an address.
+pub(crate) type Entry = fn(arg: &[u8], limit: usize) -> Outcome;
+
+/// Where the worker finds its argument bytes.
+pub(crate) enum ArgSource {
+    /// Copied into the zygote's private memory before the fork.
+    Inline(Vec<u8>),
+    /// In a sealed memfd.
+    Memfd(OwnedFd),
+}
+
+/// Everything a worker needs, prepared by the zygote before the fork.
+pub(crate) struct Job<'a> {
+    pub(crate) ring: &'a Ring,
+    pub(crate) slot: u32,
+    pub(crate) generation: u64,
+    pub(crate) key: u64,
+    /// Address of an [`Entry`] in this binary, from a trusted request.
+    pub(crate) entry: u64,
+    pub(crate) arg: ArgSource,
+    /// Largest argument or result, in bytes.
+    pub(crate) limit: u64,
+    /// The task's eventfd: rung once the record is committed.
+    pub(crate) doorbell: OwnedFd,
+    /// The shared socket for spill notices.
+    pub(crate) spill: BorrowedFd<'a>,
+    /// The zygote's pid, to detect its death between fork and `prctl`.
+    pub(crate) zygote: Pid,
+}
+
+/// Exit code of a worker that found its zygote already gone.
+const EXIT_ORPHANED: i32 = 121;
+
+/// Set once this process is a worker; `stop_requested` is false elsewhere.
+static IN_WORKER: AtomicBool = AtomicBool::new(false);
+/// Set by the first `stop_requested` call: the task handles stop requests.
+static COOPERATIVE: AtomicBool = AtomicBool::new(false);
+/// Set by the SIGTERM handler of a cooperative task.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// The message of the last panic, recorded by the worker's panic hook.
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Returns true once the parent has asked this task to stop.
+///
+/// The parent asks through [`Process::terminate`](crate::Process::terminate) or
+/// the first phase of a [`Task::timeout`](crate::Task::timeout). A task that
+/// calls this function at least once is *cooperative*: the request only sets a
+/// flag, and the task may return a value early; it is killed with `SIGKILL` if
+/// it has not finished after the grace period. A task that never calls it is
+/// terminated by the request's `SIGTERM` at once, as an ordinary process would.
+///
+/// Outside a worker process this always returns `false`.
+///
+/// ```
+/// fn count_until_stopped(limit: u64) -> u64 {
+///     let mut n = 0;
+///     while n < limit && !run_in_process::stop_requested() {
+///         n += 1;
+///     }
+///     n
+/// }
+/// assert_eq!(count_until_stopped(10), 10);
+/// ```
+pub fn stop_requested() -> bool {
+    if !IN_WORKER.load(Ordering::Relaxed) {
+        return false;
+    }
+    COOPERATIVE.store(true, Ordering::Relaxed);
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Runs one task in the calling process, a worker just forked by the zygote,
+/// and exits.
+pub(crate) fn run(job: Job<'_>) -> ! {
+    // Own process group: Ctrl-C at a terminal reaches the parent's group only,
+    // and the zygote can kill the worker's descendants with one kill(-pgid).
+    let _ = sys::setpgid_self();
+    if !sys::die_with_parent(job.zygote) {
+        sys::exit_now(EXIT_ORPHANED);
+    }
+    sys::reset_signals();
+    let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
+    if let ArgSource::Memfd(fd) = &job.arg {
+        keep.push(sys::raw(fd));
+    }
+    // SAFETY: SAFETY.md F3. This process was forked a moment ago from the
+    // single-threaded zygote, so it is single-threaded and nothing else can be
+    // using these fds; the objects that owned the closed fds (the zygote's
+    // sockets, epoll, other tasks' pidfds) are never used again here, because
+    // this function leaves through `_exit` without returning.
+    unsafe { sys::close_fds_except(&keep) };
+    IN_WORKER.store(true, Ordering::Relaxed);
+    install_stop_handler();
+    panic::set_hook(Box::new(|info| {
+        let message = match info.location() {
+            Some(l) => format!(
+                "{} at {}:{}:{}",
+                payload_text(info.payload()),
+                l.file(),
+                l.line(),
+                l.column()
+            ),
+            None => payload_text(info.payload()).to_string(),
+        };
+        if let Ok(mut slot) = PANIC.lock() {
+            *slot = Some(message);
+        }
+    }));
+
+    let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
+    let (kind, payload) = match load_arg(&job.arg, job.limit) {
+        Err(message) => (RecordKind::EncodeFailed, message.into_bytes()),
+        Ok(arg) => {
+            let entry = entry_from_address(job.entry);
+            match panic::catch_unwind(AssertUnwindSafe(|| entry(arg.bytes(), limit))) {
+                Ok(Outcome::Value(bytes)) => (RecordKind::Value, bytes),
+                Ok(Outcome::CodecFailed(message)) => {
+                    (RecordKind::EncodeFailed, message.into_bytes())
+                }
+                Err(payload) => {
+                    let recorded = PANIC.lock().ok().and_then(|mut m| m.take());
+                    let message = recorded.unwrap_or_else(|| payload_text(&payload));
+                    (RecordKind::Panic, message.into_bytes())
+                }
+            }
+        }
+    };
+    // The task's output reaches the terminal before the parent sees the result.
+    sys::flush_stdio();
+    publish(&job, kind, payload);
+    let _ = sys::eventfd_signal(job.doorbell.as_fd());
+    sys::exit_now(0)
+}
+
+/// Bytes of the argument, wherever they are.
+enum ArgBytes<'a> {
+    Inline(&'a [u8]),
+    Sealed(SealedBytes),
+}
+
+impl ArgBytes<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ArgBytes::Inline(b) => b,
+            ArgBytes::Sealed(s) => s.bytes(),
+        }
+    }
+}
+
+fn load_arg(arg: &ArgSource, limit: u64) -> Result<ArgBytes<'_>, String> {
+    match arg {
+        ArgSource::Inline(bytes) => Ok(ArgBytes::Inline(bytes)),
+        ArgSource::Memfd(fd) => SealedBytes::open(fd.as_fd(), limit)
+            .map(ArgBytes::Sealed)
+            .map_err(|e| format!("argument: {e}")),
+    }
+}
+
+fn entry_from_address(address: u64) -> Entry {
+    assert_ne!(address, 0, "null task entry");
+    // SAFETY: SAFETY.md F2. `address` came from the parent over the command
+    // socket, which only the parent can write (workers never hold it). The
+    // parent produced it as `entry::<F, A, R> as Entry as usize` in the same
+    // binary image that this process is a fork of (the zygote was forked from
+    // the parent, and fork preserves the address space), so it is the address
+    // of a function of exactly type `Entry`. It is non-null (checked above).
+    unsafe { std::mem::transmute::<usize, Entry>(address as usize) }
+}
+
+/// Writes the record, spilling to a sealed memfd when it does not fit.
+fn publish(job: &Job<'_>, kind: RecordKind, payload: Vec<u8>) {
+    let Some(slot) = job.ring.slot(job.slot) else {
+        return;
+    };
+    if payload.len() <= slot.capacity() {
+        slot.publish(job.key, job.generation, kind, &payload);
+        return;
+    }
+    match kind {
+        RecordKind::Value if payload.len() as u64 <= job.limit => match spill(job, &payload) {
+            Ok(()) => slot.publish_spilled(job.key, job.generation, payload.len() as u64),
+            Err(message) => slot.publish(
+                job.key,
+                job.generation,
+                RecordKind::EncodeFailed,
+                message.as_bytes(),
+            ),
+        },
+        RecordKind::Value => {
+            let message = format!(
+                "result of {} bytes exceeds the limit of {}",
+                payload.len(),
+                job.limit
+            );
+            slot.publish(
+                job.key,
+                job.generation,
+                RecordKind::EncodeFailed,
+                message.as_bytes(),
+            );
+        }
+        _ => {
+            // A message too long for the slot: keep its head, on a char boundary.
+            let mut end = slot.capacity();
+            let text = String::from_utf8_lossy(&payload);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            slot.publish(job.key, job.generation, kind, &text.as_bytes()[..end]);
+        }
+    }
+}
+
+fn spill(job: &Job<'_>, payload: &[u8]) -> Result<(), String> {
+    let fd = shm::sealed_memfd("run-in-process-result", payload)
+        .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))?;
+    let notice = SpillNotice {
+        generation: job.generation,
+        tag: SpillNotice::tag_for(job.key, job.generation, payload.len() as u64),
+    };
+    sys::send_frame(job.spill, &notice.encode(), &[fd.as_fd()])
+        .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))
+}
+
+/// Installs the SIGTERM handler behind [`stop_requested`].
+fn install_stop_handler() {
+    let handler = || {
+        if COOPERATIVE.load(Ordering::Relaxed) {
+            STOP.store(true, Ordering::Relaxed);
+        } else {
+            // Not cooperative: die of SIGTERM, as without a handler.
+            let _ = signal_hook::low_level::emulate_default_handler(libc::SIGTERM);
+        }
+    };
+    // SAFETY: signal_hook's `register` requires the action to be
+    // async-signal-safe. It only loads and stores atomics, or calls
+    // `emulate_default_handler`, which signal-hook documents as
+    // async-signal-safe (SAFETY.md F5).
+    let _ = unsafe { signal_hook::low_level::register(libc::SIGTERM, handler) };
+}
+
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "Box<dyn Any>".to_string()
+    }
+}

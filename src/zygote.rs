@@ -1,0 +1,349 @@
+//! The zygote: a small process forked from the parent while the parent is still
+//! single-threaded, which forks one fresh worker per task.
+//!
+//! # Why a zygote
+//!
+//! `fork` costs page-table and VMA copying proportional to the *forking*
+//! process. The parent may grow to gigabytes and dozens of threads; the zygote
+//! stays as small as the parent was at start-up, never starts a thread, and so
+//! can fork at any time (SAFETY.md F1). It never touches tokio.
+//!
+//! # Life cycle
+//!
+//! The zygote serves one command socket from the parent. For each spawn request
+//! it forks a worker, opens the worker's pidfd (race-free: only the zygote can
+//! reap its own child, and it has not yet), and reports `Started` with the
+//! pidfd on the task's private report socket. It watches, with one epoll set:
+//!
+//! * the command socket: requests, or EOF when the parent is gone or dropped
+//!   its last [`Zygote`](crate::Zygote) handle, which makes the zygote kill
+//!   every worker, reap them, and `_exit`;
+//! * each worker's pidfd: on exit it kills the worker's process group (any
+//!   process the task left behind), reaps the worker with
+//!   `waitid(P_PIDFD)`, and reports `Exited` with the status;
+//! * each task's report socket: a hang-up means the parent dropped the task
+//!   (cancellation), so the worker is killed at once.
+//!
+//! `PR_SET_PDEATHSIG` backs up the EOF: if the parent dies, the zygote gets
+//! `SIGKILL`, and every worker gets `SIGKILL` when the zygote dies.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::event::epoll;
+use rustix::process::{Pid, Signal};
+
+use crate::error::{Error, ErrorKind};
+use crate::ring::Ring;
+use crate::sys::{self, Forked, SysError, Wait};
+use crate::wire::{self, ArgPlace, Report, Request};
+use crate::worker::{self, ArgSource, Job};
+
+/// Largest argument sent inline in a spawn request; larger ones go in a memfd.
+pub(crate) const INLINE_ARG_MAX: usize = 32 * 1024;
+
+/// What the parent keeps of a running zygote.
+pub(crate) struct ZygoteProcess {
+    pub(crate) pid: Pid,
+    /// Our child: reaped through this in `Drop`.
+    pub(crate) pidfd: OwnedFd,
+    /// Parent end of the command socket.
+    pub(crate) command: OwnedFd,
+    /// Parent end of the spill socket.
+    pub(crate) spill: OwnedFd,
+    pub(crate) ring: Ring,
+}
+
+/// Sizes the zygote is started with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) slots: u32,
+    pub(crate) slot_bytes: usize,
+    pub(crate) max_payload: u64,
+}
+
+/// Forks the zygote. Fails with [`ErrorKind::MultiThreaded`] unless the calling
+/// process has exactly one thread.
+pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
+    let threads = sys::thread_count()?;
+    if threads != 1 {
+        return Err(Error::new(
+            ErrorKind::MultiThreaded,
+            format!(
+                "the zygote must be started while the process has one thread, but it has {threads}; \
+                 call Zygote::start() at the top of main, before any runtime or thread starts"
+            ),
+        ));
+    }
+    let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
+    let (command, command_zygote) = sys::seqpacket_pair()?;
+    let (spill, spill_workers) = sys::seqpacket_pair()?;
+    let parent = sys::getpid();
+    // Buffered output flushed now is written once, by us, instead of once by
+    // us and once more by every worker that later flushes its inherited copy.
+    sys::flush_stdio();
+    // SAFETY: SAFETY.md F1. We counted exactly one thread above, and nothing
+    // between that check and here can start one: the calls above are plain
+    // syscalls and allocations on this thread.
+    match unsafe { sys::fork() }? {
+        Forked::Child => {
+            let zygote = Zygote {
+                ring: &ring,
+                command: command_zygote.as_fd(),
+                spill: spill_workers.as_fd(),
+                parent,
+                limits,
+            };
+            zygote.serve()
+        }
+        Forked::Parent(pid) => {
+            drop(command_zygote);
+            drop(spill_workers);
+            drop(ring_fd);
+            // Race-free: the zygote is our unreaped child (SAFETY.md P2).
+            let pidfd = match sys::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    // Without a pidfd we cannot reap it later; end it now.
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+                    return Err(e.into());
+                }
+            };
+            Ok(ZygoteProcess {
+                pid,
+                pidfd,
+                command,
+                spill,
+                ring,
+            })
+        }
+    }
+}
+
+/// The zygote's view of itself, inside the zygote process.
+struct Zygote<'a> {
+    ring: &'a Ring,
+    command: BorrowedFd<'a>,
+    spill: BorrowedFd<'a>,
+    parent: Pid,
+    limits: Limits,
+}
+
+/// A worker the zygote is watching.
+struct Child {
+    pid: Pid,
+    pidfd: OwnedFd,
+    /// The zygote's end of the task's report socket; `None` once the parent
+    /// hung up.
+    report: Option<OwnedFd>,
+}
+
+/// epoll token of the command socket; task tokens are `2 * id + 2` (pidfd)
+/// and `2 * id + 3` (report socket).
+const COMMAND: u64 = 0;
+
+impl Zygote<'_> {
+    fn serve(self) -> ! {
+        // Own process group: terminal signals aimed at the parent's group do
+        // not reach us, so Ctrl-C is delivered to the parent only.
+        let _ = sys::setpgid_self();
+        if !sys::die_with_parent(self.parent) {
+            sys::exit_now(0);
+        }
+        // SAFETY: SAFETY.md F3. We are the just-forked, single-threaded
+        // zygote; the fds closed here are the parent's, inherited, and no
+        // object that owns one is used again (`serve` never returns).
+        unsafe { sys::close_fds_except(&[sys::raw(self.command), sys::raw(self.spill)]) };
+        sys::reset_signals();
+        match self.run() {
+            Ok(never) => match never {},
+            Err(_) => sys::exit_now(1),
+        }
+    }
+
+    fn run(&self) -> Result<std::convert::Infallible, SysError> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| SysError::new("epoll_create1", e))?;
+        let add = |fd: BorrowedFd<'_>, token: u64, flags: epoll::EventFlags| {
+            epoll::add(&epoll, fd, epoll::EventData::new_u64(token), flags)
+                .map_err(|e| SysError::new("epoll_ctl", e))
+        };
+        add(self.command, COMMAND, epoll::EventFlags::IN)?;
+        let mut children: HashMap<u64, Child> = HashMap::new();
+        let mut next_id = 0u64;
+        let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
+        let mut events = Vec::with_capacity(64);
+        loop {
+            events.clear();
+            match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(SysError::new("epoll_wait", e)),
+            }
+            for event in &events {
+                let token = event.data.u64();
+                if token == COMMAND {
+                    loop {
+                        match sys::recv_frame(self.command, &mut buf) {
+                            Ok(Some(frame)) => {
+                                let id = next_id;
+                                if let Some(child) = self.spawn(&mut buf, frame) {
+                                    next_id += 1;
+                                    add(child.pidfd.as_fd(), 2 * id + 2, epoll::EventFlags::IN)?;
+                                    if let Some(report) = &child.report {
+                                        add(report.as_fd(), 2 * id + 3, epoll::EventFlags::RDHUP)?;
+                                    }
+                                    children.insert(id, child);
+                                }
+                            }
+                            Err(e) if e.is_would_block() => break,
+                            // EOF (or a broken socket): the parent is gone or
+                            // dropped its last handle.
+                            Ok(None) | Err(_) => shutdown(children),
+                        }
+                    }
+                    continue;
+                }
+                let id = (token - 2) / 2;
+                let Some(child) = children.get_mut(&id) else {
+                    continue;
+                };
+                if token % 2 == 0 {
+                    // Pidfd readable. Re-check with WNOHANG rather than assume
+                    // readiness means exit (tokio's pidfd reaper learned this
+                    // under ptrace).
+                    if !matches!(
+                        sys::waitid_pidfd(child.pidfd.as_fd(), Wait::Peek),
+                        Ok(Some(_))
+                    ) {
+                        continue;
+                    }
+                    // The worker is a zombie, so its pid (and thus its process
+                    // group id) cannot be reused yet: kill what it left behind.
+                    let _ = sys::kill_process_group(child.pid);
+                    if let Ok(Some(status)) =
+                        sys::waitid_pidfd(child.pidfd.as_fd(), Wait::ReapIfExited)
+                    {
+                        if let Some(child) = children.remove(&id) {
+                            if let Some(report) = &child.report {
+                                let frame = Report::Exited { status: status.0 }.encode();
+                                let _ = sys::send_frame(report.as_fd(), &frame, &[]);
+                            }
+                            // Dropping `child` closes the pidfd and the report
+                            // socket, which also removes both from the epoll set.
+                        }
+                    }
+                } else {
+                    // The parent closed its end: the task was cancelled.
+                    let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
+                    child.report = None;
+                }
+            }
+        }
+    }
+
+    /// Handles one spawn request: forks the worker and reports it.
+    fn spawn(&self, buf: &mut [u8], frame: sys::Received) -> Option<Child> {
+        let mut fds = frame.fds.into_iter();
+        let report = fds.next()?;
+        let fail = |errno: i32| {
+            let _ = sys::send_frame(report.as_fd(), &Report::SpawnFailed { errno }.encode(), &[]);
+        };
+        let decoded = if frame.truncated {
+            None
+        } else {
+            Request::decode(
+                &buf[..frame.len],
+                self.ring.slots(),
+                self.limits.max_payload,
+            )
+            .ok()
+        };
+        let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
+            fail(libc::EINVAL);
+            return None;
+        };
+        let arg = match request.arg {
+            ArgPlace::Inline(_) => ArgSource::Inline(inline.to_vec()),
+            ArgPlace::Memfd(_) => match fds.next() {
+                Some(fd) => ArgSource::Memfd(fd),
+                None => {
+                    fail(libc::EINVAL);
+                    return None;
+                }
+            },
+        };
+        let zygote = sys::getpid();
+        // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
+        // life: it is forked from a single-threaded parent, never spawns a
+        // thread, and never runs user code (only workers do).
+        let forked = unsafe { sys::fork() };
+        match forked {
+            Ok(Forked::Child) => worker::run(Job {
+                ring: self.ring,
+                slot: request.slot,
+                generation: request.generation,
+                key: request.key,
+                entry: request.entry,
+                arg,
+                limit: self.limits.max_payload,
+                doorbell,
+                spill: self.spill,
+                zygote,
+            }),
+            Ok(Forked::Parent(pid)) => {
+                // Scrub the request: later workers are forked from this memory
+                // and must not find this task's key or argument in it.
+                buf[..frame.len].fill(0);
+                drop(arg);
+                drop(doorbell);
+                // Also done by the child; doing it here too closes the window
+                // in which a kill(-pid) would miss the child's group.
+                let _ = rustix::process::setpgid(Some(pid), Some(pid));
+                let pidfd = match sys::pidfd_open(pid) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        let _ = rustix::process::kill_process(pid, Signal::KILL);
+                        let _ = rustix::process::waitpid(
+                            Some(pid),
+                            rustix::process::WaitOptions::empty(),
+                        );
+                        fail(e.errno().unwrap_or(libc::EIO));
+                        return None;
+                    }
+                };
+                let started = Report::Started {
+                    pid: pid.as_raw_nonzero().get() as u32,
+                }
+                .encode();
+                let report = match sys::send_frame(report.as_fd(), &started, &[pidfd.as_fd()]) {
+                    Ok(()) => Some(report),
+                    Err(_) => {
+                        // The parent already dropped the task: cancel it now.
+                        let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+                        None
+                    }
+                };
+                Some(Child { pid, pidfd, report })
+            }
+            Err(e) => {
+                fail(e.errno().unwrap_or(libc::EAGAIN));
+                None
+            }
+        }
+    }
+}
+
+/// Kills and reaps every worker, then exits: the parent is gone.
+fn shutdown(children: HashMap<u64, Child>) -> ! {
+    for child in children.values() {
+        let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
+    }
+    for child in children.values() {
+        let _ = sys::kill_process_group(child.pid);
+        let _ = sys::waitid_pidfd(child.pidfd.as_fd(), Wait::Reap);
+    }
+    sys::exit_now(0)
+}

@@ -1,0 +1,627 @@
+//! Integration tests that fork: a `harness = false` target, so that every
+//! trial runs on the main thread and the zygotes are started while the test
+//! process still has exactly one thread (libtest would run each `#[test]` on a
+//! spawned thread).
+//!
+//! After every trial the harness waits for the zygote to report every worker
+//! reaped, then checks `/proc`: no zombie children, no process left under the
+//! zygote, and the same number of open fds as before the trial.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use run_in_process::{ErrorKind, State, Zygote};
+use serde::{Deserialize, Serialize};
+
+type TestResult = Result<(), Failed>;
+
+/// A catch-all timeout so that a hang fails the trial instead of the job.
+const HANG: Duration = Duration::from_secs(60);
+
+fn main() {
+    // Both zygotes start before anything else can start a thread.
+    let zygote = Zygote::builder()
+        .max_in_flight(16)
+        .start()
+        .expect("start the shared zygote");
+    let doomed = Zygote::start().expect("start the zygote the zygote-death test kills");
+    run_in_process::init().expect("start the global zygote");
+    // tokio keeps a process-wide socketpair for its signal driver, created by
+    // the first runtime; create it now so the fd checks do not count it.
+    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
+
+    let mut args = Arguments::from_args();
+    // One test thread: libtest-mimic then runs every trial on this thread.
+    args.test_threads = Some(1);
+
+    let mut trials = Vec::new();
+    macro_rules! trial {
+        ($name:ident) => {{
+            let z = zygote.clone();
+            trials.push(Trial::test(stringify!($name), move || checked(&z, $name)));
+        }};
+    }
+    trial!(value_round_trips);
+    trial!(side_effect_in_worker_is_visible_to_parent);
+    trial!(every_task_runs_in_a_fresh_process);
+    trial!(panic_becomes_panicked_with_message_and_location);
+    trial!(sigsegv_becomes_signaled);
+    trial!(abort_becomes_signaled);
+    trial!(stack_overflow_becomes_signaled);
+    trial!(process_exit_becomes_exited_with_code);
+    trial!(terminate_ends_uncooperative_task_with_sigterm);
+    trial!(kill_ends_task_with_sigkill);
+    trial!(send_signal_delivers_the_signal);
+    trial!(cooperative_task_returns_value_after_terminate);
+    trial!(polling_task_that_does_not_stop_is_killed_after_grace);
+    trial!(wait_is_idempotent_and_reports_real_status);
+    trial!(dropping_run_future_kills_worker);
+    trial!(dropping_process_kills_worker);
+    trial!(timeout_gives_timed_out_and_worker_is_gone);
+    trial!(cooperative_task_may_return_value_within_grace_after_timeout);
+    trial!(thousand_concurrent_runs_complete_with_backpressure);
+    trial!(unserializable_argument_fails_before_anything_runs);
+    trial!(unserializable_result_is_codec_error);
+    trial!(async_function_runs_in_worker);
+    trial!(large_argument_and_result_round_trip);
+    trial!(global_init_and_run_in_process);
+    trial!(start_from_multithreaded_process_is_refused);
+    trial!(open_reports_running_then_finished);
+    let z = zygote.clone();
+    trials.push(Trial::test("zygote_death_fails_tasks_cleanly", move || {
+        checked(&z, move |_| zygote_death_fails_tasks_cleanly(doomed))
+    }));
+
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// Runs one trial on a fresh multi-threaded runtime, then checks hygiene.
+fn checked<F, Fut>(zygote: &Zygote, body: F) -> TestResult
+where
+    F: FnOnce(Zygote) -> Fut,
+    Fut: Future<Output = TestResult>,
+{
+    let fds_before = open_fds();
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcome = rt.block_on(async {
+        let outcome = tokio::time::timeout(HANG, body(zygote.clone()))
+            .await
+            .unwrap_or_else(|_| Err("trial hung".into()));
+        tokio::time::timeout(HANG, zygote.wait_idle())
+            .await
+            .map_err(|_| Failed::from("workers were not reaped"))?;
+        outcome
+    });
+    drop(rt);
+    outcome?;
+    check_hygiene(zygote, &fds_before)
+}
+
+fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> TestResult {
+    let me = std::process::id();
+    let procs = processes();
+    let zombies: Vec<_> = procs
+        .iter()
+        .filter(|p| p.ppid == me && p.state == 'Z')
+        .collect();
+    if !zombies.is_empty() {
+        return Err(format!("zombie children: {zombies:?}").into());
+    }
+    let strays: Vec<_> = procs.iter().filter(|p| p.ppid == zygote.pid()).collect();
+    if !strays.is_empty() {
+        return Err(format!("processes left under the zygote: {strays:?}").into());
+    }
+    if zygote.workers() != 0 {
+        return Err(format!("{} workers still counted", zygote.workers()).into());
+    }
+    // Fewer fds is fine (a trial may drop a zygote); a new one is a leak.
+    let leaked: Vec<_> = open_fds().difference(fds_before).cloned().collect();
+    if !leaked.is_empty() {
+        return Err(format!("leaked fds: {leaked:?}").into());
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+#[allow(dead_code)] // reason: fields are read through Debug in failure messages
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    state: char,
+}
+
+fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut fields = rest.split(' ');
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push(Proc { pid, ppid, state });
+    }
+    out
+}
+
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn open_fds() -> BTreeSet<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    Some(format!(
+                        "{}->{}",
+                        e.file_name().to_string_lossy(),
+                        target.display()
+                    ))
+                })
+                // The directory handle used for the listing itself.
+                .filter(|s| !s.contains("/proc/") || !s.ends_with("/fd"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ensure(cond: bool, what: impl Into<String>) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into().into())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Task functions (they run in workers).
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn my_pid(_: ()) -> u32 {
+    std::process::id()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    values: Vec<i64>,
+    nested: Option<Box<Record>>,
+}
+
+fn echo_record(r: Record) -> Record {
+    r
+}
+
+fn write_file(path: PathBuf) -> u64 {
+    std::fs::write(&path, b"written by the worker").expect("write file");
+    std::process::id() as u64
+}
+
+fn boom(_: ()) -> u64 {
+    panic!("boom {}", 42)
+}
+
+fn segfault(_: ()) -> u64 {
+    // Rust's own SIGSEGV handler only reports guard-page hits and returns
+    // from a raised signal; a crash in foreign code meets the default action.
+    // SAFETY: installing SIG_DFL runs no code; raising a signal has no
+    // memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+    // SAFETY: as above.
+    unsafe { libc::raise(libc::SIGSEGV) };
+    0
+}
+
+fn abort(_: ()) -> u64 {
+    std::process::abort()
+}
+
+#[allow(unconditional_recursion)] // reason: the point is to overflow the stack
+fn recurse(n: u64) -> u64 {
+    let frame = [n; 512];
+    std::hint::black_box(&frame);
+    recurse(n + 1) + frame[7]
+}
+
+#[allow(clippy::disallowed_methods)] // reason: tests what a task calling exit() looks like
+fn exit_three(_: ()) -> u64 {
+    std::process::exit(3)
+}
+
+fn sleep_forever(_: ()) -> u64 {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn count_until_stopped(_: ()) -> u64 {
+    let mut n = 0u64;
+    while !run_in_process::stop_requested() {
+        n += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    n + 1_000_000
+}
+
+fn polls_but_never_stops(_: ()) -> u64 {
+    let _ = run_in_process::stop_requested();
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn spin(_: ()) -> u64 {
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+struct Unserializable;
+
+impl Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this type refuses to serialize"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unserializable {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Ok(Unserializable)
+    }
+}
+
+fn takes_unserializable(_: Unserializable) -> u64 {
+    let _ = std::fs::write(marker_path("unserializable-arg"), b"ran");
+    0
+}
+
+fn returns_unserializable(_: ()) -> Unserializable {
+    Unserializable
+}
+
+async fn async_double(x: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::task::yield_now().await;
+    x * 2
+}
+
+fn reverse_bytes(mut v: Vec<u8>) -> Vec<u8> {
+    v.reverse();
+    v
+}
+
+fn marker_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("run-in-process-test-{}-{name}", std::process::id()))
+}
+
+// ---------------------------------------------------------------------------
+// Trials.
+
+async fn value_round_trips(z: Zygote) -> TestResult {
+    ensure(z.run(square, 12).await? == 144, "square(12)")?;
+    let r = Record {
+        name: "root".into(),
+        values: vec![-1, 0, i64::MAX],
+        nested: Some(Box::new(Record {
+            name: "leaf ✓".into(),
+            values: vec![],
+            nested: None,
+        })),
+    };
+    ensure(
+        z.run(echo_record, r.clone()).await? == r,
+        "struct round trip",
+    )?;
+    let s: String = z
+        .run(|(): ()| "from a unit argument".to_string(), ())
+        .await?;
+    ensure(s == "from a unit argument", "unit argument")?;
+    let empty: Vec<u8> = z.run(|v: Vec<u8>| v, Vec::new()).await?;
+    ensure(empty.is_empty(), "empty vector")
+}
+
+async fn side_effect_in_worker_is_visible_to_parent(z: Zygote) -> TestResult {
+    let path = marker_path("side-effect");
+    let _ = std::fs::remove_file(&path);
+    let worker = z.run(write_file, path.clone()).await?;
+    let content = std::fs::read(&path)?;
+    std::fs::remove_file(&path)?;
+    ensure(content == b"written by the worker", "file content")?;
+    ensure(
+        worker != std::process::id() as u64,
+        "ran in another process",
+    )
+}
+
+async fn every_task_runs_in_a_fresh_process(z: Zygote) -> TestResult {
+    let mut pids = BTreeSet::new();
+    for _ in 0..5 {
+        pids.insert(z.run(my_pid, ()).await?);
+    }
+    ensure(pids.len() == 5, format!("pids {pids:?}"))?;
+    ensure(!pids.contains(&std::process::id()), "not the parent")?;
+    ensure(!pids.contains(&z.pid()), "not the zygote")
+}
+
+async fn panic_becomes_panicked_with_message_and_location(z: Zygote) -> TestResult {
+    let e = z.run(boom, ()).await.unwrap_err();
+    ensure(e.kind() == ErrorKind::Panicked, format!("{e:?}"))?;
+    let m = e.panic_message().unwrap_or_default();
+    ensure(
+        m.contains("boom 42") && m.contains("tests/fork.rs:"),
+        format!("message {m:?}"),
+    )
+}
+
+async fn sigsegv_becomes_signaled(z: Zygote) -> TestResult {
+    let e = z.run(segfault, ()).await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::Signaled && e.signal() == Some(libc::SIGSEGV),
+        format!("{e:?}"),
+    )
+}
+
+async fn abort_becomes_signaled(z: Zygote) -> TestResult {
+    let e = z.run(abort, ()).await.unwrap_err();
+    ensure(e.signal() == Some(libc::SIGABRT), format!("{e:?}"))
+}
+
+async fn stack_overflow_becomes_signaled(z: Zygote) -> TestResult {
+    let e = z.run(recurse, 0).await.unwrap_err();
+    // Rust's guard-page handler reports the overflow and aborts (SIGABRT);
+    // without it the kernel's SIGSEGV is what ends the worker.
+    ensure(
+        e.kind() == ErrorKind::Signaled
+            && matches!(e.signal(), Some(libc::SIGABRT | libc::SIGSEGV)),
+        format!("{e:?}"),
+    )
+}
+
+async fn process_exit_becomes_exited_with_code(z: Zygote) -> TestResult {
+    let e = z.run(exit_three, ()).await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::Exited && e.exit_code() == Some(3),
+        format!("{e:?}"),
+    )
+}
+
+async fn terminate_ends_uncooperative_task_with_sigterm(z: Zygote) -> TestResult {
+    let mut p = z.open(sleep_forever, ()).await?;
+    p.terminate()?;
+    let status = p.wait().await?;
+    use std::os::unix::process::ExitStatusExt;
+    ensure(
+        status.signal() == Some(libc::SIGTERM),
+        format!("{status:?}"),
+    )?;
+    let e = p.result().await.unwrap_err();
+    ensure(e.signal() == Some(libc::SIGTERM), format!("{e:?}"))
+}
+
+async fn kill_ends_task_with_sigkill(z: Zygote) -> TestResult {
+    let mut p = z.open(sleep_forever, ()).await?;
+    p.kill()?;
+    use std::os::unix::process::ExitStatusExt;
+    ensure(
+        p.wait().await?.signal() == Some(libc::SIGKILL),
+        "wait status",
+    )?;
+    let e = p.result().await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::Signaled && e.signal() == Some(libc::SIGKILL),
+        format!("{e:?}"),
+    )
+}
+
+async fn send_signal_delivers_the_signal(z: Zygote) -> TestResult {
+    let p = z.open(sleep_forever, ()).await?;
+    p.send_signal(libc::SIGUSR1)?;
+    let e = p.result().await.unwrap_err();
+    ensure(e.signal() == Some(libc::SIGUSR1), format!("{e:?}"))
+}
+
+async fn cooperative_task_returns_value_after_terminate(z: Zygote) -> TestResult {
+    let p = z.open(count_until_stopped, ()).await?;
+    // Let it reach its loop (it must have called stop_requested once to be
+    // cooperative); a cooperative worker exits by itself, an early one dies of
+    // SIGTERM and the assertion below reports it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.terminate()?;
+    let n = p.result().await?;
+    ensure(n >= 1_000_000, format!("value {n}"))
+}
+
+async fn polling_task_that_does_not_stop_is_killed_after_grace(z: Zygote) -> TestResult {
+    let p = z
+        .task(polls_but_never_stops, ())
+        .grace(Duration::from_millis(200))
+        .open()
+        .await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.terminate()?;
+    let e = p.result().await.unwrap_err();
+    ensure(e.signal() == Some(libc::SIGKILL), format!("{e:?}"))
+}
+
+async fn wait_is_idempotent_and_reports_real_status(z: Zygote) -> TestResult {
+    let mut p = z.open(square, 5).await?;
+    let a = p.wait().await?;
+    let b = p.wait().await?;
+    ensure(a.success() && a == b, format!("{a:?} {b:?}"))?;
+    ensure(p.result().await? == 25, "result after wait")
+}
+
+async fn dropping_run_future_kills_worker(z: Zygote) -> TestResult {
+    let r = tokio::time::timeout(Duration::from_millis(100), z.run(sleep_forever, ())).await;
+    ensure(r.is_err(), "the run should have been cancelled")?;
+    // The harness checks that the worker is gone and reaped.
+    Ok(())
+}
+
+async fn dropping_process_kills_worker(z: Zygote) -> TestResult {
+    let p = z.open(sleep_forever, ()).await?;
+    let pid = p.pid();
+    ensure(process_exists(pid), "worker exists while the handle lives")?;
+    drop(p);
+    z.wait_idle().await;
+    ensure(!process_exists(pid), "worker gone after drop")
+}
+
+async fn timeout_gives_timed_out_and_worker_is_gone(z: Zygote) -> TestResult {
+    let start = std::time::Instant::now();
+    let e = z
+        .task(spin, ())
+        .timeout(Duration::from_millis(100))
+        .run()
+        .await
+        .unwrap_err();
+    ensure(e.kind() == ErrorKind::TimedOut, format!("{e:?}"))?;
+    ensure(
+        start.elapsed() < Duration::from_secs(10),
+        "timed out promptly",
+    )
+}
+
+async fn cooperative_task_may_return_value_within_grace_after_timeout(z: Zygote) -> TestResult {
+    let n = z
+        .task(count_until_stopped, ())
+        .timeout(Duration::from_millis(100))
+        .run()
+        .await?;
+    ensure(n >= 1_000_000, format!("value {n}"))
+}
+
+async fn thousand_concurrent_runs_complete_with_backpressure(z: Zygote) -> TestResult {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000u64 {
+        let z = z.clone();
+        set.spawn(async move { (i, z.run(square, i).await) });
+    }
+    let mut done = 0;
+    while let Some(joined) = set.join_next().await {
+        let (i, r) = joined?;
+        let v = r?;
+        ensure(v == i * i, format!("task {i} returned {v}"))?;
+        done += 1;
+    }
+    ensure(done == 1000, format!("{done} tasks completed"))
+}
+
+async fn unserializable_argument_fails_before_anything_runs(z: Zygote) -> TestResult {
+    let marker = marker_path("unserializable-arg");
+    let _ = std::fs::remove_file(&marker);
+    let e = z
+        .run(takes_unserializable, Unserializable)
+        .await
+        .unwrap_err();
+    ensure(e.kind() == ErrorKind::Codec, format!("{e:?}"))?;
+    ensure(!marker.exists(), "the task must not have run")
+}
+
+async fn unserializable_result_is_codec_error(z: Zygote) -> TestResult {
+    let e = z
+        .run(returns_unserializable, ())
+        .await
+        .map(drop)
+        .unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::Codec && e.to_string().contains("encode the result"),
+        format!("{e:?}"),
+    )
+}
+
+async fn async_function_runs_in_worker(z: Zygote) -> TestResult {
+    ensure(z.run_async(async_double, 21).await? == 42, "async_double")
+}
+
+async fn large_argument_and_result_round_trip(z: Zygote) -> TestResult {
+    for len in [0usize, 1, 60 * 1024, 64 * 1024, 1 << 20, 8 << 20] {
+        let input: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut expected = input.clone();
+        expected.reverse();
+        let out = z.run(reverse_bytes, input).await?;
+        ensure(out == expected, format!("round trip of {len} bytes"))?;
+    }
+    Ok(())
+}
+
+async fn global_init_and_run_in_process(_: Zygote) -> TestResult {
+    ensure(
+        run_in_process::run_in_process(square, 9).await? == 81,
+        "global run",
+    )?;
+    let p = run_in_process::open_in_process(square, 4).await?;
+    ensure(p.result().await? == 16, "global open")?;
+    // The global zygote's workers are not the harness zygote's: wait for them.
+    if let Some(g) = run_in_process::global() {
+        g.wait_idle().await;
+    }
+    Ok(())
+}
+
+async fn start_from_multithreaded_process_is_refused(_: Zygote) -> TestResult {
+    // The runtime this trial runs on has already started threads.
+    let e = Zygote::start().unwrap_err();
+    ensure(e.kind() == ErrorKind::MultiThreaded, format!("{e:?}"))
+}
+
+async fn open_reports_running_then_finished(z: Zygote) -> TestResult {
+    let mut p = z.open(sleep_forever, ()).await?;
+    ensure(
+        p.pid() != 0 && p.state() == State::Running,
+        format!("{p:?}"),
+    )?;
+    p.kill()?;
+    p.wait().await?;
+    ensure(p.state() == State::Finished, format!("{p:?}"))
+}
+
+async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {
+    let p = doomed.open(sleep_forever, ()).await?;
+    let worker = p.pid();
+    let zygote_pid = doomed.pid();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    ensure(
+        unsafe { libc::kill(zygote_pid as i32, libc::SIGKILL) } == 0,
+        "kill zygote",
+    )?;
+    let e = p.result().await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::ZygoteDied,
+        format!("in flight: {e:?}"),
+    )?;
+    let e = doomed.run(square, 2).await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::ZygoteDied,
+        format!("later call: {e:?}"),
+    )?;
+    // The worker dies with its zygote (PR_SET_PDEATHSIG). It was reparented,
+    // so someone else reaps it; wait for it to disappear.
+    for _ in 0..200 {
+        if !process_exists(worker) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure(!process_exists(worker), "worker outlived its zygote")?;
+    drop(doomed);
+    ensure(
+        !process_exists(zygote_pid),
+        "dead zygote reaped when dropped",
+    )
+}
