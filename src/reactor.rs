@@ -57,7 +57,8 @@ pub(crate) struct TaskIo {
     /// Held until the worker is known to be reaped (or handed to the reaper).
     lease: Option<Lease>,
     pub(crate) generation: u64,
-    pub(crate) key: u64,
+    /// The worker's key, read from the doorbell once it rang (see `wire`).
+    key: Option<u64>,
     /// `Some` until `Drop` hands it to the reaper.
     report: Option<AsyncFd<OwnedFd>>,
     doorbell: AsyncFd<OwnedFd>,
@@ -94,7 +95,6 @@ impl TaskIo {
         }
         let lease = inner.slots.acquire().await;
         let generation = inner.next_gen();
-        let key = sys::random_u64()?;
         let (report, report_zygote) = sys::seqpacket_pair()?;
         let doorbell = sys::eventfd()?;
         let arg_fd = if arg.len() > crate::zygote::INLINE_ARG_MAX {
@@ -108,7 +108,6 @@ impl TaskIo {
         };
         let request = wire::Request {
             generation,
-            key,
             entry,
             slot: lease.slot(),
             arg: place,
@@ -129,7 +128,7 @@ impl TaskIo {
             inner,
             lease: Some(lease),
             generation,
-            key,
+            key: None,
             report: Some(report),
             doorbell,
             pid: None,
@@ -167,7 +166,6 @@ impl TaskIo {
             biased;
             ready = self.doorbell.readable(), if self.record.is_none() => match ready {
                 Ok(mut guard) => {
-                    let _ = sys::eventfd_drain(guard.get_inner().as_fd());
                     guard.clear_ready();
                     drop(guard);
                     self.check_record();
@@ -230,11 +228,19 @@ impl TaskIo {
         }
     }
 
-    /// Takes the result record from the ring if it has been committed.
+    /// Takes the result record from the ring if the worker has sent its key
+    /// (which it does only after committing the record).
     pub(crate) fn check_record(&mut self) {
         if self.record.is_some() {
             return;
         }
+        if self.key.is_none() {
+            match sys::eventfd_drain(self.doorbell.get_ref().as_fd()) {
+                Ok(0) | Err(_) => return,
+                Ok(key) => self.key = Some(key),
+            }
+        }
+        let Some(key) = self.key else { return };
         let Some(slot) = self
             .lease
             .as_ref()
@@ -242,7 +248,7 @@ impl TaskIo {
         else {
             return;
         };
-        match slot.take(self.key, self.generation, self.inner.limits.max_payload) {
+        match slot.take(key, self.generation, self.inner.limits.max_payload) {
             Ok(Some(taken)) => self.record = Some(Record::Taken(taken)),
             Ok(None) => {}
             Err(e) => self.record = Some(Record::Invalid(e)),
@@ -302,7 +308,7 @@ impl TaskIo {
 
     /// Takes the spilled result's memfd announced by a `Spilled` record.
     pub(crate) fn take_spill(&self, len: u64) -> Option<OwnedFd> {
-        let tag = wire::SpillNotice::tag_for(self.key, self.generation, len);
+        let tag = wire::SpillNotice::tag_for(self.key?, self.generation, len);
         let issued = self.inner.issued();
         self.inner.spill.take(
             self.inner.process.spill.as_fd(),
@@ -357,11 +363,23 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
     }
 }
 
-/// True if `reports` say the worker is gone (reaped or never forked).
-fn reaped(reports: &[(Report, Option<OwnedFd>)]) -> bool {
-    reports
-        .iter()
-        .any(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
+/// Applies a dropped task's reports: kills a worker whose pidfd arrives after
+/// the cancellation, and says whether the worker is gone (reaped or never
+/// forked).
+fn reaped(reports: Vec<(Report, Option<OwnedFd>)>, kill_on_start: bool) -> bool {
+    let mut gone = false;
+    for (report, fd) in reports {
+        match report {
+            Report::Started { .. } if kill_on_start => {
+                if let Some(pidfd) = fd {
+                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+                }
+            }
+            Report::Started { .. } => {}
+            Report::Exited { .. } | Report::SpawnFailed { .. } => gone = true,
+        }
+    }
+    gone
 }
 
 impl Drop for TaskIo {
@@ -371,14 +389,17 @@ impl Drop for TaskIo {
         }
         // The worker may still be running. Cancel it unless it already
         // delivered its result (then it is exiting on its own).
-        if !self.committed() {
+        let cancel = !self.committed();
+        if cancel {
             let _ = self.signal(Signal::KILL);
         }
         // Keep the slot until the zygote reports the worker reaped, without
-        // blocking: a small task on the current runtime waits for that.
+        // blocking: a small task on the current runtime waits for that. If the
+        // pidfd has not arrived yet, the reaper kills the worker when it does.
         let reaper = Reaper {
             report: self.report.take(),
             lease: self.lease.take(),
+            kill_on_start: cancel && self.pidfd.is_none(),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -393,6 +414,7 @@ impl Drop for TaskIo {
 struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
     lease: Option<Lease>,
+    kill_on_start: bool,
 }
 
 impl Reaper {
@@ -403,7 +425,7 @@ impl Reaper {
                     break;
                 };
                 let (reports, end) = drain_reports(guard.get_inner().as_fd());
-                if reaped(&reports) || end != Drained::WouldBlock {
+                if reaped(reports, self.kill_on_start) || end != Drained::WouldBlock {
                     break;
                 }
                 guard.clear_ready();
@@ -420,7 +442,7 @@ impl Reaper {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while std::time::Instant::now() < deadline {
                 let (reports, end) = drain_reports(fd.as_fd());
-                if reaped(&reports) || end != Drained::WouldBlock {
+                if reaped(reports, self.kill_on_start) || end != Drained::WouldBlock {
                     break;
                 }
                 let mut pfd = [rustix::event::PollFd::new(
@@ -446,6 +468,7 @@ impl Drop for Reaper {
             Reaper {
                 report: self.report.take(),
                 lease: self.lease.take(),
+                kill_on_start: self.kill_on_start,
             }
             .block();
         }

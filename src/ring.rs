@@ -13,7 +13,7 @@
 //! | word | written by | meaning                                                   |
 //! |-----:|------------|-----------------------------------------------------------|
 //! | 0    | worker     | `commit`: the `generation` of the record below, stored last (Release) |
-//! | 1..5 | worker     | record header `[generation, kind, len, checksum]` ([`crate::wire`]) |
+//! | 1..5 | worker     | record header `[generation, kind, len, mac]` ([`crate::wire`]) |
 //! | 5..8 | nobody     | reserved, zero                                            |
 //! | 8..  | worker     | payload bytes, little-endian within each word             |
 //!
@@ -30,7 +30,7 @@
 //! A worker killed half-way through its write never stores `commit`, so its
 //! torn record is never read; a record left by an earlier task carries an older
 //! `generation` and is never taken for a later task's; a record whose words were
-//! scribbled on fails the checksum.
+//! scribbled on fails the mac.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
@@ -117,7 +117,7 @@ impl Slot<'_> {
     /// Worker side: writes a record for task `generation` and commits it.
     ///
     /// The caller must have checked `payload.len() <= self.capacity()`; a
-    /// longer payload is cut (and would then fail the parent's checksum).
+    /// longer payload is cut (and would then fail the parent's mac).
     pub(crate) fn publish(&self, key: u64, generation: u64, kind: RecordKind, payload: &[u8]) {
         self.write(key, generation, kind, payload.len() as u64, payload);
     }
@@ -185,7 +185,7 @@ impl Slot<'_> {
         // Seqlock-style re-check: the fence orders the loads above before the
         // load below, so if `commit` still holds `generation`, no *complete* rewrite
         // of the slot happened during the copy. Partial scribbles are caught
-        // by the checksum.
+        // by the mac.
         fence(Ordering::Acquire);
         let now = self.commit().load(Ordering::Relaxed);
         if now != generation {
@@ -244,9 +244,9 @@ mod tests {
         let s = r.slot(1).unwrap();
         s.publish(9, 3, RecordKind::Value, b"payload!");
         s.scribble(SLOT_HEADER_WORDS, 0x4141);
-        assert_eq!(s.take(9, 3, 0).unwrap_err(), WireError::Checksum);
+        assert_eq!(s.take(9, 3, 0).unwrap_err(), WireError::Mac);
         s.publish(9, 3, RecordKind::Value, b"payload!");
-        assert_eq!(s.take(10, 3, 0).unwrap_err(), WireError::Checksum);
+        assert_eq!(s.take(10, 3, 0).unwrap_err(), WireError::Mac);
     }
 
     #[test]

@@ -118,8 +118,8 @@ pub(crate) fn flush_stdio() {
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     // SAFETY: `fflush(NULL)` flushes all open C output streams and takes only
-    // libc's own stdio locks; passing a null pointer is explicitly allowed by
-    // fflush(3). No Rust invariant is involved (SAFETY.md F5).
+    // libc's own stdio locks, free in a single-threaded process; passing a
+    // null pointer is explicitly allowed by fflush(3) (SAFETY.md F5).
     unsafe { libc::fflush(std::ptr::null_mut()) };
 }
 
@@ -171,11 +171,17 @@ pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
         first = k.saturating_add(1);
     }
     if !ok {
-        close_fds_except_slow(&keep);
+        // SAFETY: our caller's contract is the same as the callee's (SAFETY.md F3).
+        unsafe { close_fds_except_slow(&keep) };
     }
 }
 
-fn close_fds_except_slow(keep: &[u32]) {
+/// The `/proc/self/fd` fallback of [`close_fds_except`].
+///
+/// # Safety
+///
+/// As [`close_fds_except`].
+unsafe fn close_fds_except_slow(keep: &[u32]) {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
@@ -192,25 +198,56 @@ fn close_fds_except_slow(keep: &[u32]) {
     }
 }
 
+/// Runs the body of a freshly forked child and never returns into the
+/// caller's frames: a panic that escaped `f` would otherwise unwind back into
+/// the code that called `fork`, which is the parent's `main`, running it a
+/// second time in the child (SAFETY.md F4).
+pub(crate) fn contain_child(f: impl FnOnce() -> std::convert::Infallible) -> ! {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    exit_now(EXIT_CHILD_PANICKED)
+}
+
+/// Exit code of a zygote or worker whose own code (not the task) panicked.
+pub(crate) const EXIT_CHILD_PANICKED: i32 = 120;
+
+/// Blocks every signal on the calling thread; returns the previous mask for
+/// [`restore_signal_mask`].
+pub(crate) fn block_all_signals() -> libc::sigset_t {
+    let mut all = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigfillset` initialises the set it is given (sigsetops(3));
+    // the pointer is valid for writes (SAFETY.md F5).
+    unsafe { libc::sigfillset(all.as_mut_ptr()) };
+    // SAFETY: initialised by `sigfillset` just above (SAFETY.md F5).
+    let all = unsafe { all.assume_init() };
+    let mut old = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: both pointers are valid sigsets (`old` is zeroed, so fully
+    // initialised whatever the call writes); changing our own mask breaks no
+    // Rust invariant (pthread_sigmask(3), SAFETY.md F5).
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, old.as_mut_ptr()) };
+    // SAFETY: zero-initialised above, and filled by `pthread_sigmask`.
+    unsafe { old.assume_init() }
+}
+
+/// Restores a mask saved by [`block_all_signals`].
+pub(crate) fn restore_signal_mask(mask: libc::sigset_t) {
+    // SAFETY: `mask` is a valid sigset and the old-set pointer may be null
+    // (pthread_sigmask(3), SAFETY.md F5).
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut()) };
+}
+
 /// Restores the signal state an `exec` would give: every signal unblocked and
 /// every *caught* signal back to its default action. Ignored signals stay
-/// ignored (as across `execve(2)`), which keeps Rust's `SIGPIPE = SIG_IGN`.
+/// ignored (as across `execve(2)`), which keeps Rust's `SIGPIPE = SIG_IGN`,
+/// except `SIGCHLD`: ignoring it makes the kernel reap children on its own,
+/// which would break `waitid` and the race-freedom of `pidfd_open`
+/// (SAFETY.md P2), so it always goes back to its default.
+///
+/// Called once, first thing in the zygote; workers inherit the result.
 ///
 /// A handler inherited from the parent would run the parent's code, written for
 /// the parent's threads and fds, inside a worker; resetting it is the
 /// post-fork hygiene Android's zygote and CPython's forkserver also do.
 pub(crate) fn reset_signals() {
-    let empty = {
-        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: `sigemptyset` initialises the set it is given and reads
-        // nothing from it (sigsetops(3)); the pointer is valid for writes.
-        unsafe { libc::sigemptyset(set.as_mut_ptr()) };
-        // SAFETY: initialised by `sigemptyset` just above.
-        unsafe { set.assume_init() }
-    };
-    // SAFETY: `empty` is a valid sigset and the old-set pointer may be null
-    // (sigprocmask(2)); changing our own mask breaks no Rust invariant.
-    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
     for sig in 1..=libc::SIGRTMAX() {
         // SIGKILL and SIGSTOP cannot be caught; the numbers between the
         // classic signals and SIGRTMIN() are glibc's own (thread cancellation,
@@ -224,21 +261,31 @@ pub(crate) fn reset_signals() {
         }
         let mut old = MaybeUninit::<libc::sigaction>::zeroed();
         // SAFETY: querying (null new action) writes only into `old`, a valid,
-        // zero-initialised `sigaction` (sigaction(2)).
+        // zero-initialised `sigaction` (sigaction(2), SAFETY.md F5).
         let r = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
         if r != 0 {
             continue;
         }
         // SAFETY: `sigaction` returned 0, so it filled `old` (and `zeroed` made
-        // every byte initialised regardless).
+        // every byte initialised regardless) (SAFETY.md F5).
         let old = unsafe { old.assume_init() };
-        if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+        let caught = old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
+        if caught || sig == libc::SIGCHLD {
             // SAFETY: installing SIG_DFL runs no code of ours, so there is no
             // handler whose async-signal-safety we would have to prove; this
             // process is single-threaded (SAFETY.md F1, F5).
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
     }
+    // Every signal was blocked across the fork; unblock them all now that no
+    // inherited handler is left to run.
+    let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigemptyset` initialises the set it is given (sigsetops(3),
+    // SAFETY.md F5).
+    unsafe { libc::sigemptyset(empty.as_mut_ptr()) };
+    // SAFETY: initialised by `sigemptyset` just above (SAFETY.md F5).
+    let empty = unsafe { empty.assume_init() };
+    restore_signal_mask(empty);
 }
 
 /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`; see `eventfd(2)`.
@@ -246,9 +293,9 @@ pub(crate) fn eventfd() -> SysResult<OwnedFd> {
     rustix_eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).call("eventfd")
 }
 
-/// Adds one to an eventfd counter (`write(fd, &1u64, 8)`).
-pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> SysResult<()> {
-    rustix::io::write(fd, &1u64.to_ne_bytes())
+/// Adds `value` to an eventfd counter (`write(fd, &value, 8)`); see `eventfd(2)`.
+pub(crate) fn eventfd_add(fd: BorrowedFd<'_>, value: u64) -> SysResult<()> {
+    rustix::io::write(fd, &value.to_ne_bytes())
         .map(drop)
         .call("write(eventfd)")
 }
@@ -397,7 +444,7 @@ pub(crate) fn signal_from_raw(sig: i32) -> Option<Signal> {
     if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
         // SAFETY: `from_raw_unchecked` requires a valid signal number that
         // libc does not reserve; `SIGRTMIN()..=SIGRTMAX()` is by definition the
-        // range libc leaves to applications (signal(7)).
+        // range libc leaves to applications (signal(7), SAFETY.md F5).
         return Some(unsafe { Signal::from_raw_unchecked(sig) });
     }
     None

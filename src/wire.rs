@@ -9,8 +9,9 @@
 //!
 //! # Frames
 //!
-//! **Spawn request**, parent → zygote, on the command socket (48-byte header,
-//! then the argument bytes when they travel inline):
+//! **Spawn request**, parent → zygote, on the command socket (40-byte header,
+//! then the argument bytes when they travel inline). It carries no secret:
+//! the zygote's memory is inherited by every later worker.
 //!
 //! | offset | size | field                                                |
 //! |-------:|-----:|------------------------------------------------------|
@@ -18,11 +19,10 @@
 //! | 4      | 2    | version (1)                                          |
 //! | 6      | 2    | kind: 1 = spawn                                      |
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
-//! | 16     | 8    | `key`: per-task secret seeding the record checksum   |
-//! | 24     | 8    | `entry`: address of the monomorphised task function  |
-//! | 32     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 36     | 4    | flags: bit 0 = argument is in a sealed memfd         |
-//! | 40     | 8    | argument length in bytes                             |
+//! | 16     | 8    | `entry`: address of the monomorphised task function  |
+//! | 24     | 4    | `slot`: ring slot the worker must write its result to |
+//! | 28     | 4    | flags: bit 0 = argument is in a sealed memfd         |
+//! | 32     | 8    | argument length in bytes                             |
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
 //! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
@@ -33,12 +33,19 @@
 //! A *started* report carries one fd, the worker's pidfd.
 //!
 //! **Spill notice**, worker → parent, on the shared spill socket (24 bytes):
-//! magic `RIPs`, version, kind 1, `generation`, and a tag `checksum(key, generation, ...)`
-//! that proves the sender knew the task's key. It carries the sealed memfd that
+//! magic `RIPs`, version, kind 1, `generation`, and a tag `mac(key, ...)` that
+//! proves the sender knew the task's key. It carries the sealed memfd that
 //! holds a result too large for the worker's ring slot.
 //!
 //! **Result record**, worker → parent, in the worker's ring slot; see
-//! [`crate::ring`] for the slot layout and [`decode_record`] for its checks.
+//! [`crate::ring`] for the slot layout and [`decode_record_header`] and
+//! [`verify_record`] for its checks.
+//!
+//! **Key**, worker → parent, through the task's eventfd: after committing its
+//! record, the worker adds its 64-bit key (random, drawn after the fork, never
+//! 0 or `u64::MAX`) to the eventfd, which only it and the parent hold. The
+//! record's MAC is keyed with it, so no other process can forge or alter a
+//! record the parent will accept.
 //!
 //! # Version history
 //!
@@ -54,7 +61,7 @@ const REPORT_MAGIC: [u8; 4] = *b"RIPr";
 const SPILL_MAGIC: [u8; 4] = *b"RIPs";
 
 /// Size of a spawn request's fixed header.
-pub(crate) const REQUEST_HEADER: usize = 48;
+pub(crate) const REQUEST_HEADER: usize = 40;
 /// Size of a report frame.
 pub(crate) const REPORT_LEN: usize = 16;
 /// Size of a spill notice.
@@ -80,8 +87,8 @@ pub(crate) enum WireError {
     Flags(u32),
     /// The record is not the one this task is waiting for.
     Stale { expected: u64, found: u64 },
-    /// The record's checksum does not match its contents.
-    Checksum,
+    /// The record's MAC does not match its contents (or the key is wrong).
+    Mac,
 }
 
 impl fmt::Display for WireError {
@@ -99,7 +106,7 @@ impl fmt::Display for WireError {
                     "record of task {found} where task {expected} was expected"
                 )
             }
-            WireError::Checksum => f.write_str("record checksum mismatch"),
+            WireError::Mac => f.write_str("record MAC mismatch"),
         }
     }
 }
@@ -160,7 +167,6 @@ pub(crate) enum ArgPlace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Request {
     pub(crate) generation: u64,
-    pub(crate) key: u64,
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
@@ -174,7 +180,6 @@ impl Request {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&1u16.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
-        out.extend_from_slice(&self.key.to_le_bytes());
         out.extend_from_slice(&self.entry.to_le_bytes());
         out.extend_from_slice(&self.slot.to_le_bytes());
         let (flags, len) = match self.arg {
@@ -201,7 +206,6 @@ impl Request {
             return Err(WireError::Kind(kind));
         }
         let generation = r.u64();
-        let key = r.u64();
         let entry = r.u64();
         let slot = r.u32();
         let flags = r.u32();
@@ -222,7 +226,6 @@ impl Request {
         Ok((
             Request {
                 generation,
-                key,
                 entry,
                 slot,
                 arg,
@@ -315,7 +318,7 @@ impl SpillNotice {
 
     /// The tag a worker that knows `key` computes for a spilled result.
     pub(crate) fn tag_for(key: u64, generation: u64, len: u64) -> u64 {
-        checksum(key, &[generation, RecordKind::Spilled as u64, len], &[])
+        mac(key, &[generation, RecordKind::Spilled as u64, len], &[])
     }
 }
 
@@ -349,7 +352,7 @@ impl RecordKind {
 pub(crate) const RECORD_HEADER_WORDS: usize = 4;
 
 /// The header words of a result record, in slot order after the commit word:
-/// `[generation, kind, len, checksum]`.
+/// `[generation, kind, len, mac]`.
 ///
 /// `len` is `payload.len()`, except for a [`RecordKind::Spilled`] record, whose
 /// payload is empty and whose `len` is that of the spilled bytes.
@@ -365,7 +368,7 @@ pub(crate) fn encode_record_header(
         generation,
         kind as u64,
         len,
-        checksum(key, &[generation, kind as u64, len], payload),
+        mac(key, &[generation, kind as u64, len], payload),
     ]
 }
 
@@ -374,7 +377,7 @@ pub(crate) fn encode_record_header(
 pub(crate) struct RecordHeader {
     pub(crate) kind: RecordKind,
     pub(crate) len: u64,
-    pub(crate) checksum: u64,
+    pub(crate) mac: u64,
 }
 
 /// Validates the header words of a record copied out of slot memory.
@@ -387,7 +390,7 @@ pub(crate) fn decode_record_header(
     capacity: u64,
     spill_limit: u64,
 ) -> Result<RecordHeader, WireError> {
-    let [found, kind, len, checksum] = words;
+    let [found, kind, len, mac] = words;
     if found != generation {
         return Err(WireError::Stale {
             expected: generation,
@@ -403,11 +406,7 @@ pub(crate) fn decode_record_header(
     if len > limit {
         return Err(WireError::Length(len));
     }
-    Ok(RecordHeader {
-        kind,
-        len,
-        checksum,
-    })
+    Ok(RecordHeader { kind, len, mac })
 }
 
 /// Checks a record's payload (already copied out) against its header.
@@ -426,49 +425,31 @@ pub(crate) fn verify_record(
         return Err(WireError::Length(payload.len() as u64));
     }
     let sum = if header.kind == RecordKind::Spilled {
-        checksum(key, &[generation, header.kind as u64, header.len], &[])
+        mac(key, &[generation, header.kind as u64, header.len], &[])
     } else {
-        checksum(key, &[generation, header.kind as u64, header.len], payload)
+        mac(key, &[generation, header.kind as u64, header.len], payload)
     };
-    if sum != header.checksum {
-        return Err(WireError::Checksum);
+    if sum != header.mac {
+        return Err(WireError::Mac);
     }
     Ok(())
 }
 
-/// A keyed 64-bit checksum over some header words and a byte payload.
-///
-/// It detects torn, stale and scribbled records; it is **not** a MAC and is
-/// not meant to stop a worker that targets another task deliberately (see
-/// SAFETY.md S3). Word-at-a-time multiply-xor with a murmur3 finaliser:
-/// several GB/s, so it costs little next to the copy it protects.
-pub(crate) fn checksum(key: u64, words: &[u64], payload: &[u8]) -> u64 {
-    const M: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = key ^ M;
-    let mut mix = |w: u64| {
-        h = (h ^ w).wrapping_mul(M);
-        h ^= h >> 29;
-    };
+/// SipHash-1-3 of some header words and a byte payload, keyed with the
+/// task's key: a MAC that no process without the key can forge, and that
+/// does not reveal the key (SAFETY.md S3). SipHash is a PRF; unlike a
+/// multiply-xor mac, its output cannot be inverted to recover the key
+/// from a record a neighbouring worker can read.
+pub(crate) fn mac(key: u64, words: &[u64], payload: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    // The second key word only separates this use of SipHash from others.
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(key, 0x7269_702d_7265_636f);
     for &w in words {
-        mix(w);
+        h.write_u64(w);
     }
-    let mut chunks = payload.chunks_exact(8);
-    for c in &mut chunks {
-        mix(u64::from_le_bytes(c.try_into().unwrap_or_default()));
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut last = [0u8; 8];
-        last[..rest.len()].copy_from_slice(rest);
-        mix(u64::from_le_bytes(last));
-    }
-    mix(payload.len() as u64);
-    // fmix64 from MurmurHash3.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+    h.write(payload);
+    h.write_u64(payload.len() as u64);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -479,7 +460,6 @@ mod tests {
     fn request_round_trips_inline_and_memfd() {
         let req = Request {
             generation: 7,
-            key: 0xdead_beef,
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
@@ -503,7 +483,6 @@ mod tests {
     fn request_rejects_bad_slot_length_and_truncation() {
         let req = Request {
             generation: 1,
-            key: 2,
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
@@ -538,9 +517,9 @@ mod tests {
         for i in 0..payload.len() * 8 {
             let mut p = payload.to_vec();
             p[i / 8] ^= 1 << (i % 8);
-            assert_eq!(verify_record(11, 5, &h, &p), Err(WireError::Checksum));
+            assert_eq!(verify_record(11, 5, &h, &p), Err(WireError::Mac));
         }
-        assert_eq!(verify_record(12, 5, &h, payload), Err(WireError::Checksum));
+        assert_eq!(verify_record(12, 5, &h, payload), Err(WireError::Mac));
     }
 
     #[test]

@@ -37,9 +37,10 @@ pub(crate) enum Outcome {
 pub(crate) type Entry = fn(arg: &[u8], limit: usize) -> Outcome;
 
 /// Where the worker finds its argument bytes.
-pub(crate) enum ArgSource {
-    /// Copied into the zygote's private memory before the fork.
-    Inline(Vec<u8>),
+pub(crate) enum ArgSource<'a> {
+    /// In the zygote's receive buffer, which this process has a private copy
+    /// of (the zygote scrubs its own right after the fork).
+    Inline(&'a [u8]),
     /// In a sealed memfd.
     Memfd(OwnedFd),
 }
@@ -49,13 +50,13 @@ pub(crate) struct Job<'a> {
     pub(crate) ring: &'a Ring,
     pub(crate) slot: u32,
     pub(crate) generation: u64,
-    pub(crate) key: u64,
     /// Address of an [`Entry`] in this binary, from a trusted request.
     pub(crate) entry: u64,
-    pub(crate) arg: ArgSource,
+    pub(crate) arg: ArgSource<'a>,
     /// Largest argument or result, in bytes.
     pub(crate) limit: u64,
-    /// The task's eventfd: rung once the record is committed.
+    /// The task's eventfd: receives the task's key once the record is
+    /// committed.
     pub(crate) doorbell: OwnedFd,
     /// The shared socket for spill notices.
     pub(crate) spill: BorrowedFd<'a>,
@@ -65,6 +66,8 @@ pub(crate) struct Job<'a> {
 
 /// Exit code of a worker that found its zygote already gone.
 const EXIT_ORPHANED: i32 = 121;
+/// Exit code of a worker that could not draw its key from the kernel.
+const EXIT_NO_KEY: i32 = 122;
 
 /// Set once this process is a worker; `stop_requested` is false elsewhere.
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -113,7 +116,9 @@ pub(crate) fn run(job: Job<'_>) -> ! {
     if !sys::die_with_parent(job.zygote) {
         sys::exit_now(EXIT_ORPHANED);
     }
-    sys::reset_signals();
+    // Signal dispositions and mask need no work here: the zygote reset its
+    // own once at start (sys::reset_signals) and has not changed them since,
+    // and a forked child inherits exactly those.
     let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
     if let ArgSource::Memfd(fd) = &job.arg {
         keep.push(sys::raw(fd));
@@ -124,6 +129,13 @@ pub(crate) fn run(job: Job<'_>) -> ! {
     // sockets, epoll, other tasks' pidfds) are never used again here, because
     // this function leaves through `_exit` without returning.
     unsafe { sys::close_fds_except(&keep) };
+    // The key exists only in this process and, once sent through the
+    // eventfd, in the parent: drawn after the fork, it is in no memory that
+    // another worker inherited (SAFETY.md S3).
+    let key = match sys::random_u64() {
+        Ok(k) => k.clamp(1, u64::MAX - 1),
+        Err(_) => sys::exit_now(EXIT_NO_KEY),
+    };
     IN_WORKER.store(true, Ordering::Relaxed);
     install_stop_handler();
     panic::set_hook(Box::new(|info| {
@@ -145,6 +157,7 @@ pub(crate) fn run(job: Job<'_>) -> ! {
     let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
     let (kind, payload) = match load_arg(&job.arg, job.limit) {
         Err(message) => (RecordKind::EncodeFailed, message.into_bytes()),
+        Ok(_) if job.entry == 0 => (RecordKind::EncodeFailed, b"null task entry".to_vec()),
         Ok(arg) => {
             let entry = entry_from_address(job.entry);
             match panic::catch_unwind(AssertUnwindSafe(|| entry(arg.bytes(), limit))) {
@@ -162,8 +175,10 @@ pub(crate) fn run(job: Job<'_>) -> ! {
     };
     // The task's output reaches the terminal before the parent sees the result.
     sys::flush_stdio();
-    publish(&job, kind, payload);
-    let _ = sys::eventfd_signal(job.doorbell.as_fd());
+    publish(&job, key, kind, payload);
+    // Ring the doorbell with the key: the eventfd is private to this worker
+    // and the parent, and the parent needs the key to check the record.
+    let _ = sys::eventfd_add(job.doorbell.as_fd(), key);
     sys::exit_now(0)
 }
 
@@ -182,7 +197,7 @@ impl ArgBytes<'_> {
     }
 }
 
-fn load_arg(arg: &ArgSource, limit: u64) -> Result<ArgBytes<'_>, String> {
+fn load_arg<'a>(arg: &'a ArgSource<'_>, limit: u64) -> Result<ArgBytes<'a>, String> {
     match arg {
         ArgSource::Inline(bytes) => Ok(ArgBytes::Inline(bytes)),
         ArgSource::Memfd(fd) => SealedBytes::open(fd.as_fd(), limit)
@@ -192,30 +207,30 @@ fn load_arg(arg: &ArgSource, limit: u64) -> Result<ArgBytes<'_>, String> {
 }
 
 fn entry_from_address(address: u64) -> Entry {
-    assert_ne!(address, 0, "null task entry");
+    debug_assert_ne!(address, 0, "checked by the caller");
     // SAFETY: SAFETY.md F2. `address` came from the parent over the command
     // socket, which only the parent can write (workers never hold it). The
     // parent produced it as `entry::<F, A, R> as Entry as usize` in the same
     // binary image that this process is a fork of (the zygote was forked from
     // the parent, and fork preserves the address space), so it is the address
-    // of a function of exactly type `Entry`. It is non-null (checked above).
+    // of a function of exactly type `Entry`. It is non-null (`run` checks).
     unsafe { std::mem::transmute::<usize, Entry>(address as usize) }
 }
 
 /// Writes the record, spilling to a sealed memfd when it does not fit.
-fn publish(job: &Job<'_>, kind: RecordKind, payload: Vec<u8>) {
+fn publish(job: &Job<'_>, key: u64, kind: RecordKind, payload: Vec<u8>) {
     let Some(slot) = job.ring.slot(job.slot) else {
         return;
     };
     if payload.len() <= slot.capacity() {
-        slot.publish(job.key, job.generation, kind, &payload);
+        slot.publish(key, job.generation, kind, &payload);
         return;
     }
     match kind {
-        RecordKind::Value if payload.len() as u64 <= job.limit => match spill(job, &payload) {
-            Ok(()) => slot.publish_spilled(job.key, job.generation, payload.len() as u64),
+        RecordKind::Value if payload.len() as u64 <= job.limit => match spill(job, key, &payload) {
+            Ok(()) => slot.publish_spilled(key, job.generation, payload.len() as u64),
             Err(message) => slot.publish(
-                job.key,
+                key,
                 job.generation,
                 RecordKind::EncodeFailed,
                 message.as_bytes(),
@@ -228,7 +243,7 @@ fn publish(job: &Job<'_>, kind: RecordKind, payload: Vec<u8>) {
                 job.limit
             );
             slot.publish(
-                job.key,
+                key,
                 job.generation,
                 RecordKind::EncodeFailed,
                 message.as_bytes(),
@@ -241,17 +256,17 @@ fn publish(job: &Job<'_>, kind: RecordKind, payload: Vec<u8>) {
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            slot.publish(job.key, job.generation, kind, &text.as_bytes()[..end]);
+            slot.publish(key, job.generation, kind, &text.as_bytes()[..end]);
         }
     }
 }
 
-fn spill(job: &Job<'_>, payload: &[u8]) -> Result<(), String> {
+fn spill(job: &Job<'_>, key: u64, payload: &[u8]) -> Result<(), String> {
     let fd = shm::sealed_memfd("run-in-process-result", payload)
         .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))?;
     let notice = SpillNotice {
         generation: job.generation,
-        tag: SpillNotice::tag_for(job.key, job.generation, payload.len() as u64),
+        tag: SpillNotice::tag_for(key, job.generation, payload.len() as u64),
     };
     sys::send_frame(job.spill, &notice.encode(), &[fd.as_fd()])
         .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))

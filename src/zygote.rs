@@ -82,11 +82,17 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     // Buffered output flushed now is written once, by us, instead of once by
     // us and once more by every worker that later flushes its inherited copy.
     sys::flush_stdio();
+    // Block every signal across the fork: the child must not run a handler
+    // the parent installed (it would run the parent's code, for the parent's
+    // fds) before it has reset them all (SAFETY.md F5).
+    let blocked = sys::block_all_signals();
     // SAFETY: SAFETY.md F1. We counted exactly one thread above, and nothing
     // between that check and here can start one: the calls above are plain
     // syscalls and allocations on this thread.
-    match unsafe { sys::fork() }? {
-        Forked::Child => {
+    let forked = unsafe { sys::fork() };
+    if let Ok(Forked::Child) = forked {
+        sys::contain_child(|| {
+            sys::reset_signals();
             let zygote = Zygote {
                 ring: &ring,
                 command: command_zygote.as_fd(),
@@ -95,7 +101,11 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
                 limits,
             };
             zygote.serve()
-        }
+        })
+    }
+    sys::restore_signal_mask(blocked);
+    match forked? {
+        Forked::Child => unreachable!("the child never returns from contain_child"),
         Forked::Parent(pid) => {
             drop(command_zygote);
             drop(spill_workers);
@@ -156,7 +166,6 @@ impl Zygote<'_> {
         // zygote; the fds closed here are the parent's, inherited, and no
         // object that owns one is used again (`serve` never returns).
         unsafe { sys::close_fds_except(&[sys::raw(self.command), sys::raw(self.spill)]) };
-        sys::reset_signals();
         match self.run() {
             Ok(never) => match never {},
             Err(_) => sys::exit_now(1),
@@ -266,7 +275,7 @@ impl Zygote<'_> {
             return None;
         };
         let arg = match request.arg {
-            ArgPlace::Inline(_) => ArgSource::Inline(inline.to_vec()),
+            ArgPlace::Inline(_) => ArgSource::Inline(inline),
             ArgPlace::Memfd(_) => match fds.next() {
                 Some(fd) => ArgSource::Memfd(fd),
                 None => {
@@ -281,23 +290,25 @@ impl Zygote<'_> {
         // thread, and never runs user code (only workers do).
         let forked = unsafe { sys::fork() };
         match forked {
-            Ok(Forked::Child) => worker::run(Job {
-                ring: self.ring,
-                slot: request.slot,
-                generation: request.generation,
-                key: request.key,
-                entry: request.entry,
-                arg,
-                limit: self.limits.max_payload,
-                doorbell,
-                spill: self.spill,
-                zygote,
+            Ok(Forked::Child) => sys::contain_child(|| {
+                worker::run(Job {
+                    ring: self.ring,
+                    slot: request.slot,
+                    generation: request.generation,
+                    entry: request.entry,
+                    arg,
+                    limit: self.limits.max_payload,
+                    doorbell,
+                    spill: self.spill,
+                    zygote,
+                })
             }),
             Ok(Forked::Parent(pid)) => {
-                // Scrub the request: later workers are forked from this memory
-                // and must not find this task's key or argument in it.
-                buf[..frame.len].fill(0);
                 drop(arg);
+                // Scrub the request: later workers are forked from this memory
+                // and must not find this task's argument in it.
+                buf[..frame.len].fill(0);
+                std::hint::black_box(&buf[..frame.len]);
                 drop(doorbell);
                 // Also done by the child; doing it here too closes the window
                 // in which a kill(-pid) would miss the child's group.

@@ -59,6 +59,7 @@ fn main() {
     trial!(polling_task_that_does_not_stop_is_killed_after_grace);
     trial!(wait_is_idempotent_and_reports_real_status);
     trial!(dropping_run_future_kills_worker);
+    trial!(dropping_run_before_worker_starts_kills_it);
     trial!(dropping_process_kills_worker);
     trial!(timeout_gives_timed_out_and_worker_is_gone);
     trial!(cooperative_task_may_return_value_within_grace_after_timeout);
@@ -473,6 +474,18 @@ async fn dropping_run_future_kills_worker(z: Zygote) -> TestResult {
     Ok(())
 }
 
+async fn dropping_run_before_worker_starts_kills_it(z: Zygote) -> TestResult {
+    // A zero timeout polls the future once: the request is sent, and the
+    // future is dropped before the zygote's Started report (with the pidfd
+    // the kill needs) can have been read. The harness then checks that every
+    // worker is gone and reaped, which fails if the cancellation was lost.
+    for _ in 0..20 {
+        let r = tokio::time::timeout(Duration::ZERO, z.run(sleep_forever, ())).await;
+        ensure(r.is_err(), "the run should have been cancelled")?;
+    }
+    Ok(())
+}
+
 async fn dropping_process_kills_worker(z: Zygote) -> TestResult {
     let p = z.open(sleep_forever, ()).await?;
     let pid = p.pid();
@@ -596,10 +609,8 @@ async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {
     let worker = p.pid();
     let zygote_pid = doomed.pid();
     // SAFETY: kill(2) has no memory-safety preconditions.
-    ensure(
-        unsafe { libc::kill(zygote_pid as i32, libc::SIGKILL) } == 0,
-        "kill zygote",
-    )?;
+    let killed = unsafe { libc::kill(zygote_pid as i32, libc::SIGKILL) };
+    ensure(killed == 0, "kill zygote")?;
     let e = p.result().await.unwrap_err();
     ensure(
         e.kind() == ErrorKind::ZygoteDied,
