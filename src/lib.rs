@@ -97,6 +97,10 @@ pub use crate::process::{
 };
 pub use crate::worker::stop_requested;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 static GLOBAL: OnceLock<Zygote> = OnceLock::new();
 
 /// Starts the global zygote used by [`run_in_process`] and [`open_in_process`].

@@ -100,7 +100,14 @@ pub(crate) struct Taken {
     pub(crate) payload: Vec<u8>,
 }
 
-impl Slot<'_> {
+impl<'a> Slot<'a> {
+    /// A slot over arbitrary words (tests and fuzzing: a heap-backed slot
+    /// behaves exactly like a mapped one). `None` if too short for a header.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn over(words: &'a [AtomicU64]) -> Option<Slot<'a>> {
+        (words.len() > SLOT_HEADER_WORDS).then_some(Slot { words })
+    }
+
     fn commit(&self) -> &AtomicU64 {
         &self.words[0]
     }
