@@ -103,7 +103,7 @@ pub(crate) struct Taken {
 impl<'a> Slot<'a> {
     /// A slot over arbitrary words (tests and fuzzing: a heap-backed slot
     /// behaves exactly like a mapped one). `None` if too short for a header.
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn over(words: &'a [AtomicU64]) -> Option<Slot<'a>> {
         (words.len() > SLOT_HEADER_WORDS).then_some(Slot { words })
     }
