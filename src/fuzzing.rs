@@ -48,8 +48,12 @@ pub fn record(bytes: &[u8], key: u64, generation: u64) -> bool {
 /// it back; returns whether the bytes came back unchanged (they must, when
 /// the payload fits).
 pub fn record_round_trip(payload: &[u8], key: u64, generation: u64, capacity: usize) -> bool {
-    let words: Vec<AtomicU64> = (0..8 + capacity.div_ceil(8)).map(|_| AtomicU64::new(0)).collect();
-    let Some(slot) = Slot::over(&words) else { return false };
+    let words: Vec<AtomicU64> = (0..8 + capacity.div_ceil(8))
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let Some(slot) = Slot::over(&words) else {
+        return false;
+    };
     if payload.len() > slot.capacity() {
         return false;
     }

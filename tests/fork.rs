@@ -7,19 +7,16 @@
 //! reaped, then checks `/proc`: no zombie children, no process left under the
 //! zygote, and the same number of open fds as before the trial.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use common::{TestResult, checked, ensure, process_exists};
+use libtest_mimic::{Arguments, Trial};
 use run_in_process::{ErrorKind, State, Zygote};
 use serde::{Deserialize, Serialize};
-
-type TestResult = Result<(), Failed>;
-
-/// A catch-all timeout so that a hang fails the trial instead of the job.
-const HANG: Duration = Duration::from_secs(60);
 
 fn main() {
     // Both zygotes start before anything else can start a thread.
@@ -77,113 +74,6 @@ fn main() {
     }));
 
     libtest_mimic::run(&args, trials).exit();
-}
-
-/// Runs one trial on a fresh multi-threaded runtime, then checks hygiene.
-fn checked<F, Fut>(zygote: &Zygote, body: F) -> TestResult
-where
-    F: FnOnce(Zygote) -> Fut,
-    Fut: Future<Output = TestResult>,
-{
-    let fds_before = open_fds();
-    let rt = tokio::runtime::Runtime::new()?;
-    let outcome = rt.block_on(async {
-        let outcome = tokio::time::timeout(HANG, body(zygote.clone()))
-            .await
-            .unwrap_or_else(|_| Err("trial hung".into()));
-        tokio::time::timeout(HANG, zygote.wait_idle())
-            .await
-            .map_err(|_| Failed::from("workers were not reaped"))?;
-        outcome
-    });
-    drop(rt);
-    outcome?;
-    check_hygiene(zygote, &fds_before)
-}
-
-fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> TestResult {
-    let me = std::process::id();
-    let procs = processes();
-    let zombies: Vec<_> = procs
-        .iter()
-        .filter(|p| p.ppid == me && p.state == 'Z')
-        .collect();
-    if !zombies.is_empty() {
-        return Err(format!("zombie children: {zombies:?}").into());
-    }
-    let strays: Vec<_> = procs.iter().filter(|p| p.ppid == zygote.pid()).collect();
-    if !strays.is_empty() {
-        return Err(format!("processes left under the zygote: {strays:?}").into());
-    }
-    if zygote.workers() != 0 {
-        return Err(format!("{} workers still counted", zygote.workers()).into());
-    }
-    // Fewer fds is fine (a trial may drop a zygote); a new one is a leak.
-    let leaked: Vec<_> = open_fds().difference(fds_before).cloned().collect();
-    if !leaked.is_empty() {
-        return Err(format!("leaked fds: {leaked:?}").into());
-    }
-    Ok(())
-}
-
-#[derive(Debug)]
-#[allow(dead_code)] // reason: fields are read through Debug in failure messages
-struct Proc {
-    pid: u32,
-    ppid: u32,
-    state: char,
-}
-
-fn processes() -> Vec<Proc> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let mut fields = rest.split(' ');
-        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push(Proc { pid, ppid, state });
-    }
-    out
-}
-
-fn process_exists(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn open_fds() -> BTreeSet<String> {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let target = std::fs::read_link(e.path()).ok()?;
-                    Some(format!(
-                        "{}->{}",
-                        e.file_name().to_string_lossy(),
-                        target.display()
-                    ))
-                })
-                // The directory handle used for the listing itself.
-                .filter(|s| !s.contains("/proc/") || !s.ends_with("/fd"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn ensure(cond: bool, what: impl Into<String>) -> TestResult {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into().into())
-    }
 }
 
 // ---------------------------------------------------------------------------

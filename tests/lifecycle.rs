@@ -1,0 +1,540 @@
+//! Process-lifecycle tests: large payloads, parent death, Ctrl-C, fd hygiene,
+//! descendants of workers, post-fork hygiene. A `harness = false` target, so
+//! zygotes start while the process has one thread and trials run on `main`.
+//!
+//! Scenarios that need their own parent process (a parent that gets
+//! SIGKILLed, a process group that gets SIGINT, stdout and atexit behaviour,
+//! inherited signal state) run this same binary again in a *child mode*,
+//! selected by the `RIP_LIFECYCLE_CHILD` environment variable.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestResult, checked, ensure};
+use libtest_mimic::{Arguments, Trial};
+use run_in_process::{ErrorKind, Zygote};
+
+const CHILD_MODE: &str = "RIP_LIFECYCLE_CHILD";
+
+fn main() {
+    if let Ok(mode) = std::env::var(CHILD_MODE) {
+        child_mode(&mode);
+        return;
+    }
+    let zygote = Zygote::builder()
+        .max_in_flight(8)
+        .start()
+        .expect("start the shared zygote");
+    let small = Zygote::builder()
+        .max_payload(1 << 20)
+        .start()
+        .expect("start the small-limit zygote");
+    // tokio's process-wide signal socketpair, created by the first runtime.
+    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
+
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut trials = Vec::new();
+    macro_rules! trial {
+        ($name:ident) => {{
+            let z = zygote.clone();
+            trials.push(Trial::test(stringify!($name), move || checked(&z, $name)));
+        }};
+    }
+    trial!(payloads_from_zero_bytes_to_256_mib_round_trip);
+    trial!(worker_sees_only_stdio_and_its_own_fds);
+    trial!(worker_with_large_argument_also_sees_its_memfd);
+    trial!(every_fd_the_crate_creates_is_cloexec);
+    trial!(descendant_of_cancelled_worker_is_killed);
+    trial!(descendant_left_by_finished_worker_is_killed);
+    trial!(workers_lead_their_own_process_group);
+    let z = small.clone();
+    trials.push(Trial::test(
+        "oversize_payloads_are_codec_errors",
+        move || checked(&z, oversize_payloads_are_codec_errors),
+    ));
+    trials.push(Trial::test(
+        "parent_sigkill_takes_zygote_and_workers_down",
+        parent_sigkill_takes_zygote_and_workers_down,
+    ));
+    trials.push(Trial::test(
+        "ctrl_c_reaches_the_parent_only",
+        ctrl_c_reaches_the_parent_only,
+    ));
+    trials.push(Trial::test(
+        "stdout_is_not_duplicated_and_atexit_runs_once",
+        stdout_is_not_duplicated_and_atexit_runs_once,
+    ));
+    trials.push(Trial::test(
+        "worker_signal_state_is_reset",
+        worker_signal_state_is_reset,
+    ));
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------------------
+// Task functions.
+
+fn reverse_bytes(mut v: Vec<u8>) -> Vec<u8> {
+    v.reverse();
+    v
+}
+
+fn make_bytes(len: u64) -> Vec<u8> {
+    vec![0xab; len as usize]
+}
+
+/// The link targets of this process's fds above 2.
+fn own_fds(_: Vec<u8>) -> Vec<String> {
+    let dir = std::fs::read_dir("/proc/self/fd").expect("list fds");
+    let mut out: Vec<String> = dir
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .parse::<u32>()
+                .is_ok_and(|n| n > 2)
+        })
+        .filter_map(|e| Some(std::fs::read_link(e.path()).ok()?.display().to_string()))
+        // The directory handle of this very listing.
+        .filter(|t| !t.starts_with("/proc/"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn sleep_forever(_: ()) -> u64 {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Starts `sleep 1000` in the background, publishes its pid, then waits.
+#[allow(clippy::zombie_processes)] // reason: leaving a descendant behind is the point
+fn spawn_sleeper_and_wait(marker: PathBuf) -> u64 {
+    let child = Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("spawn sleep");
+    std::fs::write(&marker, child.id().to_string()).expect("write marker");
+    sleep_forever(())
+}
+
+/// Starts `sleep 1000` in the background and returns its pid at once.
+#[allow(clippy::zombie_processes)] // reason: leaving a descendant behind is the point
+fn spawn_sleeper_and_return(_: ()) -> u32 {
+    let child = Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("spawn sleep");
+    child.id()
+}
+
+fn my_pgid(_: ()) -> (u32, i32) {
+    // SAFETY: getpgid(0) has no preconditions.
+    (std::process::id(), unsafe { libc::getpgid(0) })
+}
+
+// ---------------------------------------------------------------------------
+// Trials in the main harness.
+
+async fn payloads_from_zero_bytes_to_256_mib_round_trip(z: Zygote) -> TestResult {
+    // 256 MiB through the debug build's serde path takes long; the release
+    // run of this suite (`cargo test --release` in CI) covers the full size.
+    let top = if cfg!(debug_assertions) {
+        32 << 20
+    } else {
+        256 << 20
+    };
+    let mut len = 0usize;
+    loop {
+        let input: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let out = z.run(reverse_bytes, input.clone()).await?;
+        ensure(
+            out.len() == len && out.iter().rev().eq(input.iter()),
+            format!("round trip of {len} bytes"),
+        )?;
+        if len >= top {
+            break;
+        }
+        len = if len == 0 { 1 } else { (len * 16).min(top) };
+    }
+    Ok(())
+}
+
+async fn oversize_payloads_are_codec_errors(z: Zygote) -> TestResult {
+    // This zygote's limit is 1 MiB.
+    let e = z.run(reverse_bytes, vec![0u8; 2 << 20]).await.unwrap_err();
+    ensure(
+        e.kind() == ErrorKind::Codec && e.to_string().contains("over the limit"),
+        format!("argument: {e}"),
+    )?;
+    let e = z.run(make_bytes, 2 << 20).await.unwrap_err();
+    ensure(e.kind() == ErrorKind::Codec, format!("result: {e}"))?;
+    // And the zygote keeps serving.
+    ensure(
+        z.run(reverse_bytes, vec![1, 2]).await? == vec![2, 1],
+        "still serving",
+    )
+}
+
+async fn worker_sees_only_stdio_and_its_own_fds(z: Zygote) -> TestResult {
+    let fds = z.run(own_fds, Vec::new()).await?;
+    let eventfds = fds.iter().filter(|t| t.contains("[eventfd]")).count();
+    let sockets = fds.iter().filter(|t| t.starts_with("socket:")).count();
+    ensure(
+        fds.len() == 2 && eventfds == 1 && sockets == 1,
+        format!("worker fds above 2: {fds:?}"),
+    )
+}
+
+async fn worker_with_large_argument_also_sees_its_memfd(z: Zygote) -> TestResult {
+    let fds = z.run(own_fds, vec![7u8; 100_000]).await?;
+    let memfds = fds
+        .iter()
+        .filter(|t| t.contains("memfd:run-in-process-arg"))
+        .count();
+    ensure(
+        fds.len() == 3 && memfds == 1,
+        format!("worker fds above 2: {fds:?}"),
+    )
+}
+
+async fn every_fd_the_crate_creates_is_cloexec(z: Zygote) -> TestResult {
+    // While a task runs, the parent holds its report socket, eventfd and
+    // pidfd, besides the zygote's command and spill sockets and pidfd.
+    let p = z.open(sleep_forever, ()).await?;
+    let mut checked_fds = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.display().to_string();
+        let ours = target.contains("[pidfd]")
+            || target.contains("[eventfd]")
+            || target.starts_with("socket:")
+            || target.contains("memfd:");
+        if !ours {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        ensure(
+            flags & libc::O_CLOEXEC as u32 != 0,
+            format!("fd {fd} ({target}) lacks O_CLOEXEC"),
+        )?;
+        checked_fds += 1;
+    }
+    drop(p);
+    ensure(checked_fds >= 6, format!("only {checked_fds} fds checked"))
+}
+
+async fn descendant_of_cancelled_worker_is_killed(z: Zygote) -> TestResult {
+    let marker = std::env::temp_dir().join(format!("rip-sleeper-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let p = z.open(spawn_sleeper_and_wait, marker.clone()).await?;
+    // Wait for the task to publish its child's pid (the file appears once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sleeper: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            break pid;
+        }
+        ensure(
+            Instant::now() < deadline,
+            "the task never started its child",
+        )?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    std::fs::remove_file(&marker)?;
+    ensure(is_running(sleeper), "sleep runs while the worker lives")?;
+    drop(p);
+    z.wait_idle().await;
+    ensure(
+        wait_until_not_running(sleeper),
+        "sleep outlived its cancelled worker",
+    )
+}
+
+async fn descendant_left_by_finished_worker_is_killed(z: Zygote) -> TestResult {
+    let sleeper = z.run(spawn_sleeper_and_return, ()).await?;
+    z.wait_idle().await;
+    ensure(
+        wait_until_not_running(sleeper),
+        "sleep outlived its finished worker",
+    )
+}
+
+async fn workers_lead_their_own_process_group(z: Zygote) -> TestResult {
+    let (pid, pgid) = z.run(my_pgid, ()).await?;
+    // SAFETY: getpgid(0) has no preconditions.
+    let ours = unsafe { libc::getpgid(0) };
+    ensure(pgid == pid as i32, format!("worker {pid} in group {pgid}"))?;
+    ensure(pgid != ours, "worker shares the parent's process group")?;
+    // SAFETY: getpgid has no preconditions.
+    let zygote_group = unsafe { libc::getpgid(z.pid() as i32) };
+    ensure(
+        zygote_group != ours,
+        "zygote shares the parent's process group",
+    )
+}
+
+/// True if `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Waits up to 5 s for `pid` to stop running. The process is not our child,
+/// so there is no event to wait on without racing pid reuse; poll.
+fn wait_until_not_running(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if !is_running(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Trials that run this binary again as a separate parent.
+
+fn child(mode: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+    cmd.env(CHILD_MODE, mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+/// Reads one line of the child's stdout.
+fn read_line(out: &mut impl BufRead) -> Result<String, String> {
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    Ok(line.trim_end().to_string())
+}
+
+fn parse_pids(line: &str) -> Vec<u32> {
+    line.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+fn parent_sigkill_takes_zygote_and_workers_down() -> TestResult {
+    let mut c = child("parent-death").spawn()?;
+    let mut out = BufReader::new(c.stdout.take().ok_or("no stdout")?);
+    let pids = parse_pids(&read_line(&mut out)?);
+    ensure(
+        pids.len() == 3,
+        format!("expected zygote and two workers, got {pids:?}"),
+    )?;
+    ensure(
+        pids.iter().all(|&p| is_running(p)),
+        "all running before the kill",
+    )?;
+    c.kill()?; // SIGKILL: no destructor, no atexit, nothing runs in the parent.
+    c.wait()?;
+    let killed = Instant::now();
+    for &pid in &pids {
+        ensure(
+            wait_until_not_running(pid),
+            format!("process {pid} survived its parent's death"),
+        )?;
+    }
+    let took = killed.elapsed();
+    ensure(
+        took < Duration::from_secs(1),
+        format!("zygote and workers took {took:?} to go"),
+    )
+}
+
+fn ctrl_c_reaches_the_parent_only() -> TestResult {
+    // A terminal sends SIGINT to its foreground process group; make the child
+    // lead its own group and do the same.
+    let mut c = child("ctrl-c").process_group(0).spawn()?;
+    let mut out = BufReader::new(c.stdout.take().ok_or("no stdout")?);
+    let pids = parse_pids(&read_line(&mut out)?);
+    ensure(pids.len() == 2, format!("pids {pids:?}"))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let r = unsafe { libc::kill(-(c.id() as i32), libc::SIGINT) };
+    ensure(r == 0, "kill(-pgid, SIGINT)")?;
+    let mut rest = String::new();
+    out.read_to_string(&mut rest)?;
+    let status = c.wait()?;
+    ensure(
+        status.success(),
+        format!("child {status:?}, output {rest:?}"),
+    )?;
+    ensure(
+        rest.contains("parent got SIGINT") && rest.contains("worker survived SIGINT"),
+        format!("output {rest:?}"),
+    )
+}
+
+fn stdout_is_not_duplicated_and_atexit_runs_once() -> TestResult {
+    let out = child("stdio").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(out.status.success(), format!("child {:?}", out.status))?;
+    ensure(
+        text == "before-start|task\nafter\nATEXIT\n",
+        format!("output {text:?}"),
+    )
+}
+
+fn worker_signal_state_is_reset() -> TestResult {
+    let out = child("signals").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        out.status.success(),
+        format!("child {:?}: {text}", out.status),
+    )?;
+    ensure(
+        text == "handler reset\nmask empty\nchild wait works\n",
+        format!("output {text:?}"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Child modes.
+
+fn child_mode(mode: &str) {
+    match mode {
+        "parent-death" => parent_death_child(),
+        "ctrl-c" => ctrl_c_child(),
+        "stdio" => stdio_child(),
+        "signals" => signals_child(),
+        other => panic!("unknown child mode {other}"),
+    }
+}
+
+fn parent_death_child() {
+    let z = Zygote::start().expect("start zygote");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let a = z.open(sleep_forever, ()).await.expect("open a");
+        let b = z.open(sleep_forever, ()).await.expect("open b");
+        println!("{} {} {}", z.pid(), a.pid(), b.pid());
+        // Wait to be killed.
+        std::future::pending::<()>().await;
+    });
+}
+
+fn ctrl_c_child() {
+    let z = Zygote::start().expect("start zygote");
+    let got = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGINT, got.clone()).expect("SIGINT handler");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let p = z.open(sleep_forever, ()).await.expect("open");
+        println!("{} {}", z.pid(), p.pid());
+        while !got.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        println!("parent got SIGINT");
+        // Give a stray SIGINT time to land before looking (it is sent
+        // before the parent's, if at all, by the same kill(2) call).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if is_running(p.pid()) && is_running(z.pid()) {
+            println!("worker survived SIGINT");
+        }
+    });
+}
+
+extern "C" fn say_atexit() {
+    let msg = b"ATEXIT\n";
+    // SAFETY: writing a valid buffer to fd 1 has no memory-safety
+    // preconditions.
+    unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
+}
+
+fn print_task(_: ()) -> u64 {
+    println!("task");
+    0
+}
+
+fn stdio_child() {
+    // SAFETY: registering a plain extern "C" function with atexit is sound;
+    // the function only calls write(2).
+    unsafe { libc::atexit(say_atexit) };
+    // Buffered in the parent's stdout when the zygote is forked.
+    print!("before-start|");
+    let z = Zygote::start().expect("start zygote");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        z.run(print_task, ()).await.expect("run");
+        z.wait_idle().await;
+    });
+    println!("after");
+    // Leaving main runs the atexit handler here, and must not have in workers.
+}
+
+fn raise_usr1(_: ()) -> u64 {
+    // SAFETY: raising a signal has no memory-safety preconditions.
+    unsafe { libc::raise(libc::SIGUSR1) };
+    0
+}
+
+fn usr2_blocked(_: ()) -> bool {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: querying the mask writes into a valid, zeroed sigset.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), set.as_mut_ptr()) };
+    // SAFETY: zero-initialised and filled by pthread_sigmask.
+    let set = unsafe { set.assume_init() };
+    // SAFETY: `set` is a valid, initialised sigset.
+    unsafe { libc::sigismember(&set, libc::SIGUSR2) == 1 }
+}
+
+fn run_child_process(_: ()) -> bool {
+    Command::new("true").status().is_ok_and(|s| s.success())
+}
+
+fn signals_child() {
+    // Inherited state that a worker must not keep: a caught SIGUSR1, a blocked
+    // SIGUSR2 and an ignored SIGCHLD.
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGUSR1, flag).expect("SIGUSR1 handler");
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset initialises the zeroed set.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: initialised just above.
+    let mut set = unsafe { set.assume_init() };
+    // SAFETY: `set` is a valid sigset.
+    unsafe { libc::sigaddset(&mut set, libc::SIGUSR2) };
+    // SAFETY: valid set; null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // SAFETY: ignoring SIGCHLD installs no handler code.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+
+    let z = Zygote::start().expect("start zygote");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let e = z.run(raise_usr1, ()).await.unwrap_err();
+        if e.signal() == Some(libc::SIGUSR1) {
+            println!("handler reset");
+        }
+        if !z.run(usr2_blocked, ()).await.expect("mask") {
+            println!("mask empty");
+        }
+        if z.run(run_child_process, ()).await.expect("child") {
+            println!("child wait works");
+        }
+    });
+}
