@@ -248,11 +248,19 @@ impl TaskIo {
         else {
             return;
         };
-        match slot.take(key, self.generation, self.inner.limits.max_payload) {
-            Ok(Some(taken)) => self.record = Some(Record::Taken(taken)),
-            Ok(None) => {}
-            Err(e) => self.record = Some(Record::Invalid(e)),
-        }
+        self.record = Some(
+            match slot.take(key, self.generation, self.inner.limits.max_payload) {
+                Ok(Some(taken)) => Record::Taken(taken),
+                // The worker sends its key only after committing, so a commit word
+                // that does not hold our generation now was overwritten by someone
+                // else: a tampered record, not a pending one.
+                Ok(None) => Record::Invalid(WireError::Stale {
+                    expected: self.generation,
+                    found: 0,
+                }),
+                Err(e) => Record::Invalid(e),
+            },
+        );
     }
 
     /// Has the worker committed a result record?

@@ -1,0 +1,305 @@
+//! Hostile workers: tasks that attack the shared result ring. A `harness =
+//! false` target (it forks).
+//!
+//! Every worker maps the whole ring read-write (SAFETY.md S3), so a task can
+//! find it in `/proc/self/maps` and write anything anywhere in it. Whatever it
+//! writes, the parent must return either the right value or a clean error for
+//! every task, never a wrong value, never panic, never allocate what a length
+//! field claims; and the zygote must keep serving.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{TestResult, checked, ensure};
+use libtest_mimic::{Arguments, Trial};
+use run_in_process::{Error, ErrorKind, Zygote};
+
+fn main() {
+    let zygote = Zygote::builder()
+        .max_in_flight(8)
+        .slot_size(64 * 1024)
+        .start()
+        .expect("start the shared zygote");
+    let single = Zygote::builder()
+        .max_in_flight(1)
+        .start()
+        .expect("start the one-slot zygote");
+    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
+
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut trials = Vec::new();
+    macro_rules! trial {
+        ($z:expr, $name:ident) => {{
+            let z = $z.clone();
+            trials.push(Trial::test(stringify!($name), move || checked(&z, $name)));
+        }};
+    }
+    trial!(zygote, scribbling_the_whole_ring_only_fails_tasks_cleanly);
+    trial!(zygote, forged_records_with_huge_lengths_are_refused);
+    trial!(zygote, ring_cannot_be_truncated_or_grown);
+    trial!(zygote, spinning_task_is_stopped_and_zygote_keeps_serving);
+    trial!(
+        single,
+        worker_killed_mid_write_never_delivers_a_torn_or_stale_record
+    );
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------------------
+// Attack tools (they run in workers).
+
+/// The ring mapping in this process, found by the memfd's name.
+fn ring() -> &'static [AtomicU64] {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("read maps");
+    let line = maps
+        .lines()
+        .find(|l| l.contains("memfd:run-in-process-ring"))
+        .expect("the ring is mapped in every worker");
+    let range = line.split_whitespace().next().expect("address range");
+    let (start, end) = range.split_once('-').expect("start-end");
+    let start = usize::from_str_radix(start, 16).expect("hex start");
+    let end = usize::from_str_radix(end, 16).expect("hex end");
+    // SAFETY: the range is a live MAP_SHARED mapping of this process that is
+    // never unmapped while the worker runs, page-aligned (so aligned for
+    // AtomicU64), and every bit pattern is a valid AtomicU64; other processes
+    // writing it concurrently is what `&[AtomicU64]` permits (SAFETY.md S1).
+    unsafe { std::slice::from_raw_parts(start as *const AtomicU64, (end - start) / 8) }
+}
+
+/// A small xorshift generator: random enough to scribble, no dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Writes random words over the whole ring for `millis`, from a thread that
+/// keeps going until the process exits, then returns `seed`.
+fn scribble(args: (u64, u64)) -> u64 {
+    let (seed, millis) = args;
+    let words = ring();
+    std::thread::spawn(move || {
+        let mut noise = Noise(seed | 1);
+        loop {
+            for w in words {
+                w.store(noise.next(), Ordering::Relaxed);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(millis));
+    seed
+}
+
+/// Forges committed records with huge lengths for the generations likely to
+/// come next, in every slot, until the process exits.
+fn forge(millis: u64) -> u64 {
+    let words = ring();
+    let slot_words = 8 + (64 * 1024) / 8;
+    std::thread::spawn(move || {
+        let mut noise = Noise(0x9e37_79b9);
+        loop {
+            // Learn recent generations from the commit words.
+            let newest = words
+                .chunks(slot_words)
+                .map(|s| s[0].load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0);
+            for (i, slot) in words.chunks(slot_words).enumerate() {
+                let generation = newest + 1 + (i as u64 % 8);
+                let len = if noise.next() % 2 == 0 {
+                    u64::MAX
+                } else {
+                    1 << 40
+                };
+                slot[1].store(generation, Ordering::Relaxed);
+                slot[2].store(1, Ordering::Relaxed); // kind: value
+                slot[3].store(len, Ordering::Relaxed);
+                slot[4].store(noise.next(), Ordering::Relaxed); // a guessed MAC
+                slot[0].store(generation, Ordering::Release);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(millis));
+    0
+}
+
+/// Tries to truncate and to grow the ring through /proc/self/map_files.
+/// Returns the errnos, or None if the file cannot be opened here.
+fn resize_ring(_: ()) -> Option<(i32, i32)> {
+    use std::os::fd::AsRawFd;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps
+        .lines()
+        .find(|l| l.contains("memfd:run-in-process-ring"))?;
+    let range = line.split_whitespace().next()?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/map_files/{range}"))
+        .ok()?;
+    let errno = |len: i64| {
+        // SAFETY: ftruncate on an fd we own has no memory-safety preconditions.
+        let r = unsafe { libc::ftruncate(file.as_raw_fd(), len) };
+        if r == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    };
+    Some((errno(0), errno(1 << 40)))
+}
+
+/// The victim's result: a value the parent can check completely.
+fn victim(n: u64) -> Vec<u64> {
+    (0..500)
+        .map(|i| n.wrapping_mul(1_000_003).wrapping_add(i))
+        .collect()
+}
+
+fn spin(_: ()) -> u64 {
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+/// A result that fills most of a 64 KiB slot, so a kill is likely to land in
+/// the middle of writing it.
+fn fill_slot(n: u64) -> Vec<u64> {
+    vec![n; 7000]
+}
+
+// ---------------------------------------------------------------------------
+// Trials.
+
+/// A victim's outcome must be the right value or a clean error.
+fn check_victim(n: u64, r: Result<Vec<u64>, Error>) -> Result<bool, String> {
+    match r {
+        Ok(v) if v == victim(n) => Ok(true),
+        Ok(_) => Err(format!("task {n} got a WRONG value")),
+        Err(e) if e.kind() == ErrorKind::Codec => Ok(false),
+        Err(e) => Err(format!("task {n}: unexpected error {e}")),
+    }
+}
+
+/// Runs 60 victims while the attackers (already running) do their worst.
+async fn victims_while_attacked(z: &Zygote) -> Result<(usize, usize), String> {
+    let mut set = tokio::task::JoinSet::new();
+    for n in 0..60u64 {
+        let z = z.clone();
+        set.spawn(async move { (n, z.run(victim, n).await) });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(joined) = set.join_next().await {
+        let (n, r) = joined.map_err(|e| e.to_string())?;
+        if check_victim(n, r)? {
+            ok += 1
+        } else {
+            failed += 1
+        }
+    }
+    Ok((ok, failed))
+}
+
+/// An attacker's own record may be attacked too: its value or a clean error.
+fn check_attacker(r: Result<u64, Error>, expected: u64) -> TestResult {
+    match r {
+        Ok(v) => ensure(v == expected, "an attacker got a wrong value"),
+        Err(e) => ensure(e.kind() == ErrorKind::Codec, format!("attacker: {e}")),
+    }
+}
+
+async fn still_serving(z: &Zygote) -> TestResult {
+    for n in 0..20 {
+        ensure(
+            z.run(victim, n).await? == victim(n),
+            "the zygote keeps serving",
+        )?;
+    }
+    Ok(())
+}
+
+async fn scribbling_the_whole_ring_only_fails_tasks_cleanly(z: Zygote) -> TestResult {
+    // `open` returns once each attacker's worker exists, so the victims below
+    // run while the ring is being scribbled on.
+    let mut attackers = Vec::new();
+    for seed in 1..=2u64 {
+        attackers.push((seed, z.open(scribble, (seed, 300)).await?));
+    }
+    let (ok, failed) = victims_while_attacked(&z).await?;
+    for (seed, p) in attackers {
+        check_attacker(p.result().await, seed)?;
+    }
+    eprintln!("    victims: {ok} right, {failed} failed cleanly");
+    still_serving(&z).await
+}
+
+async fn forged_records_with_huge_lengths_are_refused(z: Zygote) -> TestResult {
+    let forger = z.open(forge, 300).await?;
+    let (ok, failed) = victims_while_attacked(&z).await?;
+    check_attacker(forger.result().await, 0)?;
+    eprintln!("    victims: {ok} right, {failed} failed cleanly");
+    still_serving(&z).await
+}
+
+async fn ring_cannot_be_truncated_or_grown(z: Zygote) -> TestResult {
+    match z.run(resize_ring, ()).await? {
+        Some((shrink, grow)) => ensure(
+            shrink == libc::EPERM && grow == libc::EPERM,
+            format!("ftruncate errnos: shrink {shrink}, grow {grow} (want EPERM from the seals)"),
+        )?,
+        // Without CAP_SYS_ADMIN, map_files cannot be opened and no other path
+        // to the memfd exists in a worker (its fd is closed): also safe.
+        None => {
+            eprintln!("    /proc/self/map_files not openable here; the seals are not reachable")
+        }
+    }
+    still_serving(&z).await
+}
+
+async fn spinning_task_is_stopped_and_zygote_keeps_serving(z: Zygote) -> TestResult {
+    let e = z
+        .task(spin, ())
+        .timeout(Duration::from_millis(100))
+        .run()
+        .await
+        .unwrap_err();
+    ensure(e.kind() == ErrorKind::TimedOut, format!("{e}"))?;
+    still_serving(&z).await
+}
+
+async fn worker_killed_mid_write_never_delivers_a_torn_or_stale_record(z: Zygote) -> TestResult {
+    // One slot: every task reuses the slot the previous one wrote, so a stale
+    // record would be there to be (wrongly) delivered.
+    let mut noise = Noise(0x1234_5678);
+    let (mut values, mut killed) = (0, 0);
+    for n in 1..=150u64 {
+        let p = z.open(fill_slot, n).await?;
+        // Kill at a random point from "at once" to "well after it finished".
+        let delay = noise.next() % 1500;
+        tokio::time::sleep(Duration::from_micros(delay)).await;
+        p.kill()?;
+        match p.result().await {
+            Ok(v) => {
+                ensure(
+                    v.len() == 7000 && v.iter().all(|&x| x == n),
+                    format!("task {n} got a wrong value"),
+                )?;
+                values += 1;
+            }
+            Err(e) => {
+                ensure(e.signal() == Some(libc::SIGKILL), format!("task {n}: {e}"))?;
+                killed += 1;
+            }
+        }
+    }
+    eprintln!("    {values} delivered whole, {killed} killed before committing");
+    ensure(values + killed == 150, "every task accounted for")
+}
