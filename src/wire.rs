@@ -537,4 +537,79 @@ mod tests {
             Err(WireError::Length(100))
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn arg_place() -> impl Strategy<Value = ArgPlace> {
+            prop_oneof![
+                (0u64..2048).prop_map(ArgPlace::Inline),
+                any::<u64>().prop_map(ArgPlace::Memfd),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn request_round_trips(
+                generation in any::<u64>(),
+                entry in any::<u64>(),
+                slot in any::<u32>(),
+                place in arg_place(),
+            ) {
+                let inline = match place {
+                    ArgPlace::Inline(n) => vec![0x5a; n as usize],
+                    ArgPlace::Memfd(_) => Vec::new(),
+                };
+                let req = Request { generation, entry, slot, arg: place };
+                let frame = req.encode(&inline);
+                let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
+                prop_assert_eq!(decoded, Ok((req, &inline[..])));
+            }
+
+            #[test]
+            fn report_round_trips(kind in 0..3u8, value in any::<u32>()) {
+                let report = match kind {
+                    0 => Report::Started { pid: value.max(1) },
+                    1 => Report::Exited { status: value as i32 },
+                    _ => Report::SpawnFailed { errno: value as i32 },
+                };
+                prop_assert_eq!(Report::decode(&report.encode()), Ok(report));
+            }
+
+            #[test]
+            fn spill_notice_round_trips(generation in any::<u64>(), tag in any::<u64>()) {
+                let n = SpillNotice { generation, tag };
+                prop_assert_eq!(SpillNotice::decode(&n.encode()), Ok(n));
+            }
+
+            #[test]
+            fn record_header_round_trips(
+                key in any::<u64>(),
+                generation in any::<u64>(),
+                payload in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let words = encode_record_header(key, generation, RecordKind::Value, payload.len() as u64, &payload);
+                let header = decode_record_header(words, generation, 256, 0);
+                prop_assert!(header.is_ok());
+                let header = header.unwrap();
+                prop_assert_eq!(verify_record(key, generation, &header, &payload), Ok(()));
+            }
+
+            #[test]
+            fn decoders_are_total(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+                // Any result is fine; panicking is not.
+                let _ = Request::decode(&bytes, 8, 1 << 20);
+                let _ = Report::decode(&bytes);
+                let _ = SpillNotice::decode(&bytes);
+            }
+
+            #[test]
+            fn any_header_words_decode_without_panicking(words in any::<[u64; RECORD_HEADER_WORDS]>(), generation in any::<u64>()) {
+                if let Ok(h) = decode_record_header(words, generation, 1 << 16, 1 << 30) {
+                    prop_assert!(h.len <= 1 << 30);
+                }
+            }
+        }
+    }
 }
