@@ -78,6 +78,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
     for (i, arg) in [&b""[..], b"\x05hello", &[7u8; 300]].iter().enumerate() {
         let req = Request {
             generation: 1 + i as u64,
+            want_started: i % 2 == 0,
             entry: 0x5555_5555_1000 + i as u64,
             slot: i as u32,
             arg: ArgPlace::Inline(arg.len() as u64),
@@ -86,6 +87,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
     }
     let memfd = Request {
         generation: 9,
+        want_started: true,
         entry: 0x5555_5555_2000,
         slot: 3,
         arg: ArgPlace::Memfd(1 << 20),

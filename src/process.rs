@@ -341,15 +341,24 @@ impl<R: DeserializeOwned> Task<R> {
         self
     }
 
-    async fn start(self) -> Result<TaskIo> {
+    async fn start(self, want_started: bool) -> Result<TaskIo> {
         let arg = self.arg?;
+        // A timeout signals the worker, which needs its pidfd.
+        let want_started = want_started || self.timeout.is_some();
         let deadlines = Deadlines {
             stop_at: self.timeout.map(|t| Instant::now() + t),
             kill_at: None,
             grace: self.grace,
             timeout: self.timeout,
         };
-        TaskIo::start(self.inner, self.entry as usize as u64, &arg, deadlines).await
+        TaskIo::start(
+            self.inner,
+            self.entry as usize as u64,
+            &arg,
+            deadlines,
+            want_started,
+        )
+        .await
     }
 
     /// Runs the task to completion and returns its result.
@@ -362,7 +371,7 @@ impl<R: DeserializeOwned> Task<R> {
     ///
     /// As [`Zygote::run`].
     pub async fn run(self) -> Result<R> {
-        let io = self.start().await?;
+        let io = self.start(false).await?;
         Process::<R>::new(io).result().await
     }
 
@@ -376,7 +385,7 @@ impl<R: DeserializeOwned> Task<R> {
     ///
     /// As [`Zygote::run`].
     pub async fn open(self) -> Result<Process<R>> {
-        let io = self.start().await?;
+        let io = self.start(true).await?;
         let mut process = Process::new(io);
         process.wait_started().await?;
         Ok(process)

@@ -79,11 +79,15 @@ pub(crate) struct TaskIo {
 impl TaskIo {
     /// Sends the spawn request for an already-encoded argument and returns the
     /// task's I/O state. The worker may not have been forked yet.
+    ///
+    /// `want_started`: ask the zygote for a `Started` report with the
+    /// worker's pid and pidfd (needed to signal it, not to cancel it).
     pub(crate) async fn start(
         inner: Arc<Inner>,
         entry: u64,
         arg: &[u8],
         deadlines: Deadlines,
+        want_started: bool,
     ) -> Result<TaskIo, Error> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
@@ -108,6 +112,7 @@ impl TaskIo {
         };
         let request = wire::Request {
             generation,
+            want_started,
             entry,
             slot: lease.slot(),
             arg: place,
@@ -371,23 +376,12 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
     }
 }
 
-/// Applies a dropped task's reports: kills a worker whose pidfd arrives after
-/// the cancellation, and says whether the worker is gone (reaped or never
+/// True if a dropped task's reports say its worker is gone (reaped or never
 /// forked).
-fn reaped(reports: Vec<(Report, Option<OwnedFd>)>, kill_on_start: bool) -> bool {
-    let mut gone = false;
-    for (report, fd) in reports {
-        match report {
-            Report::Started { .. } if kill_on_start => {
-                if let Some(pidfd) = fd {
-                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
-                }
-            }
-            Report::Started { .. } => {}
-            Report::Exited { .. } | Report::SpawnFailed { .. } => gone = true,
-        }
-    }
-    gone
+fn reaped(reports: &[(Report, Option<OwnedFd>)]) -> bool {
+    reports
+        .iter()
+        .any(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
 }
 
 impl Drop for TaskIo {
@@ -396,18 +390,21 @@ impl Drop for TaskIo {
             return;
         }
         // The worker may still be running. Cancel it unless it already
-        // delivered its result (then it is exiting on its own).
-        let cancel = !self.committed();
-        if cancel {
-            let _ = self.signal(Signal::KILL);
+        // delivered its result (then it is exiting on its own): shutting down
+        // our end for writing makes the zygote kill it, whether or not its
+        // pidfd ever reached us, and the zygote still reports the exit on the
+        // half-closed socket. The pidfd, if we have it, is just faster.
+        if !self.committed() {
+            if let Some(report) = &self.report {
+                let _ = rustix::net::shutdown(report.get_ref(), rustix::net::Shutdown::Write);
+            }
+            let _ = self.send_now(Signal::KILL);
         }
         // Keep the slot until the zygote reports the worker reaped, without
-        // blocking: a small task on the current runtime waits for that. If the
-        // pidfd has not arrived yet, the reaper kills the worker when it does.
+        // blocking: a small task on the current runtime waits for that.
         let reaper = Reaper {
             report: self.report.take(),
             lease: self.lease.take(),
-            kill_on_start: cancel && self.pidfd.is_none(),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -422,7 +419,6 @@ impl Drop for TaskIo {
 struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
     lease: Option<Lease>,
-    kill_on_start: bool,
 }
 
 impl Reaper {
@@ -433,7 +429,7 @@ impl Reaper {
                     break;
                 };
                 let (reports, end) = drain_reports(guard.get_inner().as_fd());
-                if reaped(reports, self.kill_on_start) || end != Drained::WouldBlock {
+                if reaped(&reports) || end != Drained::WouldBlock {
                     break;
                 }
                 guard.clear_ready();
@@ -450,7 +446,7 @@ impl Reaper {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while std::time::Instant::now() < deadline {
                 let (reports, end) = drain_reports(fd.as_fd());
-                if reaped(reports, self.kill_on_start) || end != Drained::WouldBlock {
+                if reaped(&reports) || end != Drained::WouldBlock {
                     break;
                 }
                 let mut pfd = [rustix::event::PollFd::new(
@@ -476,7 +472,6 @@ impl Drop for Reaper {
             Reaper {
                 report: self.report.take(),
                 lease: self.lease.take(),
-                kill_on_start: self.kill_on_start,
             }
             .block();
         }

@@ -21,7 +21,7 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument is in a sealed memfd         |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started` |
 //! | 32     | 8    | argument length in bytes                             |
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
@@ -69,6 +69,10 @@ pub(crate) const SPILL_LEN: usize = 24;
 
 /// Request flag: the argument travels in a sealed memfd, not inline.
 pub(crate) const FLAG_ARG_MEMFD: u32 = 1;
+/// Request flag: send a `Started` report with the worker's pidfd. A plain
+/// `run` without a timeout does not need the pidfd (dropping it cancels
+/// through the report socket's hang-up), so it saves the parent a wake-up.
+pub(crate) const FLAG_WANT_STARTED: u32 = 2;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +171,8 @@ pub(crate) enum ArgPlace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Request {
     pub(crate) generation: u64,
+    /// Send a `Started` report (see [`FLAG_WANT_STARTED`]).
+    pub(crate) want_started: bool,
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
@@ -182,10 +188,13 @@ impl Request {
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&self.entry.to_le_bytes());
         out.extend_from_slice(&self.slot.to_le_bytes());
-        let (flags, len) = match self.arg {
+        let (mut flags, len) = match self.arg {
             ArgPlace::Inline(n) => (0, n),
             ArgPlace::Memfd(n) => (FLAG_ARG_MEMFD, n),
         };
+        if self.want_started {
+            flags |= FLAG_WANT_STARTED;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(inline_arg);
@@ -217,15 +226,18 @@ impl Request {
             return Err(WireError::Length(len));
         }
         let inline = &frame[REQUEST_HEADER..];
-        let arg = match flags {
+        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED) != 0 {
+            return Err(WireError::Flags(flags));
+        }
+        let arg = match flags & FLAG_ARG_MEMFD {
             0 if inline.len() as u64 == len => ArgPlace::Inline(len),
             FLAG_ARG_MEMFD if inline.is_empty() => ArgPlace::Memfd(len),
-            0 | FLAG_ARG_MEMFD => return Err(WireError::Length(len)),
-            other => return Err(WireError::Flags(other)),
+            _ => return Err(WireError::Length(len)),
         };
         Ok((
             Request {
                 generation,
+                want_started: flags & FLAG_WANT_STARTED != 0,
                 entry,
                 slot,
                 arg,
@@ -460,6 +472,7 @@ mod tests {
     fn request_round_trips_inline_and_memfd() {
         let req = Request {
             generation: 7,
+            want_started: true,
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
@@ -483,6 +496,7 @@ mod tests {
     fn request_rejects_bad_slot_length_and_truncation() {
         let req = Request {
             generation: 1,
+            want_started: false,
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
@@ -556,12 +570,13 @@ mod tests {
                 entry in any::<u64>(),
                 slot in any::<u32>(),
                 place in arg_place(),
+                want_started in any::<bool>(),
             ) {
                 let inline = match place {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
-                let req = Request { generation, entry, slot, arg: place };
+                let req = Request { generation, want_started, entry, slot, arg: place };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
                 prop_assert_eq!(decoded, Ok((req, &inline[..])));

@@ -136,23 +136,9 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         Ok(k) => k.clamp(1, u64::MAX - 1),
         Err(_) => sys::exit_now(EXIT_NO_KEY),
     };
+    // The SIGTERM handler and the panic hook were installed once in the
+    // zygote (`install_hooks`) and are inherited; this flag arms them.
     IN_WORKER.store(true, Ordering::Relaxed);
-    install_stop_handler();
-    panic::set_hook(Box::new(|info| {
-        let message = match info.location() {
-            Some(l) => format!(
-                "{} at {}:{}:{}",
-                payload_text(info.payload()),
-                l.file(),
-                l.line(),
-                l.column()
-            ),
-            None => payload_text(info.payload()).to_string(),
-        };
-        if let Ok(mut slot) = PANIC.lock() {
-            *slot = Some(message);
-        }
-    }));
 
     let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
     let (kind, payload) = match load_arg(&job.arg, job.limit) {
@@ -272,13 +258,32 @@ fn spill(job: &Job<'_>, key: u64, payload: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))
 }
 
-/// Installs the SIGTERM handler behind [`stop_requested`].
-fn install_stop_handler() {
+/// Installs, in the zygote, the SIGTERM handler behind [`stop_requested`] and
+/// the panic hook that records a task's panic message. Workers inherit both
+/// across the fork, which saves each of them an allocation, a `sigaction`
+/// and the copy-on-write faults those would cost; `IN_WORKER` arms them.
+pub(crate) fn install_hooks() {
+    panic::set_hook(Box::new(|info| {
+        let message = match info.location() {
+            Some(l) => format!(
+                "{} at {}:{}:{}",
+                payload_text(info.payload()),
+                l.file(),
+                l.line(),
+                l.column()
+            ),
+            None => payload_text(info.payload()),
+        };
+        if let Ok(mut slot) = PANIC.lock() {
+            *slot = Some(message);
+        }
+    }));
     let handler = || {
-        if COOPERATIVE.load(Ordering::Relaxed) {
+        if IN_WORKER.load(Ordering::Relaxed) && COOPERATIVE.load(Ordering::Relaxed) {
             STOP.store(true, Ordering::Relaxed);
         } else {
-            // Not cooperative: die of SIGTERM, as without a handler.
+            // The zygote, or a task that does not cooperate: die of SIGTERM,
+            // as without a handler.
             let _ = signal_hook::low_level::emulate_default_handler(libc::SIGTERM);
         }
     };

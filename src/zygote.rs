@@ -93,6 +93,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     if let Ok(Forked::Child) = forked {
         sys::contain_child(|| {
             sys::reset_signals();
+            worker::install_hooks();
             let zygote = Zygote {
                 ring: &ring,
                 command: command_zygote.as_fd(),
@@ -145,8 +146,8 @@ struct Zygote<'a> {
 struct Child {
     pid: Pid,
     pidfd: OwnedFd,
-    /// The zygote's end of the task's report socket; `None` once the parent
-    /// hung up.
+    /// The zygote's end of the task's report socket; `None` if the parent
+    /// closed its end entirely (nobody is left to report to).
     report: Option<OwnedFd>,
 }
 
@@ -245,9 +246,14 @@ impl Zygote<'_> {
                         }
                     }
                 } else {
-                    // The parent closed its end: the task was cancelled.
+                    // The parent shut down its end for writing (or closed it):
+                    // the task was cancelled. Kill the worker; keep the socket
+                    // to report its exit, but stop watching it (the hang-up is
+                    // level-triggered).
                     let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
-                    child.report = None;
+                    if let Some(report) = &child.report {
+                        let _ = epoll::delete(&epoll, report);
+                    }
                 }
             }
         }
@@ -325,18 +331,22 @@ impl Zygote<'_> {
                         return None;
                     }
                 };
-                let started = Report::Started {
-                    pid: pid.as_raw_nonzero().get() as u32,
-                }
-                .encode();
-                let report = match sys::send_frame(report.as_fd(), &started, &[pidfd.as_fd()]) {
-                    Ok(()) => Some(report),
-                    Err(_) => {
-                        // The parent already dropped the task: cancel it now.
-                        let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
-                        None
+                let report = if request.want_started {
+                    let started = Report::Started {
+                        pid: pid.as_raw_nonzero().get() as u32,
                     }
+                    .encode();
+                    match sys::send_frame(report.as_fd(), &started, &[pidfd.as_fd()]) {
+                        Ok(()) => Some(report),
+                        Err(_) => None,
+                    }
+                } else {
+                    Some(report)
                 };
+                if report.is_none() {
+                    // The parent already dropped the task: cancel it now.
+                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+                }
                 Some(Child { pid, pidfd, report })
             }
             Err(e) => {
