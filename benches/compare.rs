@@ -1,0 +1,550 @@
+//! Prints one table: this crate's per-task latency and throughput beside the fork and wake-up floors and the peers, all measured in this one run, with p50, p99 and ratios; and writes it to `target/compare.md`.
+//!
+//! `cargo bench --bench compare`
+//!
+//! Criterion (`benches/floors.rs`, `run.rs`, `peers.rs`) gives careful means
+//! with confidence intervals; this report times every iteration on its own so
+//! that p99 is a real tail, and puts each figure next to the denominator it
+//! must be judged against. Absolute numbers move with the machine and with
+//! vCPU placement on a VM; ratios measured side by side do not.
+//!
+//! Order matters: `procspawn::init()` must come first (procspawn re-executes
+//! this binary for every spawn), and every fork from this process (the echo
+//! child, the raw fork server, the zygote) happens before any thread exists.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use run_in_process::Zygote;
+
+fn noop(x: u64) -> u64 {
+    x
+}
+
+fn identity(v: Vec<u8>) -> Vec<u8> {
+    v
+}
+
+fn main() {
+    procspawn::init();
+    // `cargo bench` passes `--bench`; any other argument would be a filter,
+    // which this report does not support.
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = if quick { 200 } else { 2000 };
+
+    let echo = Echo::fork();
+    let raw = RawForkServer::fork();
+    let zygote = Zygote::start().expect("start the zygote");
+
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Floors, before any thread exists.
+    let fork_wait = Stats::of(measure(n, || {
+        let pid = fork_then(|| ());
+        reap(pid);
+    }));
+    let efd = eventfd();
+    let fork_wake = Stats::of(measure(n, || {
+        let pid = fork_then(|| write_u64(efd.as_raw_fd(), 1));
+        read_u64(efd.as_raw_fd());
+        // The reap is not on the caller's path in the crate either, but it
+        // must happen before the next fork so children never pile up.
+        let t = Instant::now();
+        reap(pid);
+        black_box(t.elapsed());
+    }));
+    let ping = Stats::of(measure(n * 5, || echo.round_trip()));
+    rows.push(Row::new("floor: fork + _exit + waitpid", fork_wait));
+    rows.push(Row::new(
+        "floor: fork -> child rings eventfd -> parent wakes",
+        fork_wake,
+    ));
+    rows.push(Row::new(
+        "floor: eventfd ping-pong between live processes",
+        ping,
+    ));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // This crate.
+    let cold = rt.block_on(async {
+        assert_eq!(
+            zygote.run(noop, 7).await.expect("run"),
+            7,
+            "noop returns its argument"
+        );
+        warm_up(&zygote).await;
+        Stats::of(
+            measure_async(n, || async {
+                black_box(zygote.run(noop, 1).await.expect("run"))
+            })
+            .await,
+        )
+    });
+    rows.push(
+        Row::new("run_in_process: noop run (fork per task)", cold)
+            .vs(&fork_wake, "fork->wake floor"),
+    );
+    let open = rt.block_on(async {
+        Stats::of(
+            measure_async(n / 2, || async {
+                let p = zygote.open(noop, 1).await.expect("open");
+                black_box(p.result().await.expect("result"))
+            })
+            .await,
+        )
+    });
+    rows.push(Row::new("run_in_process: open + result", open).vs(&fork_wake, "fork->wake floor"));
+
+    let tput = |in_flight: usize| {
+        rt.block_on(async {
+            let total = n.max(400);
+            let start = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for k in 0..in_flight {
+                let z = zygote.clone();
+                let share = total / in_flight + usize::from(k < total % in_flight);
+                set.spawn(async move {
+                    for _ in 0..share {
+                        black_box(z.run(noop, 1).await.expect("run"));
+                    }
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.expect("join");
+            }
+            total as f64 / start.elapsed().as_secs_f64()
+        })
+    };
+    let mut throughput = Vec::new();
+    for k in [1usize, 2, 8, 64] {
+        throughput.push((format!("run_in_process: tasks/s, {k} in flight"), tput(k)));
+    }
+    let raw_tput = raw.throughput(n.max(400), 8);
+    throughput.push((
+        "floor: raw fork server, tasks/s, 8 in flight".into(),
+        raw_tput,
+    ));
+
+    let payload = rt.block_on(async {
+        let big = vec![0x5au8; 64 << 20];
+        let back = zygote.run(identity, big.clone()).await.expect("64 MiB");
+        assert!(back == big, "64 MiB round trip");
+        let times = measure_async(if quick { 2 } else { 5 }, || async {
+            black_box(
+                zygote
+                    .run(identity, big.clone())
+                    .await
+                    .expect("64 MiB")
+                    .len(),
+            )
+        })
+        .await;
+        Stats::of(times)
+    });
+
+    // Peers.
+    let spawn_blocking = rt.block_on(async {
+        Stats::of(
+            measure_async(n, || async {
+                black_box(tokio::task::spawn_blocking(|| noop(1)).await.expect("join"))
+            })
+            .await,
+        )
+    });
+    let true_cmd = rt.block_on(async {
+        Stats::of(
+            measure_async(n / 5, || async {
+                let s = tokio::process::Command::new("/bin/true")
+                    .status()
+                    .await
+                    .expect("/bin/true");
+                assert!(s.success());
+            })
+            .await,
+        )
+    });
+    let procspawn_spawn = Stats::of(measure(n / 10, || {
+        let h = procspawn::spawn(1u64, noop);
+        assert_eq!(h.join().expect("procspawn join"), 1);
+    }));
+    let pool = procspawn::Pool::new(2).expect("procspawn pool");
+    let procspawn_pool = Stats::of(measure(n / 2, || {
+        let h = pool.spawn(1u64, noop);
+        assert_eq!(h.join().expect("procspawn pool join"), 1);
+    }));
+    pool.shutdown();
+    rows.push(Row::new(
+        "peer: tokio spawn_blocking (no process)",
+        spawn_blocking,
+    ));
+    rows.push(Row::new("peer: tokio::process /bin/true", true_cmd));
+    rows.push(Row::new("peer: procspawn spawn + join", procspawn_spawn));
+    rows.push(Row::new(
+        "peer: procspawn Pool(2), reused workers",
+        procspawn_pool,
+    ));
+
+    // The same noop run while the parent holds 2 GiB of touched heap that it
+    // allocated after the zygote started: the zygote, not the parent, forks.
+    let big_parent = {
+        let mut heap = Vec::<u8>::new();
+        if heap.try_reserve_exact(2 << 30).is_ok() {
+            heap.resize(2 << 30, 1);
+            for i in (0..heap.len()).step_by(4096) {
+                heap[i] = (i / 4096) as u8;
+            }
+            let s = rt.block_on(async {
+                warm_up(&zygote).await;
+                Stats::of(
+                    measure_async(n, || async {
+                        black_box(zygote.run(noop, 1).await.expect("run"))
+                    })
+                    .await,
+                )
+            });
+            black_box(&heap);
+            Some(s)
+        } else {
+            None
+        }
+    };
+
+    let zygote_rss = rss_kib(zygote.pid());
+    drop(zygote);
+    echo.stop();
+    raw.stop();
+
+    // The report.
+    let mut out = String::new();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    out += &format!(
+        "Measured {date} on {} ({} CPUs), {} iterations per latency row.\n\n",
+        machine(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        n
+    );
+    out += "| operation | p50 | p99 | vs floor |\n|---|---:|---:|---|\n";
+    for r in &rows {
+        out += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.name,
+            us(r.stats.p50),
+            us(r.stats.p99),
+            r.vs.clone().unwrap_or_default()
+        );
+    }
+    if let Some(b) = &big_parent {
+        out += &format!(
+            "| run_in_process: noop run, parent holding 2 GiB | {} | {} | {:.2}x the small-parent p50 |\n",
+            us(b.p50),
+            us(b.p99),
+            b.p50.as_secs_f64() / cold.p50.as_secs_f64()
+        );
+    }
+    out += "\n| throughput | tasks/s |\n|---|---:|\n";
+    for (name, t) in &throughput {
+        out += &format!("| {name} | {t:.0} |\n");
+    }
+    let gbps = (64u64 << 20) as f64 / payload.p50.as_secs_f64() / 1e9;
+    out += &format!(
+        "\n64 MiB argument and 64 MiB result: p50 {} per round trip, {:.2} GB/s each way.\n",
+        us(payload.p50),
+        2.0 * gbps
+    );
+    if let Some(rss) = zygote_rss {
+        out += &format!("Zygote resident set: {rss} KiB.\n");
+    }
+    let ratio = |a: &Stats, b: &Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
+    out += "\nRatios (p50):\n\n";
+    out += &format!(
+        "- cold run / fork->wake floor: {:.2}x (p99 {:.2}x)\n",
+        ratio(&cold, &fork_wake),
+        cold.p99.as_secs_f64() / fork_wake.p99.as_secs_f64()
+    );
+    out += &format!(
+        "- procspawn spawn+join / cold run: {:.1}x faster\n",
+        ratio(&procspawn_spawn, &cold)
+    );
+    out += &format!(
+        "- procspawn Pool / cold run: {:.2}x\n",
+        ratio(&procspawn_pool, &cold)
+    );
+    out += &format!(
+        "- tokio::process /bin/true / cold run: {:.1}x faster\n",
+        ratio(&true_cmd, &cold)
+    );
+    out += &format!(
+        "- seed (trio-run-in-process, 105 ms measured externally) / cold run: {:.0}x faster\n",
+        0.105 / cold.p50.as_secs_f64()
+    );
+    let t8 = throughput
+        .iter()
+        .find(|(n, _)| n.contains(" 8 in flight") && n.starts_with("run_in"))
+        .map_or(0.0, |t| t.1);
+    out += &format!(
+        "- throughput, 8 in flight / raw fork server: {:.2}x\n",
+        t8 / raw_tput
+    );
+
+    print!("{out}");
+    let _ = std::fs::create_dir_all("target");
+    if let Ok(mut f) = std::fs::File::create("target/compare.md") {
+        let _ = f.write_all(out.as_bytes());
+        println!("\n(written to target/compare.md)");
+    }
+}
+
+async fn warm_up(z: &Zygote) {
+    for _ in 0..100 {
+        black_box(z.run(noop, 1).await.expect("warm-up run"));
+    }
+    z.wait_idle().await;
+}
+
+// ---------------------------------------------------------------------------
+// Measurement.
+
+fn measure(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    for _ in 0..n / 10 {
+        f();
+    }
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+async fn measure_async<F, Fut>(n: usize, mut f: F) -> Vec<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        black_box(f().await);
+        out.push(t.elapsed());
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Stats {
+    fn of(mut v: Vec<Duration>) -> Stats {
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        Stats {
+            p50: at(0.5),
+            p99: at(0.99),
+        }
+    }
+}
+
+struct Row {
+    name: &'static str,
+    stats: Stats,
+    vs: Option<String>,
+}
+
+impl Row {
+    fn new(name: &'static str, stats: Stats) -> Row {
+        Row {
+            name,
+            stats,
+            vs: None,
+        }
+    }
+
+    fn vs(mut self, floor: &Stats, what: &str) -> Row {
+        self.vs = Some(format!(
+            "{:.2}x {what} (p99 {:.2}x)",
+            self.stats.p50.as_secs_f64() / floor.p50.as_secs_f64(),
+            self.stats.p99.as_secs_f64() / floor.p99.as_secs_f64()
+        ));
+        self
+    }
+}
+
+fn us(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn machine() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+// ---------------------------------------------------------------------------
+// Raw process primitives for the floors (no crate code involved).
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: eventfd has no memory-safety preconditions; a non-negative
+    // result is a new fd that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh, open fd owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn write_u64(fd: RawFd, v: u64) {
+    // SAFETY: writing 8 bytes from a valid local buffer.
+    unsafe { libc::write(fd, (&v as *const u64).cast(), 8) };
+}
+
+fn read_u64(fd: RawFd) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a valid local buffer.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    v
+}
+
+/// Forks a child that runs `f` and `_exit`s. Only for a single-threaded
+/// process, and `f` must only make async-signal-safe calls.
+fn fork_then(f: impl FnOnce()) -> libc::pid_t {
+    // SAFETY: this benchmark forks only while it has one thread (see `main`),
+    // and the child only runs `f` (a write to an eventfd) and `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        f();
+        // SAFETY: `_exit` has no preconditions.
+        unsafe { libc::_exit(0) };
+    }
+    pid
+}
+
+fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// A child that answers each eventfd write with one of its own.
+struct Echo {
+    pid: libc::pid_t,
+    ping: OwnedFd,
+    pong: OwnedFd,
+}
+
+impl Echo {
+    fn fork() -> Echo {
+        let (ping, pong) = (eventfd(), eventfd());
+        let (pi, po) = (ping.as_raw_fd(), pong.as_raw_fd());
+        let pid = fork_then(move || {
+            loop {
+                if read_u64(pi) == u64::MAX {
+                    return;
+                }
+                write_u64(po, 1);
+            }
+        });
+        Echo { pid, ping, pong }
+    }
+
+    fn round_trip(&self) {
+        write_u64(self.ping.as_raw_fd(), 1);
+        read_u64(self.pong.as_raw_fd());
+    }
+
+    fn stop(self) {
+        // SAFETY: signalling our own, unreaped child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reap(self.pid);
+    }
+}
+
+/// The simplest fork server: a child that, per request byte, forks a worker
+/// which rings an eventfd and exits, and reaps finished workers as it goes.
+/// The throughput floor for "a fresh process per task".
+struct RawForkServer {
+    pid: libc::pid_t,
+    requests: OwnedFd,
+    done: OwnedFd,
+}
+
+impl RawForkServer {
+    fn fork() -> RawForkServer {
+        let (requests, done) = (eventfd(), eventfd());
+        let (rq, dn) = (requests.as_raw_fd(), done.as_raw_fd());
+        let pid = fork_then(move || {
+            loop {
+                let k = read_u64(rq);
+                if k == u64::MAX {
+                    return;
+                }
+                for _ in 0..k {
+                    fork_then(|| write_u64(dn, 1));
+                }
+                let mut status = 0;
+                // SAFETY: reaping our own children without blocking.
+                while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+            }
+        });
+        RawForkServer {
+            pid,
+            requests,
+            done,
+        }
+    }
+
+    /// Tasks per second with `in_flight` requests outstanding.
+    fn throughput(&self, total: usize, in_flight: usize) -> f64 {
+        let start = Instant::now();
+        write_u64(self.requests.as_raw_fd(), in_flight as u64);
+        let (mut sent, mut finished) = (in_flight, 0);
+        while finished < total {
+            let k = read_u64(self.done.as_raw_fd()) as usize;
+            finished += k;
+            let more = k.min(total.saturating_sub(sent));
+            if more > 0 {
+                write_u64(self.requests.as_raw_fd(), more as u64);
+                sent += more;
+            }
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    }
+
+    fn stop(self) {
+        // SAFETY: signalling our own, unreaped child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        reap(self.pid);
+    }
+}
