@@ -73,6 +73,7 @@
 
 mod codec;
 mod error;
+mod mailbox;
 mod process;
 mod reactor;
 mod ring;
@@ -92,8 +93,8 @@ use serde::de::DeserializeOwned;
 
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::process::{
-    Builder, DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD, DEFAULT_SLOT_SIZE, Process,
-    State, Task, Zygote,
+    Builder, DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD, DEFAULT_PARKED,
+    DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
 };
 pub use crate::worker::stop_requested;
 

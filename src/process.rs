@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::mailbox::Mailboxes;
 use crate::reactor::{Deadlines, Record, TaskIo};
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
@@ -36,6 +37,8 @@ pub const DEFAULT_SLOT_SIZE: usize = 64 * 1024;
 pub const DEFAULT_MAX_PAYLOAD: u64 = 1 << 30;
 /// Default time a task has to finish after a stop request, before `SIGKILL`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
+/// Default number of parked workers.
+pub const DEFAULT_PARKED: u32 = 4;
 
 /// A handle to a zygote process, which forks a fresh worker process per task.
 ///
@@ -69,6 +72,7 @@ pub struct Builder {
     max_in_flight: u32,
     slot_size: usize,
     max_payload: u64,
+    parked: u32,
 }
 
 impl Default for Builder {
@@ -77,6 +81,7 @@ impl Default for Builder {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             slot_size: DEFAULT_SLOT_SIZE,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            parked: DEFAULT_PARKED,
         }
     }
 }
@@ -105,6 +110,20 @@ impl Builder {
         self
     }
 
+    /// How many workers the zygote keeps forked and parked, ready for a task
+    /// (default 4; 0 forks every worker on demand).
+    ///
+    /// A parked worker still runs exactly one task in a fresh process: it was
+    /// forked from the zygote before the task arrived, so the task skips the
+    /// fork and a hop through the zygote, and the zygote parks a new worker
+    /// after each one exits. An idle parked worker costs a process and a few
+    /// hundred KiB of private memory. Tasks beyond the parked workers are
+    /// forked on demand.
+    pub fn parked(mut self, n: u32) -> Builder {
+        self.parked = n.min(1024);
+        self
+    }
+
     /// Forks the zygote.
     ///
     /// # Errors
@@ -117,12 +136,14 @@ impl Builder {
             slots: self.max_in_flight,
             slot_bytes: self.slot_size,
             max_payload: self.max_payload,
+            parked: self.parked,
         };
         let process = zygote::spawn(limits)?;
         Ok(Zygote {
             inner: Arc::new(Inner {
                 slots: Arc::new(Slots::new(limits.slots)),
                 spill: SpillReceiver::new(limits.slots as usize),
+                mailboxes: Mailboxes::new(limits.parked as usize),
                 next_gen: AtomicU64::new(1),
                 limits,
                 process,
@@ -629,6 +650,7 @@ pub(crate) struct Inner {
     pub(crate) limits: Limits,
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: SpillReceiver,
+    pub(crate) mailboxes: Mailboxes,
     next_gen: AtomicU64,
 }
 

@@ -28,6 +28,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::mailbox::MailboxGuard;
 use crate::process::Inner;
 use crate::ring::Taken;
 use crate::slots::Lease;
@@ -56,6 +57,9 @@ pub(crate) struct TaskIo {
     pub(crate) inner: Arc<Inner>,
     /// Held until the worker is known to be reaped (or handed to the reaper).
     lease: Option<Lease>,
+    /// For a task run by a parked worker: its mailbox, held as long as the
+    /// lease. Its report socket is then a duplicate of the mailbox's.
+    mailbox: Option<MailboxGuard>,
     pub(crate) generation: u64,
     /// The worker's key, read from the doorbell once it rang (see `wire`).
     key: Option<u64>,
@@ -99,7 +103,6 @@ impl TaskIo {
         }
         let lease = inner.slots.acquire().await;
         let generation = inner.next_gen();
-        let (report, report_zygote) = sys::seqpacket_pair()?;
         let doorbell = sys::eventfd()?;
         let arg_fd = if arg.len() > crate::zygote::INLINE_ARG_MAX {
             Some(crate::shm::sealed_memfd("run-in-process-arg", arg)?)
@@ -118,26 +121,55 @@ impl TaskIo {
             arg: place,
         };
         let frame = request.encode(if arg_fd.is_some() { &[] } else { arg });
-        let mut fds = vec![report_zygote.as_fd(), doorbell.as_fd()];
+        let mut fds = vec![doorbell.as_fd()];
         if let Some(fd) = &arg_fd {
             fds.push(fd.as_fd());
         }
-        inner.send_request(&frame, &fds).await?;
+        // A parked worker if one is waiting: the job goes straight to it, and
+        // the fork already happened. Otherwise the zygote forks one now.
+        let mut claimed = None;
+        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes) {
+            let guard = MailboxGuard {
+                inner: Arc::clone(&inner),
+                index: claim.index,
+            };
+            let mailbox = &inner.process.mailboxes[claim.index];
+            // The mailbox's report socket, duplicated so this task can
+            // register it with its own runtime.
+            let report = mailbox
+                .reports
+                .try_clone()
+                .map_err(|e| Error::io("dup", e))?;
+            // The job socket is empty (the zygote drains it before parking a
+            // worker), so this non-blocking send cannot find it full.
+            sys::send_frame(mailbox.jobs.as_fd(), &frame, &fds)?;
+            claimed = Some((guard, report, claim.pid, claim.pidfd));
+        }
+        let (report, mailbox, pid, pidfd) = match claimed {
+            Some((guard, report, pid, pidfd)) => (report, Some(guard), Some(pid), Some(pidfd)),
+            None => {
+                let (report, report_zygote) = sys::seqpacket_pair()?;
+                let mut with_report = vec![report_zygote.as_fd()];
+                with_report.extend_from_slice(&fds);
+                inner.send_request(&frame, &with_report).await?;
+                (report, None, None, None)
+            }
+        };
         drop(fds);
-        // The zygote has its own copies now (in flight in the socket buffer).
-        drop(report_zygote);
+        // The receiver has its own copies now (in flight in the socket buffer).
         drop(arg_fd);
         let report = register(report, Interest::READABLE)?;
         let doorbell = register(doorbell, Interest::READABLE)?;
         Ok(TaskIo {
             inner,
             lease: Some(lease),
+            mailbox,
             generation,
             key: None,
             report: Some(report),
             doorbell,
-            pid: None,
-            pidfd: None,
+            pid,
+            pidfd,
             record: None,
             exit: None,
             spawn_errno: None,
@@ -224,7 +256,7 @@ impl TaskIo {
                 }
             }
         }
-        if end != Drained::WouldBlock && !self.ended() {
+        if matches!(end, Drained::Eof | Drained::Broken) && !self.ended() {
             // End of stream without an exit report (or a frame the zygote
             // cannot have sent): the zygote is gone. A record committed before
             // it died is still good.
@@ -313,10 +345,14 @@ impl TaskIo {
         self.signal(Signal::TERM)
     }
 
-    /// Returns the slot once the worker is reaped.
+    /// Returns the slot (and the mailbox) once the worker is reaped.
     fn release(&mut self) {
         self.inner.spill.forget(self.generation);
         self.lease = None;
+        if self.mailbox.take().is_some() {
+            // The mailbox's report socket now belongs to its next claimer.
+            self.report = None;
+        }
     }
 
     /// Takes the spilled result's memfd announced by a `Spilled` record.
@@ -348,6 +384,8 @@ pub(crate) fn register(fd: OwnedFd, interest: Interest) -> Result<AsyncFd<OwnedF
 enum Drained {
     /// Nothing more queued for now.
     WouldBlock,
+    /// The worker's final report was read; the rest is not ours to read.
+    Final,
     /// End of stream: every holder of the zygote's end closed it.
     Eof,
     /// A malformed frame or a socket error: the channel is unusable.
@@ -365,7 +403,17 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
                     return (out, Drained::Broken);
                 }
                 match Report::decode(&buf[..frame.len]) {
-                    Ok(report) => out.push((report, frame.fds.into_iter().next())),
+                    Ok(report) => {
+                        let last =
+                            matches!(report, Report::Exited { .. } | Report::SpawnFailed { .. });
+                        out.push((report, frame.fds.into_iter().next()));
+                        // Stop right after the worker's last report: on a
+                        // mailbox's socket, what follows belongs to the next
+                        // worker parked there.
+                        if last {
+                            return (out, Drained::Final);
+                        }
+                    }
                     Err(_) => return (out, Drained::Broken),
                 }
             }
@@ -395,7 +443,9 @@ impl Drop for TaskIo {
         // pidfd ever reached us, and the zygote still reports the exit on the
         // half-closed socket. The pidfd, if we have it, is just faster.
         if !self.committed() {
-            if let Some(report) = &self.report {
+            // Not on a mailbox's report socket, which outlives this task (and
+            // a parked worker's pidfd is always at hand).
+            if let (Some(report), None) = (&self.report, &self.mailbox) {
                 let _ = rustix::net::shutdown(report.get_ref(), rustix::net::Shutdown::Write);
             }
             let _ = self.send_now(Signal::KILL);
@@ -405,6 +455,7 @@ impl Drop for TaskIo {
         let reaper = Reaper {
             report: self.report.take(),
             lease: self.lease.take(),
+            mailbox: self.mailbox.take(),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -419,6 +470,7 @@ impl Drop for TaskIo {
 struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
     lease: Option<Lease>,
+    mailbox: Option<MailboxGuard>,
 }
 
 impl Reaper {
@@ -472,6 +524,7 @@ impl Drop for Reaper {
             Reaper {
                 report: self.report.take(),
                 lease: self.lease.take(),
+                mailbox: self.mailbox.take(),
             }
             .block();
         }

@@ -404,6 +404,22 @@ pub(crate) fn recv_frame(sock: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<Opti
     }))
 }
 
+/// `poll([fd, POLLIN], -1)`: blocks until `fd` is readable (or hung up); see
+/// `poll(2)`. For the zygote's children, which have no event loop.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>) -> SysResult<()> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(SysError::new("poll", e)),
+        }
+    }
+}
+
 /// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)`; see `memfd_create(2)`.
 pub(crate) fn memfd_create(name: &str) -> SysResult<OwnedFd> {
     rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)

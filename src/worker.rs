@@ -12,7 +12,7 @@
 //!
 //! This module never touches tokio.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,7 @@ use rustix::process::Pid;
 use crate::ring::Ring;
 use crate::shm::{self, SealedBytes};
 use crate::sys;
-use crate::wire::{RecordKind, SpillNotice};
+use crate::wire::{self, ArgPlace, RecordKind, Request, SpillNotice};
 
 /// What a task's monomorphised entry point returns to the worker.
 pub(crate) enum Outcome {
@@ -68,6 +68,8 @@ pub(crate) struct Job<'a> {
 const EXIT_ORPHANED: i32 = 121;
 /// Exit code of a worker that could not draw its key from the kernel.
 const EXIT_NO_KEY: i32 = 122;
+/// Exit code of a parked worker handed a malformed job.
+const EXIT_BAD_JOB: i32 = 123;
 
 /// Set once this process is a worker; `stop_requested` is false elsewhere.
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -110,25 +112,101 @@ pub fn stop_requested() -> bool {
 /// Runs one task in the calling process, a worker just forked by the zygote,
 /// and exits.
 pub(crate) fn run(job: Job<'_>) -> ! {
+    let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
+    if let ArgSource::Memfd(fd) = &job.arg {
+        keep.push(sys::raw(fd));
+    }
+    prepare(job.zygote, &keep);
+    execute(job)
+}
+
+/// Post-fork hygiene, first thing in a new worker: its own process group,
+/// death with the zygote, and no fd but stdio and `keep`.
+pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
     // Own process group: Ctrl-C at a terminal reaches the parent's group only,
     // and the zygote can kill the worker's descendants with one kill(-pgid).
     let _ = sys::setpgid_self();
-    if !sys::die_with_parent(job.zygote) {
+    if !sys::die_with_parent(zygote) {
         sys::exit_now(EXIT_ORPHANED);
     }
     // Signal dispositions and mask need no work here: the zygote reset its
     // own once at start (sys::reset_signals) and has not changed them since,
     // and a forked child inherits exactly those.
-    let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
-    if let ArgSource::Memfd(fd) = &job.arg {
-        keep.push(sys::raw(fd));
-    }
     // SAFETY: SAFETY.md F3. This process was forked a moment ago from the
     // single-threaded zygote, so it is single-threaded and nothing else can be
     // using these fds; the objects that owned the closed fds (the zygote's
     // sockets, epoll, other tasks' pidfds) are never used again here, because
-    // this function leaves through `_exit` without returning.
-    unsafe { sys::close_fds_except(&keep) };
+    // a worker leaves through `_exit` without returning.
+    unsafe { sys::close_fds_except(keep) };
+}
+
+/// A parked worker: prepared, warmed up, then blocked on its mailbox's job
+/// socket until the parent sends it one task (or hangs up), which it runs.
+pub(crate) fn park(
+    zygote: Pid,
+    jobs: OwnedFd,
+    spill: BorrowedFd<'_>,
+    ring: &Ring,
+    slots: u32,
+    limit: u64,
+) -> ! {
+    prepare(zygote, &[sys::raw(&jobs), sys::raw(spill)]);
+    warm_up();
+    let mut buf = vec![0u8; wire::REQUEST_HEADER + crate::zygote::INLINE_ARG_MAX];
+    let frame = loop {
+        match sys::wait_readable(jobs.as_fd())
+            .and_then(|()| sys::recv_frame(jobs.as_fd(), &mut buf))
+        {
+            Ok(Some(frame)) => break frame,
+            Err(e) if e.is_would_block() => continue,
+            // The parent hung up (or the socket broke): nothing to run.
+            Ok(None) | Err(_) => sys::exit_now(0),
+        }
+    };
+    // Before any user code runs: nothing this task leaves behind may read
+    // the next task's job from this mailbox.
+    drop(jobs);
+    let mut fds = frame.fds.into_iter();
+    let decoded = if frame.truncated {
+        None
+    } else {
+        Request::decode(&buf[..frame.len], slots, limit).ok()
+    };
+    let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
+        sys::exit_now(EXIT_BAD_JOB);
+    };
+    let arg = match request.arg {
+        ArgPlace::Inline(_) => ArgSource::Inline(inline),
+        ArgPlace::Memfd(_) => match fds.next() {
+            Some(fd) => ArgSource::Memfd(fd),
+            None => sys::exit_now(EXIT_BAD_JOB),
+        },
+    };
+    execute(Job {
+        ring,
+        slot: request.slot,
+        generation: request.generation,
+        entry: request.entry,
+        arg,
+        limit,
+        doorbell,
+        spill,
+        zygote,
+    })
+}
+
+/// Touches the stack and the allocator before parking, so that the task does
+/// not pay the copy-on-write faults of its first writes to them.
+fn warm_up() {
+    let stack = [0u8; 32 * 1024];
+    std::hint::black_box(&stack);
+    let heap = vec![1u8; 64 * 1024];
+    std::hint::black_box(&heap);
+}
+
+/// Runs the task of `job` in this prepared worker, publishes its result and
+/// exits.
+fn execute(job: Job<'_>) -> ! {
     // The key exists only in this process and, once sent through the
     // eventfd, in the parent: drawn after the fork, it is in no memory that
     // another worker inherited (SAFETY.md S3).

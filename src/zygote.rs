@@ -52,6 +52,17 @@ pub(crate) struct ZygoteProcess {
     /// Parent end of the spill socket.
     pub(crate) spill: OwnedFd,
     pub(crate) ring: Ring,
+    /// The parent's ends of the parked workers' mailboxes.
+    pub(crate) mailboxes: Vec<Mailbox>,
+}
+
+/// The parent's ends of one mailbox: where a parked worker waits for a task.
+pub(crate) struct Mailbox {
+    /// Jobs go out here, to whichever worker is parked on the other end.
+    pub(crate) jobs: OwnedFd,
+    /// The zygote reports here: `Started` when a worker parks, `Exited` when
+    /// it has been reaped.
+    pub(crate) reports: OwnedFd,
 }
 
 /// Sizes the zygote is started with.
@@ -60,6 +71,8 @@ pub(crate) struct Limits {
     pub(crate) slots: u32,
     pub(crate) slot_bytes: usize,
     pub(crate) max_payload: u64,
+    /// Workers to keep forked and parked, ready for a task.
+    pub(crate) parked: u32,
 }
 
 /// Forks the zygote. Fails with [`ErrorKind::MultiThreaded`] unless the calling
@@ -78,6 +91,14 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
+    let mut mailboxes = Vec::new();
+    let mut mailbox_ends = Vec::new();
+    for _ in 0..limits.parked {
+        let (jobs, jobs_worker) = sys::seqpacket_pair()?;
+        let (reports, reports_zygote) = sys::seqpacket_pair()?;
+        mailboxes.push(Mailbox { jobs, reports });
+        mailbox_ends.push((jobs_worker, reports_zygote));
+    }
     let parent = sys::getpid();
     // Buffered output flushed now is written once, by us, instead of once by
     // us and once more by every worker that later flushes its inherited copy.
@@ -98,6 +119,10 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
                 ring: &ring,
                 command: command_zygote.as_fd(),
                 spill: spill_workers.as_fd(),
+                mailboxes: mailbox_ends
+                    .iter()
+                    .map(|(j, r)| (j.as_fd(), r.as_fd()))
+                    .collect(),
                 parent,
                 limits,
             };
@@ -110,6 +135,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
         Forked::Parent(pid) => {
             drop(command_zygote);
             drop(spill_workers);
+            drop(mailbox_ends);
             drop(ring_fd);
             // Race-free: the zygote is our unreaped child (SAFETY.md P2).
             let pidfd = match sys::pidfd_open(pid) {
@@ -128,6 +154,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
                 command,
                 spill,
                 ring,
+                mailboxes,
             })
         }
     }
@@ -138,6 +165,9 @@ struct Zygote<'a> {
     ring: &'a Ring,
     command: BorrowedFd<'a>,
     spill: BorrowedFd<'a>,
+    /// Per mailbox: the workers' end of its job socket, the zygote's end of
+    /// its report socket.
+    mailboxes: Vec<(BorrowedFd<'a>, BorrowedFd<'a>)>,
     parent: Pid,
     limits: Limits,
 }
@@ -147,8 +177,11 @@ struct Child {
     pid: Pid,
     pidfd: OwnedFd,
     /// The zygote's end of the task's report socket; `None` if the parent
-    /// closed its end entirely (nobody is left to report to).
+    /// closed its end entirely (nobody is left to report to), and for a
+    /// parked worker, which reports through its mailbox.
     report: Option<OwnedFd>,
+    /// For a parked worker: its mailbox.
+    mailbox: Option<usize>,
 }
 
 /// epoll token of the command socket; task tokens are `2 * id + 2` (pidfd)
@@ -163,10 +196,14 @@ impl Zygote<'_> {
         if !sys::die_with_parent(self.parent) {
             sys::exit_now(0);
         }
+        let mut keep = vec![sys::raw(self.command), sys::raw(self.spill)];
+        for (jobs, reports) in &self.mailboxes {
+            keep.extend([sys::raw(jobs), sys::raw(reports)]);
+        }
         // SAFETY: SAFETY.md F3. We are the just-forked, single-threaded
         // zygote; the fds closed here are the parent's, inherited, and no
         // object that owns one is used again (`serve` never returns).
-        unsafe { sys::close_fds_except(&[sys::raw(self.command), sys::raw(self.spill)]) };
+        unsafe { sys::close_fds_except(&keep) };
         match self.run() {
             Ok(never) => match never {},
             Err(_) => sys::exit_now(1),
@@ -185,7 +222,17 @@ impl Zygote<'_> {
         let mut next_id = 0u64;
         let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
         let mut events = Vec::with_capacity(64);
+        // Mailboxes without a parked worker (a failed fork is retried after
+        // the next reap, when resources may have come back).
+        let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
         loop {
+            while let Some(&i) = empty.last() {
+                let Some(child) = self.park(i) else { break };
+                empty.pop();
+                add(child.pidfd.as_fd(), 2 * next_id + 2, epoll::EventFlags::IN)?;
+                children.insert(next_id, child);
+                next_id += 1;
+            }
             events.clear();
             match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
                 Ok(_) => {}
@@ -237,9 +284,14 @@ impl Zygote<'_> {
                         sys::waitid_pidfd(child.pidfd.as_fd(), Wait::ReapIfExited)
                     {
                         if let Some(child) = children.remove(&id) {
+                            let frame = Report::Exited { status: status.0 }.encode();
                             if let Some(report) = &child.report {
-                                let frame = Report::Exited { status: status.0 }.encode();
                                 let _ = sys::send_frame(report.as_fd(), &frame, &[]);
+                            }
+                            if let Some(i) = child.mailbox {
+                                let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
+                                // Refilled at the top of the loop.
+                                empty.push(i);
                             }
                             // Dropping `child` closes the pidfd and the report
                             // socket, which also removes both from the epoll set.
@@ -347,12 +399,76 @@ impl Zygote<'_> {
                     // The parent already dropped the task: cancel it now.
                     let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
                 }
-                Some(Child { pid, pidfd, report })
+                Some(Child {
+                    pid,
+                    pidfd,
+                    report,
+                    mailbox: None,
+                })
             }
             Err(e) => {
                 fail(e.errno().unwrap_or(libc::EAGAIN));
                 None
             }
+        }
+    }
+}
+
+impl Zygote<'_> {
+    /// Forks a worker to park in mailbox `i` and reports it `Started` there.
+    fn park(&self, i: usize) -> Option<Child> {
+        let (jobs, reports) = self.mailboxes[i];
+        // A job sent to the previous occupant that it never read (it died
+        // first) must not be run by the next one: the parent sends a job only
+        // to a worker it has seen parked, so anything queued now is stale.
+        let mut scratch = [0u8; 64];
+        while let Ok(Some(_)) = sys::recv_frame(jobs, &mut scratch) {}
+        let zygote = sys::getpid();
+        // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
+        // life (see `spawn`).
+        let forked = unsafe { sys::fork() };
+        match forked {
+            Ok(Forked::Child) => sys::contain_child(|| {
+                // An owned copy, so the worker can close it before the task
+                // runs; the zygote's own fd number is closed by `prepare`.
+                let Ok(jobs) = jobs.try_clone_to_owned() else {
+                    sys::exit_now(1)
+                };
+                worker::park(
+                    zygote,
+                    jobs,
+                    self.spill,
+                    self.ring,
+                    self.ring.slots(),
+                    self.limits.max_payload,
+                )
+            }),
+            Ok(Forked::Parent(pid)) => {
+                let _ = rustix::process::setpgid(Some(pid), Some(pid));
+                let pidfd = match sys::pidfd_open(pid) {
+                    Ok(fd) => fd,
+                    Err(_) => {
+                        let _ = rustix::process::kill_process(pid, Signal::KILL);
+                        let _ = rustix::process::waitpid(
+                            Some(pid),
+                            rustix::process::WaitOptions::empty(),
+                        );
+                        return None;
+                    }
+                };
+                let started = Report::Started {
+                    pid: pid.as_raw_nonzero().get() as u32,
+                }
+                .encode();
+                let _ = sys::send_frame(reports, &started, &[pidfd.as_fd()]);
+                Some(Child {
+                    pid,
+                    pidfd,
+                    report: None,
+                    mailbox: Some(i),
+                })
+            }
+            Err(_) => None,
         }
     }
 }

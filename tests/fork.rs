@@ -25,6 +25,13 @@ fn main() {
         .start()
         .expect("start the shared zygote");
     let doomed = Zygote::start().expect("start the zygote the zygote-death test kills");
+    // Every worker forked on demand: the core trials run on this one too, so
+    // both the parked and the cold path are covered.
+    let cold = Zygote::builder()
+        .parked(0)
+        .max_in_flight(16)
+        .start()
+        .expect("start the zygote without parked workers");
     run_in_process::init().expect("start the global zygote");
     // tokio keeps a process-wide socketpair for its signal driver, created by
     // the first runtime; create it now so the fd checks do not count it.
@@ -40,34 +47,43 @@ fn main() {
             let z = zygote.clone();
             trials.push(Trial::test(stringify!($name), move || checked(&z, $name)));
         }};
+        ($name:ident, cold) => {{
+            trial!($name);
+            let z = cold.clone();
+            trials.push(Trial::test(
+                concat!(stringify!($name), "_cold"),
+                move || checked(&z, $name),
+            ));
+        }};
     }
-    trial!(value_round_trips);
+    trial!(value_round_trips, cold);
     trial!(side_effect_in_worker_is_visible_to_parent);
-    trial!(every_task_runs_in_a_fresh_process);
-    trial!(panic_becomes_panicked_with_message_and_location);
+    trial!(every_task_runs_in_a_fresh_process, cold);
+    trial!(panic_becomes_panicked_with_message_and_location, cold);
     trial!(sigsegv_becomes_signaled);
     trial!(abort_becomes_signaled);
     trial!(stack_overflow_becomes_signaled);
     trial!(process_exit_becomes_exited_with_code);
-    trial!(terminate_ends_uncooperative_task_with_sigterm);
-    trial!(kill_ends_task_with_sigkill);
+    trial!(terminate_ends_uncooperative_task_with_sigterm, cold);
+    trial!(kill_ends_task_with_sigkill, cold);
     trial!(send_signal_delivers_the_signal);
     trial!(cooperative_task_returns_value_after_terminate);
     trial!(polling_task_that_does_not_stop_is_killed_after_grace);
     trial!(wait_is_idempotent_and_reports_real_status);
-    trial!(dropping_run_future_kills_worker);
-    trial!(dropping_run_before_worker_starts_kills_it);
-    trial!(dropping_process_kills_worker);
-    trial!(timeout_gives_timed_out_and_worker_is_gone);
+    trial!(dropping_run_future_kills_worker, cold);
+    trial!(dropping_run_before_worker_starts_kills_it, cold);
+    trial!(dropping_process_kills_worker, cold);
+    trial!(timeout_gives_timed_out_and_worker_is_gone, cold);
     trial!(cooperative_task_may_return_value_within_grace_after_timeout);
-    trial!(thousand_concurrent_runs_complete_with_backpressure);
+    trial!(thousand_concurrent_runs_complete_with_backpressure, cold);
     trial!(unserializable_argument_fails_before_anything_runs);
     trial!(unserializable_result_is_codec_error);
     trial!(async_function_runs_in_worker);
-    trial!(large_argument_and_result_round_trip);
+    trial!(large_argument_and_result_round_trip, cold);
     trial!(global_init_and_run_in_process);
     trial!(start_from_multithreaded_process_is_refused);
     trial!(open_reports_running_then_finished);
+    trial!(parked_worker_runs_the_task_and_is_replaced);
     let z = zygote.clone();
     trials.push(Trial::test("zygote_death_fails_tasks_cleanly", move || {
         checked(&z, move |_| zygote_death_fails_tasks_cleanly(doomed))
@@ -492,6 +508,53 @@ async fn open_reports_running_then_finished(z: Zygote) -> TestResult {
     p.kill()?;
     p.wait().await?;
     ensure(p.state() == State::Finished, format!("{p:?}"))
+}
+
+/// Pids of the zygote's children: with no task in flight, its parked workers.
+fn zygote_children(z: &Zygote) -> BTreeSet<u32> {
+    common::processes()
+        .into_iter()
+        .filter(|p| p.ppid == z.pid() && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Waits (up to 10 s) until the zygote has `n` live children.
+async fn wait_for_children(z: &Zygote, n: usize) -> Result<BTreeSet<u32>, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = zygote_children(z);
+        if children.len() == n {
+            return Ok(children);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("zygote has {} children, not {n}", children.len()));
+        }
+        // The zygote parks a replacement after each reap; there is no event
+        // for "parked" visible from here, so poll the process table.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn parked_worker_runs_the_task_and_is_replaced(z: Zygote) -> TestResult {
+    let parked = run_in_process::DEFAULT_PARKED as usize;
+    let before = wait_for_children(&z, parked).await?;
+    let p = z.open(my_pid, ()).await?;
+    let pid = p.pid();
+    ensure(
+        before.contains(&pid),
+        format!("task ran in {pid}, not in a parked worker {before:?}"),
+    )?;
+    ensure(
+        p.result().await? == pid,
+        "the task ran in the pid it reported",
+    )?;
+    z.wait_idle().await;
+    let after = wait_for_children(&z, parked).await?;
+    ensure(
+        !after.contains(&pid),
+        "the worker that ran the task was replaced",
+    )
 }
 
 async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {

@@ -34,6 +34,7 @@ fn main() {
         .expect("start the shared zygote");
     let small = Zygote::builder()
         .max_payload(1 << 20)
+        .parked(0)
         .start()
         .expect("start the small-limit zygote");
     // tokio's process-wide signal socketpair, created by the first runtime.

@@ -48,9 +48,12 @@ pub(crate) fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> T
     if !zombies.is_empty() {
         return Err(format!("zombie children: {zombies:?}").into());
     }
-    let strays: Vec<_> = procs.iter().filter(|p| p.ppid == zygote.pid()).collect();
-    if !strays.is_empty() {
-        return Err(format!("processes left under the zygote: {strays:?}").into());
+    // The zygote's only children now should be its parked workers: idle,
+    // alive, and no more than it keeps (the default).
+    let children: Vec<_> = procs.iter().filter(|p| p.ppid == zygote.pid()).collect();
+    let parked_max = run_in_process::DEFAULT_PARKED as usize;
+    if children.len() > parked_max || children.iter().any(|p| p.state == 'Z') {
+        return Err(format!("processes left under the zygote: {children:?}").into());
     }
     if zygote.workers() != 0 {
         return Err(format!("{} workers still counted", zygote.workers()).into());

@@ -1,0 +1,117 @@
+//! Parked workers, parent side: which mailbox has a worker waiting, and who is
+//! using which.
+//!
+//! The zygote keeps one worker forked and parked per mailbox (Android's USAP
+//! pool idea: the fork happens before the task, off its critical path). A
+//! mailbox is two socket pairs made before the zygote was forked, so no fd
+//! ever has to be passed to set it up: a *job* socket, on which the parked
+//! worker waits for exactly one task, and a *report* socket, on which the
+//! zygote says `Started` (with the worker's pidfd) when a worker parks and
+//! `Exited` when it has been reaped. Every task still gets a fresh process:
+//! a parked worker runs one task and exits, and the zygote parks a new one.
+//!
+//! A mailbox moves `Empty → Ready → Busy → Empty`. Only the task that made it
+//! `Busy` reads its report socket, and it stops right after the `Exited`
+//! report, so the next `Started` stays queued for the next claimer.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use crate::process::Inner;
+use crate::sys;
+use crate::wire::{REPORT_LEN, Report};
+use crate::zygote::Mailbox;
+
+/// The parent's table of mailboxes.
+pub(crate) struct Mailboxes {
+    states: Mutex<Vec<State>>,
+}
+
+enum State {
+    /// No worker known to be parked: read the report socket to find out.
+    Empty,
+    /// A worker is parked; its pid and pidfd came with `Started`.
+    Ready { pid: u32, pidfd: OwnedFd },
+    /// A task is using the worker; it owns the report socket until `Exited`.
+    Busy,
+    /// The report socket ended: the zygote is gone.
+    Dead,
+}
+
+/// A parked worker, claimed for one task.
+pub(crate) struct Claim {
+    pub(crate) index: usize,
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+}
+
+impl Mailboxes {
+    pub(crate) fn new(count: usize) -> Mailboxes {
+        Mailboxes {
+            states: Mutex::new((0..count).map(|_| State::Empty).collect()),
+        }
+    }
+
+    /// Claims a mailbox whose worker is parked, if there is one. Never blocks:
+    /// it only reads reports that are already queued.
+    pub(crate) fn claim(&self, boxes: &[Mailbox]) -> Option<Claim> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, (state, mailbox)) in states.iter_mut().zip(boxes).enumerate() {
+            if matches!(state, State::Empty) {
+                *state = read_parked(mailbox);
+            }
+            if matches!(state, State::Ready { .. }) {
+                let State::Ready { pid, pidfd } = std::mem::replace(state, State::Busy) else {
+                    unreachable!("matched Ready just above")
+                };
+                return Some(Claim { index, pid, pidfd });
+            }
+        }
+        None
+    }
+
+    /// Returns a mailbox after its worker's `Exited` report has been read (or
+    /// its report socket ended).
+    fn release(&self, index: usize) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = states.get_mut(index) {
+            if matches!(state, State::Busy) {
+                *state = State::Empty;
+            }
+        }
+    }
+}
+
+/// Reads a mailbox's queued reports: `Ready` once a `Started` arrives.
+fn read_parked(mailbox: &Mailbox) -> State {
+    let mut buf = [0u8; REPORT_LEN + 1];
+    loop {
+        match sys::recv_frame(mailbox.reports.as_fd(), &mut buf) {
+            Ok(Some(frame)) => {
+                if let (Ok(Report::Started { pid }), false) =
+                    (Report::decode(&buf[..frame.len]), frame.truncated)
+                {
+                    if let Some(pidfd) = frame.fds.into_iter().next() {
+                        return State::Ready { pid, pidfd };
+                    }
+                }
+                // Anything else (an `Exited` nobody waited for) is stale.
+            }
+            Err(e) if e.is_would_block() => return State::Empty,
+            Ok(None) | Err(_) => return State::Dead,
+        }
+    }
+}
+
+/// Holds a claimed mailbox; dropping it makes the mailbox claimable again.
+/// Dropped only once the worker's `Exited` report has been read.
+pub(crate) struct MailboxGuard {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) index: usize,
+}
+
+impl Drop for MailboxGuard {
+    fn drop(&mut self) {
+        self.inner.mailboxes.release(self.index);
+    }
+}
