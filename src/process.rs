@@ -710,15 +710,10 @@ impl Drop for Inner {
         // within a second is killed.
         let _ = rustix::net::shutdown(&self.process.command, rustix::net::Shutdown::Write);
         let pidfd = self.process.pidfd.as_fd();
-        let mut pfd = [rustix::event::PollFd::new(
-            &pidfd,
-            rustix::event::PollFlags::IN,
-        )];
-        let second = rustix::time::Timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
-        };
-        if !matches!(rustix::event::poll(&mut pfd, Some(&second)), Ok(n) if n > 0) {
+        if !matches!(
+            sys::poll_readable(pidfd, Some(Duration::from_secs(1))),
+            Ok(true)
+        ) {
             let _ = sys::pidfd_send_signal(pidfd, Signal::KILL);
         }
         let _ = sys::waitid_pidfd(pidfd, Wait::Reap);
@@ -755,11 +750,15 @@ where
     R: Serialize,
 {
     let f = conjure::<F>();
-    let arg: A = match codec::decode(arg, limit) {
-        Ok(a) => a,
-        Err(e) => return Outcome::CodecFailed(format!("cannot decode the argument: {e}")),
-    };
-    encode_result(&f(arg))
+    match decode_arg(arg, limit) {
+        Ok(arg) => encode_result(&f(arg)),
+        Err(failed) => failed,
+    }
+}
+
+fn decode_arg<A: DeserializeOwned>(arg: &[u8], limit: usize) -> Result<A, Outcome> {
+    codec::decode(arg, limit)
+        .map_err(|e| Outcome::CodecFailed(format!("cannot decode the argument: {e}")))
 }
 
 fn entry_async<F, Fut, A, R>(arg: &[u8], limit: usize) -> Outcome
@@ -770,9 +769,9 @@ where
     R: Serialize,
 {
     let f = conjure::<F>();
-    let arg: A = match codec::decode(arg, limit) {
+    let arg: A = match decode_arg(arg, limit) {
         Ok(a) => a,
-        Err(e) => return Outcome::CodecFailed(format!("cannot decode the argument: {e}")),
+        Err(failed) => return failed,
     };
     // A runtime of the worker's own, created after the fork: the zygote never
     // starts one (SAFETY.md F1), and this process is disposable.

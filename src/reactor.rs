@@ -141,9 +141,13 @@ impl TaskIo {
                 .try_clone()
                 .map_err(|e| Error::io("dup", e))?;
             // The job socket is empty (the zygote drains it before parking a
-            // worker), so this non-blocking send cannot find it full.
-            sys::send_frame(mailbox.jobs.as_fd(), &frame, &fds)?;
-            claimed = Some((guard, report, claim.pid, claim.pidfd));
+            // worker), so this non-blocking send cannot find it full. It fails
+            // if the worker died while parked (with the zygote, say): then
+            // forget the mailbox and fall through to the cold path, which
+            // reports a dead zygote as such.
+            if sys::send_frame(mailbox.jobs.as_fd(), &frame, &fds).is_ok() {
+                claimed = Some((guard, report, claim.pid, claim.pidfd));
+            }
         }
         let (report, mailbox, pid, pidfd) = match claimed {
             Some((guard, report, pid, pidfd)) => (report, Some(guard), Some(pid), Some(pidfd)),
@@ -501,15 +505,7 @@ impl Reaper {
                 if reaped(&reports) || end != Drained::WouldBlock {
                     break;
                 }
-                let mut pfd = [rustix::event::PollFd::new(
-                    &fd,
-                    rustix::event::PollFlags::IN,
-                )];
-                let tick = rustix::time::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 100_000_000,
-                };
-                let _ = rustix::event::poll(&mut pfd, Some(&tick));
+                let _ = sys::poll_readable(fd.as_fd(), Some(Duration::from_millis(100)));
             }
         }
         self.lease = None;

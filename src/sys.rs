@@ -404,16 +404,25 @@ pub(crate) fn recv_frame(sock: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<Opti
     }))
 }
 
-/// `poll([fd, POLLIN], -1)`: blocks until `fd` is readable (or hung up); see
-/// `poll(2)`. For the zygote's children, which have no event loop.
-pub(crate) fn wait_readable(fd: BorrowedFd<'_>) -> SysResult<()> {
+/// `poll([fd, POLLIN], timeout)`: blocks until `fd` is readable (or hung up)
+/// or `timeout` passes; returns whether it is readable. `None` waits forever.
+/// See `poll(2)`. For code without an event loop: the zygote's children, and
+/// clean-up that runs outside any runtime.
+pub(crate) fn poll_readable(
+    fd: BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> SysResult<bool> {
+    let timeout = timeout.map(|t| rustix::time::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: t.subsec_nanos().into(),
+    });
     let mut fds = [rustix::event::PollFd::new(
         &fd,
         rustix::event::PollFlags::IN,
     )];
     loop {
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => return Ok(()),
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => return Ok(n > 0),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(SysError::new("poll", e)),
         }
@@ -447,6 +456,16 @@ pub(crate) fn get_seals(fd: BorrowedFd<'_>) -> SysResult<SealFlags> {
 /// so the pid cannot have been recycled (SAFETY.md P2).
 pub(crate) fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
     rustix::process::pidfd_open(pid, PidfdFlags::empty()).call("pidfd_open")
+}
+
+/// [`pidfd_open`] on a child forked a moment ago; if that fails, kills and
+/// reaps the child at once, since without a pidfd nobody could watch or reap
+/// it race-free later.
+pub(crate) fn pidfd_open_child(pid: Pid) -> SysResult<OwnedFd> {
+    pidfd_open(pid).inspect_err(|_| {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+    })
 }
 
 /// Converts a user-supplied signal number into rustix's [`Signal`].

@@ -154,8 +154,8 @@ pub(crate) fn park(
     warm_up();
     let mut buf = vec![0u8; wire::REQUEST_HEADER + crate::zygote::INLINE_ARG_MAX];
     let frame = loop {
-        match sys::wait_readable(jobs.as_fd())
-            .and_then(|()| sys::recv_frame(jobs.as_fd(), &mut buf))
+        match sys::poll_readable(jobs.as_fd(), None)
+            .and_then(|_| sys::recv_frame(jobs.as_fd(), &mut buf))
         {
             Ok(Some(frame)) => break frame,
             Err(e) if e.is_would_block() => continue,

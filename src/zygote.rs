@@ -138,16 +138,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             drop(mailbox_ends);
             drop(ring_fd);
             // Race-free: the zygote is our unreaped child (SAFETY.md P2).
-            let pidfd = match sys::pidfd_open(pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    // Without a pidfd we cannot reap it later; end it now.
-                    let _ = rustix::process::kill_process(pid, Signal::KILL);
-                    let _ =
-                        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-                    return Err(e.into());
-                }
-            };
+            let pidfd = sys::pidfd_open_child(pid)?;
             Ok(ZygoteProcess {
                 pid,
                 pidfd,
@@ -371,14 +362,9 @@ impl Zygote<'_> {
                 // Also done by the child; doing it here too closes the window
                 // in which a kill(-pid) would miss the child's group.
                 let _ = rustix::process::setpgid(Some(pid), Some(pid));
-                let pidfd = match sys::pidfd_open(pid) {
+                let pidfd = match sys::pidfd_open_child(pid) {
                     Ok(fd) => fd,
                     Err(e) => {
-                        let _ = rustix::process::kill_process(pid, Signal::KILL);
-                        let _ = rustix::process::waitpid(
-                            Some(pid),
-                            rustix::process::WaitOptions::empty(),
-                        );
                         fail(e.errno().unwrap_or(libc::EIO));
                         return None;
                     }
@@ -445,17 +431,7 @@ impl Zygote<'_> {
             }),
             Ok(Forked::Parent(pid)) => {
                 let _ = rustix::process::setpgid(Some(pid), Some(pid));
-                let pidfd = match sys::pidfd_open(pid) {
-                    Ok(fd) => fd,
-                    Err(_) => {
-                        let _ = rustix::process::kill_process(pid, Signal::KILL);
-                        let _ = rustix::process::waitpid(
-                            Some(pid),
-                            rustix::process::WaitOptions::empty(),
-                        );
-                        return None;
-                    }
-                };
+                let pidfd = sys::pidfd_open_child(pid).ok()?;
                 let started = Report::Started {
                     pid: pid.as_raw_nonzero().get() as u32,
                 }
