@@ -27,6 +27,12 @@ fn identity(v: Vec<u8>) -> Vec<u8> {
     v
 }
 
+/// The same bytes as one serde byte string (`serde_bytes`), which the codec
+/// copies in one piece instead of element by element.
+fn identity_bytes(v: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
+    v
+}
+
 fn main() {
     procspawn::init();
     // `cargo bench` passes `--bench`; any other argument would be a filter,
@@ -37,59 +43,107 @@ fn main() {
     let echo = Echo::fork();
     let raw = RawForkServer::fork();
     let zygote = Zygote::start().expect("start the zygote");
+    let cold_zygote = Zygote::builder()
+        .parked(0)
+        .start()
+        .expect("start the zygote without parked workers");
 
     let mut rows: Vec<Row> = Vec::new();
 
-    // Floors, before any thread exists.
-    let fork_wait = Stats::of(measure(n, || {
-        let pid = fork_then(|| ());
-        reap(pid);
-    }));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let efd = eventfd();
-    let fork_wake = Stats::of(measure(n, || {
-        let pid = fork_then(|| write_u64(efd.as_raw_fd(), 1));
-        read_u64(efd.as_raw_fd());
-        // The reap is not on the caller's path in the crate either, but it
-        // must happen before the next fork so children never pile up.
-        let t = Instant::now();
-        reap(pid);
-        black_box(t.elapsed());
-    }));
-    let ping = Stats::of(measure(n * 5, || echo.round_trip()));
+    rt.block_on(async {
+        assert_eq!(
+            zygote.run(noop, 7).await.expect("run"),
+            7,
+            "noop returns its argument"
+        );
+        assert_eq!(
+            cold_zygote.run(noop, 7).await.expect("run"),
+            7,
+            "noop returns its argument"
+        );
+        warm_up(&zygote).await;
+        warm_up(&cold_zygote).await;
+    });
+
+    // Floors and this crate's noop runs, measured in alternating rounds: this
+    // VM's fork cost drifts by 2x within minutes, and interleaving makes the
+    // drift hit numerators and denominators alike. No thread exists yet (the
+    // runtime is current-thread), so the floors fork from a single-threaded
+    // process, as the zygote does.
+    const ROUNDS: usize = 10;
+    let per = n / ROUNDS;
+    let (mut fork_wait, mut fork_wake) = (Vec::new(), Vec::new());
+    let (mut ping_same, mut ping_cross) = (Vec::new(), Vec::new());
+    let (mut cold, mut warm, mut warm_paced) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        fork_wait.extend(measure(per, || {
+            let pid = fork_then(|| ());
+            reap(pid);
+        }));
+        fork_wake.extend(measure(per, || {
+            let pid = fork_then(|| write_u64(efd.as_raw_fd(), 1));
+            read_u64(efd.as_raw_fd());
+            // The reap is not on the caller's path in the crate either, but
+            // it must happen before the next fork so children never pile up.
+            let t = Instant::now();
+            reap(pid);
+            black_box(t.elapsed());
+        }));
+        // Pinned both ways: unpinned, the scheduler puts a long-lived echo
+        // child on the parent's CPU or the other one by luck, and the round
+        // trip is 10x apart between the two.
+        pin(0, 0);
+        pin(echo.pid, 0);
+        ping_same.extend(measure(per, || echo.round_trip()));
+        pin(echo.pid, 1);
+        ping_cross.extend(measure(per, || echo.round_trip()));
+        unpin(0);
+        unpin(echo.pid);
+        rt.block_on(async {
+            cold.extend(runs(&cold_zygote, per, Duration::ZERO).await);
+            warm.extend(runs(&zygote, per, Duration::ZERO).await);
+            // A pause before each task lets the zygote park a replacement,
+            // so every task meets a parked worker.
+            warm_paced.extend(runs(&zygote, per, Duration::from_millis(2)).await);
+        });
+    }
+    let (fork_wait, fork_wake) = (Stats::of(fork_wait), Stats::of(fork_wake));
+    let (ping_same, ping) = (Stats::of(ping_same), Stats::of(ping_cross));
+    let (cold, warm, warm_paced) = (Stats::of(cold), Stats::of(warm), Stats::of(warm_paced));
     rows.push(Row::new("floor: fork + _exit + waitpid", fork_wait));
     rows.push(Row::new(
         "floor: fork -> child rings eventfd -> parent wakes",
         fork_wake,
     ));
     rows.push(Row::new(
-        "floor: eventfd ping-pong between live processes",
-        ping,
+        "floor: eventfd ping-pong, both on one CPU",
+        ping_same,
     ));
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-
-    // This crate.
-    let cold = rt.block_on(async {
-        assert_eq!(
-            zygote.run(noop, 7).await.expect("run"),
-            7,
-            "noop returns its argument"
-        );
-        warm_up(&zygote).await;
-        Stats::of(
-            measure_async(n, || async {
-                black_box(zygote.run(noop, 1).await.expect("run"))
-            })
-            .await,
-        )
-    });
+    rows.push(Row::new("floor: eventfd ping-pong, across CPUs", ping));
     rows.push(
-        Row::new("run_in_process: noop run (fork per task)", cold)
+        Row::new("run_in_process: noop run, forked on demand (cold)", cold)
             .vs(&fork_wake, "fork->wake floor"),
     );
+    rows.push(
+        Row::new(
+            "run_in_process: noop run, parked workers, back to back",
+            warm,
+        )
+        .vs(&ping, "cross-CPU ping-pong"),
+    );
+    rows.push(
+        Row::new(
+            "run_in_process: noop run, parked workers, 2 ms apart",
+            warm_paced,
+        )
+        .vs(&ping, "cross-CPU ping-pong"),
+    );
+
     let open = rt.block_on(async {
         Stats::of(
             measure_async(n / 2, || async {
@@ -139,6 +193,25 @@ fn main() {
             black_box(
                 zygote
                     .run(identity, big.clone())
+                    .await
+                    .expect("64 MiB")
+                    .len(),
+            )
+        })
+        .await;
+        Stats::of(times)
+    });
+    let payload_bytes = rt.block_on(async {
+        let big = serde_bytes::ByteBuf::from(vec![0x5au8; 64 << 20]);
+        let back = zygote
+            .run(identity_bytes, big.clone())
+            .await
+            .expect("64 MiB");
+        assert!(back == big, "64 MiB round trip");
+        let times = measure_async(if quick { 2 } else { 5 }, || async {
+            black_box(
+                zygote
+                    .run(identity_bytes, big.clone())
                     .await
                     .expect("64 MiB")
                     .len(),
@@ -216,7 +289,9 @@ fn main() {
     };
 
     let zygote_rss = rss_kib(zygote.pid());
+    let parked_private = parked_private_kib(&zygote);
     drop(zygote);
+    drop(cold_zygote);
     echo.stop();
     raw.stop();
 
@@ -246,24 +321,29 @@ fn main() {
     }
     if let Some(b) = &big_parent {
         out += &format!(
-            "| run_in_process: noop run, parent holding 2 GiB | {} | {} | {:.2}x the small-parent p50 |\n",
+            "| run_in_process: noop run, parked workers, parent holding 2 GiB | {} | {} | {:.2}x the small-parent p50 |\n",
             us(b.p50),
             us(b.p99),
-            b.p50.as_secs_f64() / cold.p50.as_secs_f64()
+            b.p50.as_secs_f64() / warm.p50.as_secs_f64()
         );
     }
     out += "\n| throughput | tasks/s |\n|---|---:|\n";
     for (name, t) in &throughput {
         out += &format!("| {name} | {t:.0} |\n");
     }
-    let gbps = (64u64 << 20) as f64 / payload.p50.as_secs_f64() / 1e9;
+    let gbps = |s: &Stats| 2.0 * (64u64 << 20) as f64 / s.p50.as_secs_f64() / 1e9;
     out += &format!(
-        "\n64 MiB argument and 64 MiB result: p50 {} per round trip, {:.2} GB/s each way.\n",
+        "\n64 MiB argument and 64 MiB result, one round trip: as `Vec<u8>` (serde, element by element) p50 {} ({:.2} GB/s moved); as `serde_bytes::ByteBuf` p50 {} ({:.2} GB/s moved).\n",
         us(payload.p50),
-        2.0 * gbps
+        gbps(&payload),
+        us(payload_bytes.p50),
+        gbps(&payload_bytes)
     );
     if let Some(rss) = zygote_rss {
         out += &format!("Zygote resident set: {rss} KiB.\n");
+    }
+    if let Some(kib) = parked_private {
+        out += &format!("Private memory of an idle parked worker: {kib} KiB.\n");
     }
     let ratio = |a: &Stats, b: &Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
     out += "\nRatios (p50):\n\n";
@@ -277,8 +357,13 @@ fn main() {
         ratio(&procspawn_spawn, &cold)
     );
     out += &format!(
-        "- procspawn Pool / cold run: {:.2}x\n",
-        ratio(&procspawn_pool, &cold)
+        "- parked run, 2 ms apart / cross-CPU ping-pong floor: {:.2}x; back to back: {:.2}x\n",
+        ratio(&warm_paced, &ping),
+        ratio(&warm, &ping)
+    );
+    out += &format!(
+        "- procspawn Pool(2) / parked run, 2 ms apart: {:.2}x (above 1 means we are faster)\n",
+        ratio(&procspawn_pool, &warm_paced)
     );
     out += &format!(
         "- tokio::process /bin/true / cold run: {:.1}x faster\n",
@@ -299,10 +384,25 @@ fn main() {
 
     print!("{out}");
     let _ = std::fs::create_dir_all("target");
+    let _ = std::fs::write("target/compare.svg", svg(&rows, &date));
     if let Ok(mut f) = std::fs::File::create("target/compare.md") {
         let _ = f.write_all(out.as_bytes());
-        println!("\n(written to target/compare.md)");
+        println!("\n(written to target/compare.md and target/compare.svg)");
     }
+}
+
+/// `n` sequential noop runs, each after `gap`; the time of each.
+async fn runs(z: &Zygote, n: usize, gap: Duration) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        let t = Instant::now();
+        black_box(z.run(noop, 1).await.expect("run"));
+        times.push(t.elapsed());
+    }
+    times
 }
 
 async fn warm_up(z: &Zygote) {
@@ -310,6 +410,60 @@ async fn warm_up(z: &Zygote) {
         black_box(z.run(noop, 1).await.expect("warm-up run"));
     }
     z.wait_idle().await;
+}
+
+/// A horizontal bar chart of the latency rows: p50 bars, p99 whiskers, on a
+/// log scale so floors and peers of very different sizes fit one picture.
+fn svg(rows: &[Row], date: &str) -> String {
+    let (left, width, bar, gap) = (420.0, 460.0, 16.0, 8.0);
+    let height = 60.0 + rows.len() as f64 * (bar + gap);
+    let (lo, hi) = (1.0f64.log10(), 20_000.0f64.log10()); // 1 µs .. 20 ms
+    let x = |d: Duration| {
+        let us = (d.as_secs_f64() * 1e6).clamp(1.0, 20_000.0);
+        left + (us.log10() - lo) / (hi - lo) * width
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">run-in-process: per-task latency, p50 (bar) and p99 (whisker), log scale. {date}</text>\n",
+        left + width + 40.0
+    );
+    for tick in [1.0, 10.0, 100.0, 1_000.0, 10_000.0] {
+        let tx = x(Duration::from_secs_f64(tick / 1e6));
+        let label = if tick >= 1000.0 {
+            format!("{} ms", tick / 1000.0)
+        } else {
+            format!("{tick} µs")
+        };
+        out += &format!(
+            "<line x1=\"{tx:.1}\" y1=\"30\" x2=\"{tx:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{tx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n",
+            height - 20.0,
+            height - 6.0
+        );
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let y = 36.0 + i as f64 * (bar + gap);
+        let colour = if r.name.starts_with("floor") {
+            "#999"
+        } else if r.name.starts_with("peer") {
+            "#d98c3f"
+        } else {
+            "#3f7fd9"
+        };
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n\
+             <rect x=\"{left}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bar}\" fill=\"{colour}\"/>\n\
+             <line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n",
+            left - 8.0,
+            y + bar - 4.0,
+            r.name,
+            (x(r.stats.p50) - left).max(1.0),
+            x(r.stats.p50),
+            y + bar / 2.0,
+            x(r.stats.p99),
+            y + bar / 2.0
+        );
+    }
+    out + "</svg>\n"
 }
 
 // ---------------------------------------------------------------------------
@@ -404,6 +558,22 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// Private (not shared with the zygote) memory of one idle parked worker,
+/// from `/proc/<pid>/smaps_rollup`.
+fn parked_private_kib(z: &Zygote) -> Option<u64> {
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", z.pid())).ok()?;
+    let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Some(field("Private_Clean:") + field("Private_Dirty:"))
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -455,6 +625,32 @@ fn reap(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: waiting for our own child with a valid status pointer.
     unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Pins process `pid` (0: this one) to `cpu`, if the machine has it.
+fn pin(pid: libc::pid_t, cpu: usize) {
+    if cpu >= std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is the empty set (all bits clear).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below the CPU count, far below CPU_SETSIZE, so the
+    // bit CPU_SET writes is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of the size we pass; this affects scheduling only.
+    unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+/// Lets process `pid` (0: this one) run on every CPU again.
+fn unpin(pid: libc::pid_t) {
+    // SAFETY: a zeroed cpu_set_t is the empty set (all bits clear).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        // SAFETY: `cpu` is below the CPU count, far below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: a valid set of the size we pass; this affects scheduling only.
+    unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
 /// A child that answers each eventfd write with one of its own.
