@@ -306,7 +306,7 @@ fn main() {
     out += &format!(
         "Measured {date} on {} ({} CPUs), {} iterations per latency row.\n\n",
         machine(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus(),
         n
     );
     out += "| operation | p50 | p99 | vs floor |\n|---|---:|---:|---|\n";
@@ -627,9 +627,17 @@ fn reap(pid: libc::pid_t) {
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
+/// CPUs online, whatever this process's affinity (which `available_parallelism`
+/// would follow, and which `pin` changes).
+fn cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
 /// Pins process `pid` (0: this one) to `cpu`, if the machine has it.
 fn pin(pid: libc::pid_t, cpu: usize) {
-    if cpu >= std::thread::available_parallelism().map_or(1, |n| n.get()) {
+    if cpu >= cpus() {
         return;
     }
     // SAFETY: a zeroed cpu_set_t is the empty set (all bits clear).
@@ -645,7 +653,7 @@ fn pin(pid: libc::pid_t, cpu: usize) {
 fn unpin(pid: libc::pid_t) {
     // SAFETY: a zeroed cpu_set_t is the empty set (all bits clear).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+    for cpu in 0..cpus() {
         // SAFETY: `cpu` is below the CPU count, far below CPU_SETSIZE.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
