@@ -72,8 +72,8 @@ impl SharedWords {
     }
 }
 
-// Safety of Send/Sync comes from MmapRaw (Send + Sync) plus the fact that we
-// only hand out atomics; no impl is needed.
+// `SharedWords` is Send and Sync because `MmapRaw` is, and it only hands out
+// atomics; no manual impl is needed.
 
 /// Writes `data` into a new memfd and seals it read-only (write, grow, shrink
 /// and further sealing all forbidden), so its reader can map it as plain bytes.

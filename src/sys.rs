@@ -280,8 +280,8 @@ pub(crate) fn reset_signals() {
     // Every signal was blocked across the fork; unblock them all now that no
     // inherited handler is left to run.
     let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: `sigemptyset` initialises the set it is given (sigsetops(3),
-    // SAFETY.md F5).
+    // SAFETY: `sigemptyset` initialises the set it is given; see
+    // sigsetops(3) and SAFETY.md F5.
     unsafe { libc::sigemptyset(empty.as_mut_ptr()) };
     // SAFETY: initialised by `sigemptyset` just above (SAFETY.md F5).
     let empty = unsafe { empty.assume_init() };
