@@ -156,20 +156,44 @@ fn sleep_forever(_: ()) -> u64 {
     }
 }
 
-fn count_until_stopped(_: ()) -> u64 {
+/// Counts until asked to stop. Having called `stop_requested` once (which
+/// makes it cooperative), it creates `ready`, if given, so the test knows a
+/// stop request will now be a request, not a SIGTERM death.
+fn count_until_stopped(ready: Option<PathBuf>) -> u64 {
     let mut n = 0u64;
     while !run_in_process::stop_requested() {
+        if n == 0 {
+            if let Some(path) = &ready {
+                std::fs::write(path, b"cooperative").expect("write the ready marker");
+            }
+        }
         n += 1;
         std::thread::sleep(Duration::from_millis(1));
     }
     n + 1_000_000
 }
 
-fn polls_but_never_stops(_: ()) -> u64 {
+fn polls_but_never_stops(ready: PathBuf) -> u64 {
     let _ = run_in_process::stop_requested();
+    std::fs::write(&ready, b"cooperative").expect("write the ready marker");
     loop {
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Waits (up to 10 s) for a task to create `path`, then removes it.
+async fn wait_for_marker(path: &std::path::Path) -> TestResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // A file has no wake-up to await; poll it with a deadline.
+    while !path.exists() {
+        ensure(
+            std::time::Instant::now() < deadline,
+            "the task never became cooperative",
+        )?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    std::fs::remove_file(path)?;
+    Ok(())
 }
 
 fn spin(_: ()) -> u64 {
@@ -343,23 +367,24 @@ async fn send_signal_delivers_the_signal(z: Zygote) -> TestResult {
 }
 
 async fn cooperative_task_returns_value_after_terminate(z: Zygote) -> TestResult {
-    let p = z.open(count_until_stopped, ()).await?;
-    // Let it reach its loop (it must have called stop_requested once to be
-    // cooperative); a cooperative worker exits by itself, an early one dies of
-    // SIGTERM and the assertion below reports it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ready = marker_path("cooperative");
+    let _ = std::fs::remove_file(&ready);
+    let p = z.open(count_until_stopped, Some(ready.clone())).await?;
+    wait_for_marker(&ready).await?;
     p.terminate()?;
     let n = p.result().await?;
     ensure(n >= 1_000_000, format!("value {n}"))
 }
 
 async fn polling_task_that_does_not_stop_is_killed_after_grace(z: Zygote) -> TestResult {
+    let ready = marker_path("polling");
+    let _ = std::fs::remove_file(&ready);
     let p = z
-        .task(polls_but_never_stops, ())
+        .task(polls_but_never_stops, ready.clone())
         .grace(Duration::from_millis(200))
         .open()
         .await?;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_for_marker(&ready).await?;
     p.terminate()?;
     let e = p.result().await.unwrap_err();
     ensure(e.signal() == Some(libc::SIGKILL), format!("{e:?}"))
@@ -418,7 +443,7 @@ async fn timeout_gives_timed_out_and_worker_is_gone(z: Zygote) -> TestResult {
 
 async fn cooperative_task_may_return_value_within_grace_after_timeout(z: Zygote) -> TestResult {
     let n = z
-        .task(count_until_stopped, ())
+        .task(count_until_stopped, None)
         .timeout(Duration::from_millis(100))
         .run()
         .await?;
