@@ -50,7 +50,9 @@
 //! ```
 //!
 //! The zygote reaps its workers and reports their exit status; the parent reaps
-//! the zygote. A worker commits its result to a shared-memory slot and rings its
+//! the zygote. The zygote also keeps a few workers forked ahead of time
+//! ([`Builder::parked`]): a task goes straight to one through a private
+//! socket, skipping the fork, and each still runs exactly one task. A worker commits its result to a shared-memory slot and rings its
 //! eventfd *before* it exits, so the parent sees completion without waiting for
 //! the exit. If the parent dies, the zygote sees end-of-stream on its command
 //! socket (or, as a backstop, `PR_SET_PDEATHSIG`) and kills every worker; if the
