@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{TestResult, checked, ensure, process_exists};
-use libtest_mimic::{Arguments, Trial};
+use libtest_mimic::Trial;
 use run_in_process::{ErrorKind, State, Zygote};
 use serde::{Deserialize, Serialize};
 
@@ -33,13 +33,8 @@ fn main() {
         .start()
         .expect("start the zygote without parked workers");
     run_in_process::init().expect("start the global zygote");
-    // tokio keeps a process-wide socketpair for its signal driver, created by
-    // the first runtime; create it now so the fd checks do not count it.
-    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
 
-    let mut args = Arguments::from_args();
-    // One test thread: libtest-mimic then runs every trial on this thread.
-    args.test_threads = Some(1);
+    let args = common::harness_args();
 
     let mut trials = Vec::new();
     macro_rules! trial {

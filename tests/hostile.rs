@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{TestResult, checked, ensure};
-use libtest_mimic::{Arguments, Trial};
+use libtest_mimic::Trial;
 use run_in_process::{Error, ErrorKind, Zygote};
 
 fn main() {
@@ -26,10 +26,8 @@ fn main() {
         .max_in_flight(1)
         .start()
         .expect("start the one-slot zygote");
-    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
 
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
+    let args = common::harness_args();
     let mut trials = Vec::new();
     macro_rules! trial {
         ($z:expr, $name:ident) => {{

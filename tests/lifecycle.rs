@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestResult, checked, ensure};
-use libtest_mimic::{Arguments, Trial};
+use libtest_mimic::Trial;
 use run_in_process::{ErrorKind, Zygote};
 
 const CHILD_MODE: &str = "RIP_LIFECYCLE_CHILD";
@@ -37,11 +37,8 @@ fn main() {
         .parked(0)
         .start()
         .expect("start the small-limit zygote");
-    // tokio's process-wide signal socketpair, created by the first runtime.
-    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
 
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
+    let args = common::harness_args();
     let mut trials = Vec::new();
     macro_rules! trial {
         ($name:ident) => {{

@@ -8,10 +8,23 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use libtest_mimic::Failed;
+use libtest_mimic::{Arguments, Failed};
 use run_in_process::Zygote;
 
 pub(crate) type TestResult = Result<(), Failed>;
+
+/// The harness arguments for a fork-test target. Call it after starting the
+/// zygotes (it creates a runtime, which starts threads).
+///
+/// One test thread makes libtest-mimic run every trial on `main`. And tokio
+/// keeps a process-wide socketpair for its signal driver, created by the
+/// first runtime: creating it here keeps the fd checks from counting it.
+pub(crate) fn harness_args() -> Arguments {
+    drop(tokio::runtime::Runtime::new().expect("warm-up runtime"));
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    args
+}
 
 /// A catch-all timeout so that a hang fails the trial instead of the job.
 pub(crate) const HANG: Duration = Duration::from_secs(60);
