@@ -285,12 +285,14 @@ impl Zygote {
         Task::new(self, entry_async::<F, Fut, A, R>, &arg)
     }
 
-    /// Number of worker processes alive (started and not yet reaped).
+    /// Number of tasks whose worker has not been reaped yet (running, or
+    /// exiting). Idle parked workers are not counted.
     pub fn workers(&self) -> usize {
         self.inner.slots.in_use()
     }
 
-    /// Waits until every worker started so far has exited and been reaped.
+    /// Waits until the worker of every task started so far has exited and
+    /// been reaped. Idle parked workers stay.
     ///
     /// # Cancel safety
     ///
