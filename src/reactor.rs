@@ -5,18 +5,21 @@
 //! runtime polls it, so there is no shared driver task, no background thread,
 //! and nothing bound to the runtime that happened to start the zygote:
 //!
-//! * the **doorbell** (an eventfd) is rung by the worker right after it commits
-//!   its result record, *before* it exits: completion is seen without waiting
-//!   for the (slow to observe) process exit;
-//! * the **report socket** delivers the zygote's `Started` (with the worker's
-//!   pidfd) and `Exited` (with its wait status) reports. End-of-stream on it
-//!   without an `Exited` report means the zygote died;
-//! * the **pidfd** is used for signals (`pidfd_send_signal` cannot hit a
-//!   recycled pid).
+//! * the **doorbell** (an eventfd) receives the worker's key right after the
+//!   worker commits its result record, *before* it exits: completion is seen
+//!   without waiting for the (slow to observe) process exit;
+//! * the **report socket** delivers the zygote's `Exited` report (with the
+//!   wait status) and, when the task asked for it, `Started` (with the
+//!   worker's pid and pidfd). End-of-stream without `Exited` means the zygote
+//!   died. A task run by a parked worker uses a duplicate of its mailbox's
+//!   report socket instead, and reads it only up to `Exited`;
+//! * the **pidfd**, when there is one, is used for signals
+//!   (`pidfd_send_signal` cannot hit a recycled pid).
 //!
-//! Closing the report socket tells the zygote the parent lost interest; the
-//! zygote then kills the worker. That is how a dropped future cancels its task
-//! without any blocking call in `Drop`.
+//! A dropped task shuts its report socket down for writing (a worker forked
+//! on demand) or kills its worker through the pidfd (a parked worker); either
+//! way no call in `Drop` blocks, and a small reaper task keeps the slot until
+//! the zygote reports the worker reaped.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
