@@ -82,6 +82,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
             entry: 0x5555_5555_1000 + i as u64,
             slot: i as u32,
             arg: ArgPlace::Inline(arg.len() as u64),
+            worker: if i == 1 { 4242 } else { 0 },
         };
         out.push(("request", req.encode(arg)));
     }
@@ -91,6 +92,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
         entry: 0x5555_5555_2000,
         slot: 3,
         arg: ArgPlace::Memfd(1 << 20),
+        worker: 0,
     };
     out.push(("request", memfd.encode(&[])));
     for r in [

@@ -82,22 +82,27 @@ impl Mailboxes {
     }
 }
 
-/// Reads a mailbox's queued reports: `Ready` once a `Started` arrives.
+/// Reads *all* of a mailbox's queued reports and returns the state they leave
+/// it in: a `Started` is only good if no `Exited` (of that worker) follows it.
+/// Taking the first `Started` alone would send a job to a worker that already
+/// died; the job names its worker, so the replacement would not run it, but
+/// the task would fail for nothing.
 fn read_parked(mailbox: &Mailbox) -> State {
     let mut buf = [0u8; REPORT_LEN + 1];
+    let mut state = State::Empty;
     loop {
         match sys::recv_frame(mailbox.reports.as_fd(), &mut buf) {
-            Ok(Some(frame)) => {
-                if let (Ok(Report::Started { pid }), false) =
-                    (Report::decode(&buf[..frame.len]), frame.truncated)
-                {
+            Ok(Some(frame)) => match (Report::decode(&buf[..frame.len]), frame.truncated) {
+                (Ok(Report::Started { pid }), false) => {
                     if let Some(pidfd) = frame.fds.into_iter().next() {
-                        return State::Ready { pid, pidfd };
+                        state = State::Ready { pid, pidfd };
                     }
                 }
-                // Anything else (an `Exited` nobody waited for) is stale.
-            }
-            Err(e) if e.is_would_block() => return State::Empty,
+                // The worker reported last has exited (nobody waited for it).
+                (Ok(Report::Exited { .. }), false) => state = State::Empty,
+                _ => {}
+            },
+            Err(e) if e.is_would_block() => return state,
             Ok(None) | Err(_) => return State::Dead,
         }
     }

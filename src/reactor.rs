@@ -116,12 +116,16 @@ impl TaskIo {
             Some(_) => wire::ArgPlace::Memfd(arg.len() as u64),
             None => wire::ArgPlace::Inline(arg.len() as u64),
         };
+        let claim = inner.mailboxes.claim(&inner.process.mailboxes);
         let request = wire::Request {
             generation,
             want_started,
             entry,
             slot: lease.slot(),
             arg: place,
+            // A job names the parked worker it is for: if that worker dies
+            // before reading it, its replacement must not run it.
+            worker: claim.as_ref().map_or(0, |c| c.pid),
         };
         let frame = request.encode(if arg_fd.is_some() { &[] } else { arg });
         let mut fds = vec![doorbell.as_fd()];
@@ -131,7 +135,7 @@ impl TaskIo {
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
         let mut claimed = None;
-        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes) {
+        if let Some(claim) = claim {
             let guard = MailboxGuard {
                 inner: Arc::clone(&inner),
                 index: claim.index,
@@ -155,6 +159,12 @@ impl TaskIo {
         let (report, mailbox, pid, pidfd) = match claimed {
             Some((guard, report, pid, pidfd)) => (report, Some(guard), Some(pid), Some(pidfd)),
             None => {
+                // Addressed to no particular worker: the zygote forks one.
+                let frame = wire::Request {
+                    worker: 0,
+                    ..request
+                }
+                .encode(if arg_fd.is_some() { &[] } else { arg });
                 let (report, report_zygote) = sys::seqpacket_pair()?;
                 let mut with_report = vec![report_zygote.as_fd()];
                 with_report.extend_from_slice(&fds);

@@ -9,7 +9,7 @@
 //!
 //! # Frames
 //!
-//! **Spawn request**, parent → zygote, on the command socket (40-byte header,
+//! **Spawn request**, parent → zygote, on the command socket (48-byte header,
 //! then the argument bytes when they travel inline). It carries no secret:
 //! the zygote's memory is inherited by every later worker.
 //!
@@ -23,6 +23,8 @@
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
 //! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started` |
 //! | 32     | 8    | argument length in bytes                             |
+//! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
+//! | 44     | 4    | reserved, 0                                          |
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
 //! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
@@ -50,18 +52,20 @@
 //! # Version history
 //!
 //! * 1: first version.
+//! * 2: spawn requests name the parked worker a job is for, so a job sent to
+//!   a worker that died meanwhile is never run by its replacement.
 
 use std::fmt;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 2;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";
 const SPILL_MAGIC: [u8; 4] = *b"RIPs";
 
 /// Size of a spawn request's fixed header.
-pub(crate) const REQUEST_HEADER: usize = 40;
+pub(crate) const REQUEST_HEADER: usize = 48;
 /// Size of a report frame.
 pub(crate) const REPORT_LEN: usize = 16;
 /// Size of a spill notice.
@@ -176,6 +180,8 @@ pub(crate) struct Request {
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
+    /// The parked worker this job is for (its pid), or 0 on the cold path.
+    pub(crate) worker: u32,
 }
 
 impl Request {
@@ -197,6 +203,8 @@ impl Request {
         }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&self.worker.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(inline_arg);
         out
     }
@@ -219,6 +227,11 @@ impl Request {
         let slot = r.u32();
         let flags = r.u32();
         let len = r.u64();
+        let worker = r.u32();
+        let reserved = r.u32();
+        if reserved != 0 {
+            return Err(WireError::Flags(reserved));
+        }
         if slot >= slots {
             return Err(WireError::Length(slot.into()));
         }
@@ -241,6 +254,7 @@ impl Request {
                 entry,
                 slot,
                 arg,
+                worker,
             },
             inline,
         ))
@@ -476,6 +490,7 @@ mod tests {
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
+            worker: 0,
         };
         let frame = req.encode(b"hello");
         assert_eq!(
@@ -500,6 +515,7 @@ mod tests {
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
+            worker: 77,
         };
         let frame = req.encode(b"ab");
         assert_eq!(Request::decode(&frame, 4, 100), Err(WireError::Length(9)));
@@ -571,12 +587,13 @@ mod tests {
                 slot in any::<u32>(),
                 place in arg_place(),
                 want_started in any::<bool>(),
+                worker in any::<u32>(),
             ) {
                 let inline = match place {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
-                let req = Request { generation, want_started, entry, slot, arg: place };
+                let req = Request { generation, want_started, entry, slot, arg: place, worker };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
                 prop_assert_eq!(decoded, Ok((req, &inline[..])));

@@ -152,32 +152,41 @@ pub(crate) fn park(
 ) -> ! {
     prepare(zygote, &[sys::raw(&jobs), sys::raw(spill)]);
     warm_up();
+    let me = sys::getpid().as_raw_nonzero().get() as u32;
     let mut buf = vec![0u8; wire::REQUEST_HEADER + crate::zygote::INLINE_ARG_MAX];
-    let frame = loop {
-        match sys::poll_readable(jobs.as_fd(), None)
+    let (request, inline_len, doorbell, arg_fd) = loop {
+        let frame = match sys::poll_readable(jobs.as_fd(), None)
             .and_then(|_| sys::recv_frame(jobs.as_fd(), &mut buf))
         {
-            Ok(Some(frame)) => break frame,
+            Ok(Some(frame)) => frame,
             Err(e) if e.is_would_block() => continue,
             // The parent hung up (or the socket broke): nothing to run.
             Ok(None) | Err(_) => sys::exit_now(0),
+        };
+        let mut fds = frame.fds.into_iter();
+        let decoded = if frame.truncated {
+            None
+        } else {
+            Request::decode(&buf[..frame.len], slots, limit).ok()
+        };
+        let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
+            sys::exit_now(EXIT_BAD_JOB);
+        };
+        // A job for a predecessor that died before reading it (the parent
+        // sent it to that pid): not ours to run. Its fds close here.
+        if request.worker != me {
+            continue;
         }
+        break (request, inline.len(), doorbell, fds.next());
     };
     // Before any user code runs: nothing this task leaves behind may read
     // the next task's job from this mailbox.
     drop(jobs);
-    let mut fds = frame.fds.into_iter();
-    let decoded = if frame.truncated {
-        None
-    } else {
-        Request::decode(&buf[..frame.len], slots, limit).ok()
-    };
-    let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
-        sys::exit_now(EXIT_BAD_JOB);
-    };
     let arg = match request.arg {
-        ArgPlace::Inline(_) => ArgSource::Inline(inline),
-        ArgPlace::Memfd(_) => match fds.next() {
+        ArgPlace::Inline(_) => {
+            ArgSource::Inline(&buf[wire::REQUEST_HEADER..wire::REQUEST_HEADER + inline_len])
+        }
+        ArgPlace::Memfd(_) => match arg_fd {
             Some(fd) => ArgSource::Memfd(fd),
             None => sys::exit_now(EXIT_BAD_JOB),
         },

@@ -79,6 +79,7 @@ fn main() {
     trial!(start_from_multithreaded_process_is_refused);
     trial!(open_reports_running_then_finished);
     trial!(parked_worker_runs_the_task_and_is_replaced);
+    trial!(job_for_a_killed_parked_worker_never_runs_elsewhere);
     let z = zygote.clone();
     trials.push(Trial::test("zygote_death_fails_tasks_cleanly", move || {
         checked(&z, move |_| zygote_death_fails_tasks_cleanly(doomed))
@@ -580,6 +581,53 @@ async fn parked_worker_runs_the_task_and_is_replaced(z: Zygote) -> TestResult {
         }
     }
     Err("no task ran in a parked worker in 20 tries".into())
+}
+
+/// Appends a line to `path`: how many times a task really ran.
+fn append_run(path: PathBuf) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open the run log");
+    f.write_all(b"ran\n").expect("append to the run log");
+    0
+}
+
+async fn job_for_a_killed_parked_worker_never_runs_elsewhere(z: Zygote) -> TestResult {
+    // Kill every parked worker, then send a task at once: it may be claimed
+    // for a worker that is dead (or being replaced). Whatever the timing, a
+    // task reported killed must not have run anywhere (not in the worker the
+    // zygote parks next on that mailbox), and a task that succeeded ran once.
+    let parked = run_in_process::DEFAULT_PARKED as usize;
+    let log = marker_path("runs");
+    for _ in 0..10 {
+        let _ = std::fs::remove_file(&log);
+        for pid in wait_for_children(&z, parked).await? {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let outcome = z.run(append_run, log.clone()).await;
+        // Give every replacement a chance to (wrongly) pick up the job.
+        z.wait_idle().await;
+        wait_for_children(&z, parked).await?;
+        for _ in 0..2 * parked {
+            z.run(my_pid, ()).await?;
+        }
+        z.wait_idle().await;
+        let runs = std::fs::read_to_string(&log).map_or(0, |s| s.lines().count());
+        match outcome {
+            Ok(_) => ensure(runs == 1, format!("a successful task ran {runs} times"))?,
+            Err(e) if e.signal() == Some(libc::SIGKILL) => ensure(
+                runs == 0,
+                format!("a task reported killed ran {runs} times"),
+            )?,
+            Err(e) => return Err(format!("unexpected error {e}").into()),
+        }
+    }
+    let _ = std::fs::remove_file(&log);
+    Ok(())
 }
 
 async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {
