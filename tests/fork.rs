@@ -604,13 +604,25 @@ async fn job_for_a_killed_parked_worker_never_runs_elsewhere(z: Zygote) -> TestR
     let log = marker_path("runs");
     for _ in 0..10 {
         let _ = std::fs::remove_file(&log);
-        for pid in wait_for_children(&z, parked).await? {
+        let killed = wait_for_children(&z, parked).await?;
+        for &pid in &killed {
             // SAFETY: kill(2) has no memory-safety preconditions.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         let outcome = z.run(append_run, log.clone()).await;
-        // Give every replacement a chance to (wrongly) pick up the job.
         z.wait_idle().await;
+        // SIGKILL lands asynchronously: until the killed workers are reaped,
+        // a new task may rightly be claimed for one of them and fail. Wait
+        // for them to be gone (the zygote reaps them; no event reaches us).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while killed.iter().any(|&pid| process_exists(pid)) {
+            ensure(
+                std::time::Instant::now() < deadline,
+                "killed workers never went away",
+            )?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Give every replacement a chance to (wrongly) pick up the job.
         wait_for_children(&z, parked).await?;
         for _ in 0..2 * parked {
             z.run(my_pid, ()).await?;
