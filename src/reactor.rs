@@ -116,18 +116,20 @@ impl TaskIo {
             Some(_) => wire::ArgPlace::Memfd(arg.len() as u64),
             None => wire::ArgPlace::Inline(arg.len() as u64),
         };
-        let claim = inner.mailboxes.claim(&inner.process.mailboxes);
-        let request = wire::Request {
-            generation,
-            want_started,
-            entry,
-            slot: lease.slot(),
-            arg: place,
-            // A job names the parked worker it is for: if that worker dies
-            // before reading it, its replacement must not run it.
-            worker: claim.as_ref().map_or(0, |c| c.pid),
+        // `worker`: a job names the parked worker it is for (if that worker
+        // dies before reading it, its replacement must not run it); 0 asks
+        // the zygote to fork one.
+        let frame = |worker: u32| {
+            wire::Request {
+                generation,
+                want_started,
+                entry,
+                slot: lease.slot(),
+                arg: place,
+                worker,
+            }
+            .encode(if arg_fd.is_some() { &[] } else { arg })
         };
-        let frame = request.encode(if arg_fd.is_some() { &[] } else { arg });
         let mut fds = vec![doorbell.as_fd()];
         if let Some(fd) = &arg_fd {
             fds.push(fd.as_fd());
@@ -135,7 +137,7 @@ impl TaskIo {
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
         let mut claimed = None;
-        if let Some(claim) = claim {
+        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes) {
             let guard = MailboxGuard {
                 inner: Arc::clone(&inner),
                 index: claim.index,
@@ -152,19 +154,14 @@ impl TaskIo {
             // if the worker died while parked (with the zygote, say): then
             // forget the mailbox and fall through to the cold path, which
             // reports a dead zygote as such.
-            if sys::send_frame(mailbox.jobs.as_fd(), &frame, &fds).is_ok() {
+            if sys::send_frame(mailbox.jobs.as_fd(), &frame(claim.pid), &fds).is_ok() {
                 claimed = Some((guard, report, claim.pid, claim.pidfd));
             }
         }
         let (report, mailbox, pid, pidfd) = match claimed {
             Some((guard, report, pid, pidfd)) => (report, Some(guard), Some(pid), Some(pidfd)),
             None => {
-                // Addressed to no particular worker: the zygote forks one.
-                let frame = wire::Request {
-                    worker: 0,
-                    ..request
-                }
-                .encode(if arg_fd.is_some() { &[] } else { arg });
+                let frame = frame(0);
                 let (report, report_zygote) = sys::seqpacket_pair()?;
                 let mut with_report = vec![report_zygote.as_fd()];
                 with_report.extend_from_slice(&fds);
