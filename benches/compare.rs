@@ -33,6 +33,56 @@ fn identity_bytes(v: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
     v
 }
 
+/// 64 MiB of bytes in a shared file mapping, made before `blob_zygote` starts:
+/// its workers inherit the mapping without copying any page table entry, so
+/// a task can return these bytes without first building its own copy.
+static BLOB: std::sync::OnceLock<memmap2::Mmap> = std::sync::OnceLock::new();
+const BLOB_LEN: usize = 64 << 20;
+
+/// A result that serializes `BLOB` in place and deserializes into an owned
+/// buffer: the "64 MiB result" row then times the crate moving 64 MiB from
+/// the worker to the parent, not the task making them.
+enum Blob {
+    Inherited,
+    Owned(serde_bytes::ByteBuf),
+}
+
+impl serde::Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Blob::Inherited => s.serialize_bytes(BLOB.get().map_or(&[][..], |m| &m[..])),
+            Blob::Owned(b) => s.serialize_bytes(b),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Blob, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(Blob::Owned)
+    }
+}
+
+fn blob(_: ()) -> Blob {
+    Blob::Inherited
+}
+
+/// Fills a memfd with `len` bytes by `write(2)` and maps it read-only.
+fn shared_blob(len: usize) -> memmap2::Mmap {
+    // SAFETY: memfd_create with a valid NUL-terminated name; a non-negative
+    // result is a new fd that nothing else owns.
+    let fd = unsafe { libc::memfd_create(c"bench-blob".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh, open fd owned by nobody else.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    for _ in 0..len / chunk.len() {
+        file.write_all(&chunk).expect("fill the blob");
+    }
+    // SAFETY: nothing writes to or truncates this memfd after this point: its
+    // only fd is closed when `file` drops below, and the mapping is read-only.
+    unsafe { memmap2::Mmap::map(&file) }.expect("map the blob")
+}
+
 fn main() {
     procspawn::init();
     // `cargo bench` passes `--bench`; any other argument would be a filter,
@@ -47,6 +97,12 @@ fn main() {
         .parked(0)
         .start()
         .expect("start the zygote without parked workers");
+    // Made after the other zygotes, so only this one's workers map it.
+    let _ = BLOB.set(shared_blob(BLOB_LEN));
+    let blob_zygote = Zygote::builder()
+        .parked(0)
+        .start()
+        .expect("start the zygote that inherits the blob");
 
     let mut rows: Vec<Row> = Vec::new();
 
@@ -221,6 +277,30 @@ fn main() {
         Stats::of(times)
     });
 
+    // 64 MiB from worker to parent, and the floor for that: one process
+    // copying the same bytes into a fresh Vec (the parent must end up owning
+    // a buffer like that, and every fresh page costs a fault here).
+    let blob_bytes = BLOB.get().expect("blob");
+    let (mut big_result, mut fresh_copy) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        let Blob::Owned(got) = blob_zygote.run(blob, ()).await.expect("64 MiB result") else {
+            unreachable!("deserializes as owned")
+        };
+        assert!(got[..] == blob_bytes[..], "64 MiB result arrives intact");
+        for _ in 0..if quick { 2 } else { 5 } {
+            fresh_copy.extend(measure(1, || {
+                black_box(blob_bytes.to_vec());
+            }));
+            big_result.extend(
+                measure_async(1, || async {
+                    black_box(blob_zygote.run(blob, ()).await.expect("64 MiB result"))
+                })
+                .await,
+            );
+        }
+    });
+    let (big_result, fresh_copy) = (Stats::of(big_result), Stats::of(fresh_copy));
+
     // Peers.
     let spawn_blocking = rt.block_on(async {
         Stats::of(
@@ -292,6 +372,7 @@ fn main() {
     let parked_private = parked_private_kib(&zygote);
     drop(zygote);
     drop(cold_zygote);
+    drop(blob_zygote);
     echo.stop();
     raw.stop();
 
@@ -331,6 +412,7 @@ fn main() {
     for (name, t) in &throughput {
         out += &format!("| {name} | {t:.0} |\n");
     }
+    let ratio = |a: &Stats, b: &Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
     let gbps = |s: &Stats| 2.0 * (64u64 << 20) as f64 / s.p50.as_secs_f64() / 1e9;
     out += &format!(
         "\n64 MiB argument and 64 MiB result, one round trip: as `Vec<u8>` (serde, element by element) p50 {} ({:.2} GB/s moved); as `serde_bytes::ByteBuf` p50 {} ({:.2} GB/s moved).\n",
@@ -339,13 +421,21 @@ fn main() {
         us(payload_bytes.p50),
         gbps(&payload_bytes)
     );
+    let gbs = |s: &Stats| BLOB_LEN as f64 / s.p50.as_secs_f64() / 1e9;
+    out += &format!(
+        "64 MiB result, worker to parent (bytes the worker inherited, so only the transfer is timed): p50 {} ({:.2} GB/s). Floor, one process copying the same bytes into a fresh `Vec`: p50 {} ({:.2} GB/s); the result takes {:.2}x that.\n",
+        us(big_result.p50),
+        gbs(&big_result),
+        us(fresh_copy.p50),
+        gbs(&fresh_copy),
+        ratio(&big_result, &fresh_copy)
+    );
     if let Some(rss) = zygote_rss {
         out += &format!("Zygote resident set: {rss} KiB.\n");
     }
     if let Some(kib) = parked_private {
         out += &format!("Private memory of an idle parked worker: {kib} KiB.\n");
     }
-    let ratio = |a: &Stats, b: &Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
     out += "\nRatios (p50):\n\n";
     out += &format!(
         "- cold run / fork->wake floor: {:.2}x (p99 {:.2}x)\n",

@@ -10,9 +10,55 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Encodes `value`; the error is the codec's message.
+/// Encodes `value` into a `Vec`; the error is the codec's message. The crate
+/// itself streams with [`encode_to`]; this is for the fuzz targets and tests.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     postcard::to_stdvec(value).map_err(|e| e.to_string())
+}
+
+/// Where [`encode_to`] puts bytes as the encoder produces them. A refusal
+/// (`Err`) stops the encoding; the sink keeps its own reason.
+pub(crate) trait ByteSink {
+    /// One byte; postcard writes most varints and every `u8` of a plain
+    /// `Vec<u8>` this way, so it must be cheap.
+    fn push(&mut self, byte: u8) -> Result<(), ()>;
+    /// A run of bytes: a string, or a serde byte string in one piece.
+    fn extend(&mut self, bytes: &[u8]) -> Result<(), ()>;
+}
+
+/// Encodes `value` into `sink` as it goes, without building it in memory
+/// first; the error is the codec's message.
+pub(crate) fn encode_to<T: Serialize + ?Sized, S: ByteSink>(
+    value: &T,
+    sink: &mut S,
+) -> Result<(), String> {
+    postcard::serialize_with_flavor(value, Flavor(sink)).map_err(|e| e.to_string())
+}
+
+/// Adapts a [`ByteSink`] to postcard's output trait.
+struct Flavor<'a, S>(&'a mut S);
+
+impl<S: ByteSink> postcard::ser_flavors::Flavor for Flavor<'_, S> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0
+            .push(byte)
+            .map_err(|()| postcard::Error::SerializeBufferFull)
+    }
+
+    #[inline]
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0
+            .extend(bytes)
+            .map_err(|()| postcard::Error::SerializeBufferFull)
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes a `T` from exactly `bytes`, refusing inputs longer than `limit`.

@@ -66,9 +66,28 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     crate::codec::decode(bytes, LIMIT).ok()
 }
 
-/// Encodes `value` through the crate's codec path.
+/// Encodes `value` through the crate's codec path, both ways it is used: into
+/// a `Vec`, and streamed through the payload writer with an inline room of 16
+/// bytes (so most values spill into a sealed memfd). Panics if the two
+/// disagree.
 pub fn encode<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
-    crate::codec::encode(value).ok()
+    use std::os::fd::AsFd;
+    let direct = crate::codec::encode(value).ok()?;
+    let streamed = match crate::payload::Payload::encode(value, "fuzz", 16, LIMIT as u64) {
+        Ok(crate::payload::Payload::Inline(bytes)) => bytes,
+        Ok(crate::payload::Payload::Sealed { fd, .. }) => {
+            crate::shm::SealedBytes::open(fd.as_fd(), LIMIT as u64)
+                .expect("the writer seals what it spills")
+                .bytes()
+                .to_vec()
+        }
+        Err(e) => panic!("the payload writer failed where the codec did not: {e}"),
+    };
+    assert!(
+        streamed == direct,
+        "streamed encoding differs from the codec's"
+    );
+    Some(direct)
 }
 
 /// Real frames of every kind, for seeding the corpora.

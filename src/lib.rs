@@ -76,6 +76,7 @@
 mod codec;
 mod error;
 mod mailbox;
+mod payload;
 mod process;
 mod reactor;
 mod ring;

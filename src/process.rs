@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
+use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Record, TaskIo};
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
@@ -316,7 +317,7 @@ impl fmt::Debug for Zygote {
 pub struct Task<R> {
     inner: Arc<Inner>,
     entry: Entry,
-    arg: Result<Vec<u8>>,
+    arg: Result<Payload>,
     timeout: Option<Duration>,
     grace: Duration,
     _result: PhantomData<fn() -> R>,
@@ -325,17 +326,17 @@ pub struct Task<R> {
 impl<R: DeserializeOwned> Task<R> {
     fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
         let limit = zygote.inner.limits.max_payload;
-        let arg = codec::encode(arg)
-            .map_err(|e| Error::codec(format!("cannot encode the argument: {e}")))
-            .and_then(|bytes| {
-                if bytes.len() as u64 > limit {
-                    Err(Error::codec(format!(
-                        "the argument is {} bytes, over the limit of {limit}",
-                        bytes.len()
-                    )))
-                } else {
-                    Ok(bytes)
+        // Large arguments are streamed into a sealed memfd as they are
+        // encoded; the limit stops the encoding as soon as it is passed.
+        let arg = Payload::encode(arg, "run-in-process-arg", zygote::INLINE_ARG_MAX, limit)
+            .map_err(|e| match e {
+                PayloadError::OverLimit(limit) => {
+                    Error::codec(format!("the argument is over the limit of {limit} bytes"))
                 }
+                PayloadError::Codec(message) => {
+                    Error::codec(format!("cannot encode the argument: {message}"))
+                }
+                PayloadError::Sys(e) => e.into(),
             });
         Task {
             inner: Arc::clone(&zygote.inner),
@@ -745,7 +746,7 @@ fn conjure<F: Copy + 'static>() -> F {
     unsafe { std::mem::zeroed() }
 }
 
-fn entry<F, A, R>(arg: &[u8], limit: usize) -> Outcome
+fn entry<F, A, R>(arg: &[u8], limit: usize, inline_max: usize) -> Outcome
 where
     F: Fn(A) -> R + Copy + 'static,
     A: DeserializeOwned,
@@ -753,7 +754,7 @@ where
 {
     let f = conjure::<F>();
     match decode_arg(arg, limit) {
-        Ok(arg) => encode_result(&f(arg)),
+        Ok(arg) => encode_result(&f(arg), limit, inline_max),
         Err(failed) => failed,
     }
 }
@@ -763,7 +764,7 @@ fn decode_arg<A: DeserializeOwned>(arg: &[u8], limit: usize) -> Result<A, Outcom
         .map_err(|e| Outcome::CodecFailed(format!("cannot decode the argument: {e}")))
 }
 
-fn entry_async<F, Fut, A, R>(arg: &[u8], limit: usize) -> Outcome
+fn entry_async<F, Fut, A, R>(arg: &[u8], limit: usize, inline_max: usize) -> Outcome
 where
     F: Fn(A) -> Fut + Copy + 'static,
     Fut: Future<Output = R>,
@@ -781,13 +782,23 @@ where
         .enable_all()
         .build()
         .expect("cannot start a tokio runtime in the worker");
-    encode_result(&runtime.block_on(f(arg)))
+    encode_result(&runtime.block_on(f(arg)), limit, inline_max)
 }
 
-fn encode_result<R: Serialize>(value: &R) -> Outcome {
-    match codec::encode(value) {
-        Ok(bytes) => Outcome::Value(bytes),
-        Err(e) => Outcome::CodecFailed(format!("cannot encode the result: {e}")),
+/// Encodes the result where the worker will publish it: inline if it fits
+/// the ring slot (`inline_max`), else straight into a sealed memfd.
+fn encode_result<R: Serialize>(value: &R, limit: usize, inline_max: usize) -> Outcome {
+    match Payload::encode(value, "run-in-process-result", inline_max, limit as u64) {
+        Ok(payload) => Outcome::Value(payload),
+        Err(PayloadError::OverLimit(limit)) => {
+            Outcome::CodecFailed(format!("the result is over the limit of {limit} bytes"))
+        }
+        Err(PayloadError::Codec(message)) => {
+            Outcome::CodecFailed(format!("cannot encode the result: {message}"))
+        }
+        Err(e @ PayloadError::Sys(_)) => {
+            Outcome::CodecFailed(format!("cannot spill the result: {e}"))
+        }
     }
 }
 

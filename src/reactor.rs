@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::mailbox::MailboxGuard;
+use crate::payload::Payload;
 use crate::process::Inner;
 use crate::ring::Taken;
 use crate::slots::Lease;
@@ -92,7 +93,7 @@ impl TaskIo {
     pub(crate) async fn start(
         inner: Arc<Inner>,
         entry: u64,
-        arg: &[u8],
+        arg: &Payload,
         deadlines: Deadlines,
         want_started: bool,
     ) -> Result<TaskIo, Error> {
@@ -107,14 +108,9 @@ impl TaskIo {
         let lease = inner.slots.acquire().await;
         let generation = inner.next_gen();
         let doorbell = sys::eventfd()?;
-        let arg_fd = if arg.len() > crate::zygote::INLINE_ARG_MAX {
-            Some(crate::shm::sealed_memfd("run-in-process-arg", arg)?)
-        } else {
-            None
-        };
-        let place = match arg_fd {
-            Some(_) => wire::ArgPlace::Memfd(arg.len() as u64),
-            None => wire::ArgPlace::Inline(arg.len() as u64),
+        let (place, inline, arg_fd) = match arg {
+            Payload::Inline(bytes) => (wire::ArgPlace::Inline(arg.len()), &bytes[..], None),
+            Payload::Sealed { fd, len } => (wire::ArgPlace::Memfd(*len), &[][..], Some(fd.as_fd())),
         };
         // `worker`: a job names the parked worker it is for (if that worker
         // dies before reading it, its replacement must not run it); 0 asks
@@ -128,11 +124,11 @@ impl TaskIo {
                 arg: place,
                 worker,
             }
-            .encode(if arg_fd.is_some() { &[] } else { arg })
+            .encode(inline)
         };
         let mut fds = vec![doorbell.as_fd()];
-        if let Some(fd) = &arg_fd {
-            fds.push(fd.as_fd());
+        if let Some(fd) = arg_fd {
+            fds.push(fd);
         }
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
@@ -170,8 +166,6 @@ impl TaskIo {
             }
         };
         drop(fds);
-        // The receiver has its own copies now (in flight in the socket buffer).
-        drop(arg_fd);
         let report = register(report, Interest::READABLE)?;
         let doorbell = register(doorbell, Interest::READABLE)?;
         Ok(TaskIo {

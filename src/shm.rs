@@ -11,7 +11,8 @@
 //! * **sealed payloads**: a `memfd` that its writer filled and then sealed
 //!   against writes, growth and shrinking. Once the reader has checked the
 //!   seals, the bytes can no longer change, so mapping them read-only as
-//!   `&[u8]` is sound (SAFETY.md S2). Large arguments and results use this path.
+//!   `&[u8]` is sound (SAFETY.md S2). Large arguments and results use this
+//!   path; `payload` fills and seals them.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -75,21 +76,15 @@ impl SharedWords {
 // `SharedWords` is Send and Sync because `MmapRaw` is, and it only hands out
 // atomics; no manual impl is needed.
 
-/// Writes `data` into a new memfd and seals it read-only (write, grow, shrink
-/// and further sealing all forbidden), so its reader can map it as plain bytes.
-pub(crate) fn sealed_memfd(name: &str, data: &[u8]) -> SysResult<OwnedFd> {
-    let fd = sys::memfd_create(name)?;
-    sys::ftruncate(fd.as_fd(), data.len() as u64)?;
-    if !data.is_empty() {
-        // write(2) rather than a mapping: F_SEAL_WRITE is refused while a
-        // writable shared mapping of the file exists.
-        sys::write_all(fd.as_fd(), data)?;
-    }
+/// Seals a memfd read-only (write, grow, shrink and further sealing all
+/// forbidden), so its reader can map it as plain bytes. Fill it with
+/// `write(2)` first, not through a mapping: F_SEAL_WRITE is refused while a
+/// writable shared mapping of the file exists.
+pub(crate) fn seal(fd: BorrowedFd<'_>) -> SysResult<()> {
     sys::add_seals(
-        fd.as_fd(),
+        fd,
         SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-    )?;
-    Ok(fd)
+    )
 }
 
 /// Bytes of a memfd whose seals guarantee they can no longer change.

@@ -593,18 +593,6 @@ pub(crate) fn random_u64() -> SysResult<u64> {
     Ok(u64::from_ne_bytes(buf))
 }
 
-/// `write` all of `data` to `fd`, retrying on short writes and `EINTR`.
-pub(crate) fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> SysResult<()> {
-    while !data.is_empty() {
-        match rustix::io::write(fd, data) {
-            Ok(n) => data = &data[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(SysError::new("write", e)),
-        }
-    }
-    Ok(())
-}
-
 /// Raw fd number of an owned or borrowed fd, for wire frames and `close_range`.
 pub(crate) fn raw(fd: impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()

@@ -19,22 +19,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::Pid;
 
+use crate::payload::Payload;
 use crate::ring::Ring;
-use crate::shm::{self, SealedBytes};
+use crate::shm::SealedBytes;
 use crate::sys;
 use crate::wire::{self, ArgPlace, RecordKind, Request, SpillNotice};
 
 /// What a task's monomorphised entry point returns to the worker.
 pub(crate) enum Outcome {
-    /// The encoded return value.
-    Value(Vec<u8>),
+    /// The encoded return value: inline if it fits the ring slot.
+    Value(Payload),
     /// The argument could not be decoded or the value could not be encoded.
     CodecFailed(String),
 }
 
 /// A task's entry point: decodes the argument (at most `limit` bytes), calls
-/// the user's function, encodes its result. Sent to the zygote as an address.
-pub(crate) type Entry = fn(arg: &[u8], limit: usize) -> Outcome;
+/// the user's function, encodes its result (inline up to `inline_max` bytes,
+/// the slot's capacity). Sent to the zygote as an address.
+pub(crate) type Entry = fn(arg: &[u8], limit: usize, inline_max: usize) -> Outcome;
 
 /// Where the worker finds its argument bytes.
 pub(crate) enum ArgSource<'a> {
@@ -228,27 +230,27 @@ fn execute(job: Job<'_>) -> ! {
     IN_WORKER.store(true, Ordering::Relaxed);
 
     let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
-    let (kind, payload) = match load_arg(&job.arg, job.limit) {
-        Err(message) => (RecordKind::EncodeFailed, message.into_bytes()),
-        Ok(_) if job.entry == 0 => (RecordKind::EncodeFailed, b"null task entry".to_vec()),
+    let inline_max = job.ring.slot(job.slot).map_or(0, |s| s.capacity());
+    let failed = |kind, message: String| Published::Message(kind, message.into_bytes());
+    let published = match load_arg(&job.arg, job.limit) {
+        Err(message) => failed(RecordKind::EncodeFailed, message),
+        Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
         Ok(arg) => {
             let entry = entry_from_address(job.entry);
-            match panic::catch_unwind(AssertUnwindSafe(|| entry(arg.bytes(), limit))) {
-                Ok(Outcome::Value(bytes)) => (RecordKind::Value, bytes),
-                Ok(Outcome::CodecFailed(message)) => {
-                    (RecordKind::EncodeFailed, message.into_bytes())
-                }
+            match panic::catch_unwind(AssertUnwindSafe(|| entry(arg.bytes(), limit, inline_max))) {
+                Ok(Outcome::Value(payload)) => Published::Value(payload),
+                Ok(Outcome::CodecFailed(message)) => failed(RecordKind::EncodeFailed, message),
                 Err(payload) => {
                     let recorded = PANIC.lock().ok().and_then(|mut m| m.take());
                     let message = recorded.unwrap_or_else(|| payload_text(&payload));
-                    (RecordKind::Panic, message.into_bytes())
+                    failed(RecordKind::Panic, message)
                 }
             }
         }
     };
     // The task's output reaches the terminal before the parent sees the result.
     sys::flush_stdio();
-    publish(&job, key, kind, payload);
+    publish(&job, key, published);
     // Ring the doorbell with the key: the eventfd is private to this worker
     // and the parent, and the parent needs the key to check the record.
     let _ = sys::eventfd_add(job.doorbell.as_fd(), key);
@@ -290,31 +292,28 @@ fn entry_from_address(address: u64) -> Entry {
     unsafe { std::mem::transmute::<usize, Entry>(address as usize) }
 }
 
-/// Writes the record, spilling to a sealed memfd when it does not fit.
-fn publish(job: &Job<'_>, key: u64, kind: RecordKind, payload: Vec<u8>) {
+/// What the worker publishes in its slot.
+enum Published {
+    /// The encoded value, inline or already in a sealed memfd.
+    Value(Payload),
+    /// A panic or codec failure message of `kind`.
+    Message(RecordKind, Vec<u8>),
+}
+
+/// Writes the record; a value in a memfd is announced on the spill socket
+/// first, and its record only says how long it is.
+fn publish(job: &Job<'_>, key: u64, published: Published) {
     let Some(slot) = job.ring.slot(job.slot) else {
         return;
     };
-    if payload.len() <= slot.capacity() {
-        slot.publish(key, job.generation, kind, &payload);
-        return;
-    }
-    match kind {
-        RecordKind::Value if payload.len() as u64 <= job.limit => match spill(job, key, &payload) {
-            Ok(()) => slot.publish_spilled(key, job.generation, payload.len() as u64),
-            Err(message) => slot.publish(
-                key,
-                job.generation,
-                RecordKind::EncodeFailed,
-                message.as_bytes(),
-            ),
-        },
-        RecordKind::Value => {
-            let message = format!(
-                "result of {} bytes exceeds the limit of {}",
-                payload.len(),
-                job.limit
-            );
+    match published {
+        Published::Value(Payload::Inline(bytes)) if bytes.len() <= slot.capacity() => {
+            slot.publish(key, job.generation, RecordKind::Value, &bytes);
+        }
+        Published::Value(Payload::Inline(bytes)) => {
+            // `encode_result` keeps inline values within the slot; say so
+            // rather than truncate a value.
+            let message = format!("an inline result of {} bytes does not fit", bytes.len());
             slot.publish(
                 key,
                 job.generation,
@@ -322,10 +321,19 @@ fn publish(job: &Job<'_>, key: u64, kind: RecordKind, payload: Vec<u8>) {
                 message.as_bytes(),
             );
         }
-        _ => {
+        Published::Value(Payload::Sealed { fd, len }) => match announce(job, key, fd, len) {
+            Ok(()) => slot.publish_spilled(key, job.generation, len),
+            Err(message) => slot.publish(
+                key,
+                job.generation,
+                RecordKind::EncodeFailed,
+                message.as_bytes(),
+            ),
+        },
+        Published::Message(kind, text) => {
             // A message too long for the slot: keep its head, on a char boundary.
-            let mut end = slot.capacity();
-            let text = String::from_utf8_lossy(&payload);
+            let mut end = text.len().min(slot.capacity());
+            let text = String::from_utf8_lossy(&text);
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
@@ -334,12 +342,11 @@ fn publish(job: &Job<'_>, key: u64, kind: RecordKind, payload: Vec<u8>) {
     }
 }
 
-fn spill(job: &Job<'_>, key: u64, payload: &[u8]) -> Result<(), String> {
-    let fd = shm::sealed_memfd("run-in-process-result", payload)
-        .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))?;
+/// Sends a spilled result's memfd to the parent, tagged with the task's key.
+fn announce(job: &Job<'_>, key: u64, fd: OwnedFd, len: u64) -> Result<(), String> {
     let notice = SpillNotice {
         generation: job.generation,
-        tag: SpillNotice::tag_for(key, job.generation, payload.len() as u64),
+        tag: SpillNotice::tag_for(key, job.generation, len),
     };
     sys::send_frame(job.spill, &notice.encode(), &[fd.as_fd()])
         .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))

@@ -1,0 +1,317 @@
+//! Encoded arguments and results: in memory while small, streamed into a
+//! sealed memfd once they outgrow their inline room.
+//!
+//! A large value used to be encoded into a `Vec` and then copied into a memfd.
+//! On this kind of machine every fresh page costs a fault of a few
+//! microseconds, so that intermediate `Vec` cost as much as the copy that
+//! mattered (about 40 ms for 64 MiB), and it doubled the peak memory.
+//! [`PayloadWriter`] instead keeps the first `inline_max` bytes in memory and,
+//! past that, writes the encoder's output straight to a memfd in chunks with
+//! `write(2)`, which fills the file's pages without faulting them into any
+//! mapping. It also enforces the size limit *while* encoding, so a result far
+//! over the limit fails after `limit` bytes instead of after allocating all of
+//! them.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::codec::ByteSink;
+use crate::shm;
+use crate::sys::{self, SysError};
+
+/// Writes to the memfd go out in chunks of at least this many bytes.
+const CHUNK: usize = 64 * 1024;
+
+/// An encoded value, wherever it ended up.
+pub(crate) enum Payload {
+    /// Short enough for its inline room.
+    Inline(Vec<u8>),
+    /// In a memfd sealed against writes, growth and shrinking.
+    Sealed { fd: OwnedFd, len: u64 },
+}
+
+impl Payload {
+    /// Encodes `value`: inline if it fits in `inline_max` bytes, otherwise in
+    /// a new sealed memfd called `name`; an error once it exceeds `limit`.
+    pub(crate) fn encode<T: serde::Serialize + ?Sized>(
+        value: &T,
+        name: &'static str,
+        inline_max: usize,
+        limit: u64,
+    ) -> Result<Payload, PayloadError> {
+        let mut writer = PayloadWriter::new(name, inline_max, limit);
+        match crate::codec::encode_to(value, &mut writer) {
+            Ok(()) => writer.finish(),
+            // The writer knows whether it refused the bytes (and why); if it
+            // did not, the value's own `Serialize` failed.
+            Err(message) => Err(writer.failure.unwrap_or(PayloadError::Codec(message))),
+        }
+    }
+
+    /// Length of the encoded bytes.
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Payload::Inline(bytes) => bytes.len() as u64,
+            Payload::Sealed { len, .. } => *len,
+        }
+    }
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug)]
+pub(crate) enum PayloadError {
+    /// The encoding passed the size limit (given) before it ended.
+    OverLimit(u64),
+    /// The value's `Serialize` implementation failed.
+    Codec(String),
+    /// The memfd could not be created, written or sealed.
+    Sys(SysError),
+}
+
+impl fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PayloadError::OverLimit(limit) => {
+                write!(f, "the encoding is over the limit of {limit} bytes")
+            }
+            PayloadError::Codec(message) => f.write_str(message),
+            PayloadError::Sys(e) => write!(f, "{} failed: {}", e.call, e.source),
+        }
+    }
+}
+
+/// The encoder's sink; see the module docs.
+pub(crate) struct PayloadWriter {
+    name: &'static str,
+    inline_max: usize,
+    limit: u64,
+    /// Bytes already written to the memfd.
+    flushed: u64,
+    /// The whole payload while inline; once spilled, bytes not yet written
+    /// to the memfd.
+    buf: Vec<u8>,
+    /// `buf` may grow to this length without any other check: the inline
+    /// room or the chunk size, and never past the limit.
+    fast_until: usize,
+    memfd: Option<File>,
+    /// Why the last write was refused.
+    failure: Option<PayloadError>,
+}
+
+impl PayloadWriter {
+    pub(crate) fn new(name: &'static str, inline_max: usize, limit: u64) -> PayloadWriter {
+        let mut writer = PayloadWriter {
+            name,
+            inline_max,
+            limit,
+            flushed: 0,
+            buf: Vec::new(),
+            fast_until: 0,
+            memfd: None,
+            failure: None,
+        };
+        writer.fast_until = writer.room();
+        writer
+    }
+
+    /// How long `buf` may get before the next byte needs a decision.
+    fn room(&self) -> usize {
+        let target = if self.memfd.is_none() {
+            self.inline_max
+        } else {
+            CHUNK
+        };
+        let below_limit = self.limit.saturating_sub(self.flushed);
+        target.min(usize::try_from(below_limit).unwrap_or(usize::MAX))
+    }
+
+    /// Moves what is buffered into a new memfd; later bytes go there too.
+    fn spill(&mut self) -> Result<(), PayloadError> {
+        let fd = sys::memfd_create(self.name).map_err(PayloadError::Sys)?;
+        let mut file = File::from(fd);
+        write_out(&mut file, &self.buf)?;
+        self.flushed += self.buf.len() as u64;
+        self.buf.clear();
+        self.memfd = Some(file);
+        Ok(())
+    }
+
+    /// The slow path of `push` and `extend`: limit, spill, chunked writes.
+    fn accept(&mut self, data: &[u8]) -> Result<(), PayloadError> {
+        let len = (self.flushed + self.buf.len() as u64).saturating_add(data.len() as u64);
+        if len > self.limit {
+            return Err(PayloadError::OverLimit(self.limit));
+        }
+        if self.memfd.is_none() && self.buf.len() + data.len() > self.inline_max {
+            self.spill()?;
+        }
+        match &mut self.memfd {
+            None => self.buf.extend_from_slice(data),
+            Some(_) if self.buf.len() + data.len() <= CHUNK => self.buf.extend_from_slice(data),
+            Some(file) => {
+                write_out(file, &self.buf)?;
+                self.flushed += self.buf.len() as u64;
+                self.buf.clear();
+                if data.len() >= CHUNK {
+                    write_out(file, data)?;
+                    self.flushed += data.len() as u64;
+                } else {
+                    self.buf.extend_from_slice(data);
+                }
+            }
+        }
+        self.fast_until = self.room();
+        Ok(())
+    }
+
+    /// Records why bytes were refused, for `Payload::encode` to report.
+    fn refuse(&mut self, result: Result<(), PayloadError>) -> Result<(), ()> {
+        result.map_err(|e| self.failure = Some(e))
+    }
+
+    /// The encoded payload: inline, or the memfd with the rest written out
+    /// and sealed.
+    pub(crate) fn finish(mut self) -> Result<Payload, PayloadError> {
+        let Some(mut file) = self.memfd.take() else {
+            return Ok(Payload::Inline(self.buf));
+        };
+        write_out(&mut file, &self.buf)?;
+        let len = self.flushed + self.buf.len() as u64;
+        let fd = OwnedFd::from(file);
+        shm::seal(fd.as_fd()).map_err(PayloadError::Sys)?;
+        Ok(Payload::Sealed { fd, len })
+    }
+}
+
+impl ByteSink for PayloadWriter {
+    #[inline]
+    fn push(&mut self, byte: u8) -> Result<(), ()> {
+        if self.buf.len() < self.fast_until {
+            self.buf.push(byte);
+            return Ok(());
+        }
+        let accepted = self.accept(&[byte]);
+        self.refuse(accepted)
+    }
+
+    #[inline]
+    fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
+        if bytes.len() <= self.fast_until.saturating_sub(self.buf.len()) {
+            self.buf.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let accepted = self.accept(bytes);
+        self.refuse(accepted)
+    }
+}
+
+fn write_out(file: &mut File, bytes: &[u8]) -> Result<(), PayloadError> {
+    file.write_all(bytes)
+        .map_err(|e| PayloadError::Sys(SysError::new("write", e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::SealedBytes;
+
+    fn bytes(payload: &Payload) -> Vec<u8> {
+        match payload {
+            Payload::Inline(b) => b.clone(),
+            Payload::Sealed { fd, .. } => SealedBytes::open(fd.as_fd(), u64::MAX)
+                .expect("sealed")
+                .bytes()
+                .to_vec(),
+        }
+    }
+
+    #[test]
+    fn small_values_stay_inline_and_large_ones_spill_unchanged() {
+        for (len, inline) in [(0usize, true), (10, true), (100, false), (300_000, false)] {
+            // A Vec<u8> is encoded byte by byte (many one-byte writes); a
+            // serde_bytes buffer in one large write. Both must spill intact.
+            let value: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let expected = crate::codec::encode(&value).unwrap();
+            let payload = Payload::encode(&value, "test", 64, u64::MAX).unwrap();
+            assert_eq!(matches!(payload, Payload::Inline(_)), inline, "len {len}");
+            assert_eq!(payload.len(), expected.len() as u64);
+            assert_eq!(bytes(&payload), expected, "len {len}");
+
+            let buf = serde_bytes::ByteBuf::from(value);
+            let expected = crate::codec::encode(&buf).unwrap();
+            let payload = Payload::encode(&buf, "test", 64, u64::MAX).unwrap();
+            assert_eq!(bytes(&payload), expected, "bytes len {len}");
+        }
+    }
+
+    #[test]
+    fn the_limit_stops_the_encoding() {
+        let value = vec![1u8; 1000];
+        match Payload::encode(&value, "test", 64, 999) {
+            Err(PayloadError::OverLimit(999)) => {}
+            other => panic!("expected OverLimit, got {:?}", other.map(|p| p.len())),
+        }
+        // Exactly at the limit is fine: 1000 bytes plus a 2-byte length.
+        assert_eq!(
+            Payload::encode(&value, "test", 64, 1002).unwrap().len(),
+            1002
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of one-byte and bulk writes, the inline room and
+        /// the limit: the bytes are exactly the codec's, or the limit is
+        /// reported when (and only when) they would pass it.
+        #[test]
+        fn matches_the_codec_or_reports_the_limit(
+            parts in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..300), ".{0,40}"),
+                0..8,
+            ),
+            bulk in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            inline_max in 0usize..600,
+            // Mostly right at the boundary, where an off-by-one would show.
+            slack in -3i64..3,
+            far in proptest::bool::weighted(0.2),
+        ) {
+            let value = (parts, serde_bytes::ByteBuf::from(bulk));
+            let expected = crate::codec::encode(&value).unwrap();
+            let limit = if far {
+                (expected.len() as u64) / 2
+            } else {
+                (expected.len() as i64 + slack).max(0) as u64
+            };
+            match Payload::encode(&value, "test", inline_max, limit) {
+                Ok(payload) => {
+                    proptest::prop_assert!(expected.len() as u64 <= limit);
+                    proptest::prop_assert_eq!(
+                        matches!(payload, Payload::Inline(_)),
+                        expected.len() <= inline_max
+                    );
+                    proptest::prop_assert_eq!(bytes(&payload), expected);
+                }
+                Err(PayloadError::OverLimit(l)) => {
+                    proptest::prop_assert_eq!(l, limit);
+                    proptest::prop_assert!(expected.len() as u64 > limit);
+                }
+                Err(e) => proptest::prop_assert!(false, "unexpected error: {}", e),
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_serialize_is_a_codec_error() {
+        struct Fails;
+        impl serde::Serialize for Fails {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("nope"))
+            }
+        }
+        match Payload::encode(&Fails, "test", 64, u64::MAX) {
+            Err(PayloadError::Codec(message)) => assert!(!message.is_empty()),
+            other => panic!("expected Codec, got {:?}", other.map(|p| p.len())),
+        }
+    }
+}
