@@ -175,6 +175,23 @@ struct Child {
     mailbox: Option<usize>,
 }
 
+/// Forgets a reaped child: takes its pidfd and report socket out of the epoll
+/// set, then closes them.
+///
+/// Closing alone is not enough. An fd's registration outlives its close while
+/// another fd shares its open file, and a worker forked a moment ago holds
+/// copies of all of the zygote's fds until its `close_range`. A reaped pidfd
+/// and a hung-up socket stay ready, so the stale registrations made the event
+/// loop spin, keeping that very worker off the CPU for a scheduler tick (4 ms
+/// cold-run tails, and a zygote burning CPU under load).
+fn retire(epoll: &OwnedFd, child: Child) {
+    let _ = epoll::delete(epoll, &child.pidfd);
+    if let Some(report) = &child.report {
+        // ENOENT if a cancellation already took it out: harmless.
+        let _ = epoll::delete(epoll, report);
+    }
+}
+
 /// epoll token of the command socket; task tokens are `2 * id + 2` (pidfd)
 /// and `2 * id + 3` (report socket).
 const COMMAND: u64 = 0;
@@ -284,8 +301,7 @@ impl Zygote<'_> {
                                 // Refilled at the top of the loop.
                                 empty.push(i);
                             }
-                            // Dropping `child` closes the pidfd and the report
-                            // socket, which also removes both from the epoll set.
+                            retire(&epoll, child);
                         }
                     }
                 } else {
@@ -459,4 +475,68 @@ fn shutdown(children: HashMap<u64, Child>) -> ! {
         let _ = sys::waitid_pidfd(child.pidfd.as_fd(), Wait::Reap);
     }
     sys::exit_now(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `retire` must leave nothing ready behind, even while other fds (a new
+    /// worker's inherited copies) keep the files open.
+    #[test]
+    fn retired_fds_leave_the_epoll_set_even_when_shared() {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        // Stand-ins that stay ready forever, as a reaped pidfd and a hung-up
+        // report socket do: an eventfd with a count, and a socket whose peer
+        // is closed.
+        let pidfd = sys::eventfd().unwrap();
+        sys::eventfd_add(pidfd.as_fd(), 1).unwrap();
+        let (report, peer) = sys::seqpacket_pair().unwrap();
+        drop(peer);
+        epoll::add(
+            &epoll,
+            &pidfd,
+            epoll::EventData::new_u64(2),
+            epoll::EventFlags::IN,
+        )
+        .unwrap();
+        epoll::add(
+            &epoll,
+            &report,
+            epoll::EventData::new_u64(3),
+            epoll::EventFlags::RDHUP,
+        )
+        .unwrap();
+        let copies = (pidfd.try_clone().unwrap(), report.try_clone().unwrap());
+        let ready = |epoll: &OwnedFd| {
+            let mut events = Vec::with_capacity(4);
+            let timeout = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            epoll::wait(
+                epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            )
+            .unwrap();
+            events.len()
+        };
+        assert_eq!(ready(&epoll), 2, "both stand-ins are ready");
+        retire(
+            &epoll,
+            Child {
+                pid: rustix::process::getpid(),
+                pidfd,
+                report: Some(report),
+                mailbox: None,
+            },
+        );
+        assert_eq!(
+            ready(&epoll),
+            0,
+            "nothing of a retired child stays registered"
+        );
+        drop(copies);
+    }
 }
