@@ -211,7 +211,7 @@ fn main() {
     });
     rows.push(Row::new("run_in_process: open + result", open).vs(&fork_wake, "fork->wake floor"));
 
-    let tput = |in_flight: usize| {
+    let tput_on = |zygote: &Zygote, in_flight: usize| {
         rt.block_on(async {
             let total = n.max(400);
             let start = Instant::now();
@@ -233,8 +233,15 @@ fn main() {
     };
     let mut throughput = Vec::new();
     for k in [1usize, 2, 8, 64] {
-        throughput.push((format!("run_in_process: tasks/s, {k} in flight"), tput(k)));
+        throughput.push((
+            format!("run_in_process: tasks/s, {k} in flight"),
+            tput_on(&zygote, k),
+        ));
     }
+    throughput.push((
+        "run_in_process: tasks/s, 8 in flight, no parked workers".into(),
+        tput_on(&cold_zygote, 8),
+    ));
     let raw_tput = raw.throughput(n.max(400), 8);
     throughput.push((
         "floor: raw fork server, tasks/s, 8 in flight".into(),
@@ -343,29 +350,25 @@ fn main() {
         procspawn_pool,
     ));
 
-    // The same noop run while the parent holds 2 GiB of touched heap that it
+    // The same noop runs while the parent holds 2 GiB of touched heap that it
     // allocated after the zygote started: the zygote, not the parent, forks.
+    // Rounds alternate with and without the heap, so that drift in this VM's
+    // speed hits both sides alike.
     let big_parent = {
-        let mut heap = Vec::<u8>::new();
-        if heap.try_reserve_exact(2 << 30).is_ok() {
-            heap.resize(2 << 30, 1);
-            for i in (0..heap.len()).step_by(4096) {
-                heap[i] = (i / 4096) as u8;
+        let (mut small, mut big) = (Vec::new(), Vec::new());
+        let rounds = if quick { 2 } else { 4 };
+        for _ in 0..rounds {
+            small.extend(rt.block_on(runs(&zygote, n / 4, Duration::ZERO)));
+            let mut heap = Vec::<u8>::new();
+            if heap.try_reserve_exact(2 << 30).is_err() {
+                break;
             }
-            let s = rt.block_on(async {
-                warm_up(&zygote).await;
-                Stats::of(
-                    measure_async(n, || async {
-                        black_box(zygote.run(noop, 1).await.expect("run"))
-                    })
-                    .await,
-                )
-            });
+            // Writes every byte, so every page is resident.
+            heap.resize(2 << 30, 1);
+            big.extend(rt.block_on(runs(&zygote, n / 4, Duration::ZERO)));
             black_box(&heap);
-            Some(s)
-        } else {
-            None
         }
+        (!big.is_empty()).then(|| (Stats::of(small), Stats::of(big)))
     };
 
     let zygote_rss = rss_kib(zygote.pid());
@@ -400,12 +403,13 @@ fn main() {
             r.vs.clone().unwrap_or_default()
         );
     }
-    if let Some(b) = &big_parent {
+    if let Some((small, big)) = &big_parent {
         out += &format!(
-            "| run_in_process: noop run, parked workers, parent holding 2 GiB | {} | {} | {:.2}x the small-parent p50 |\n",
-            us(b.p50),
-            us(b.p99),
-            b.p50.as_secs_f64() / warm.p50.as_secs_f64()
+            "| run_in_process: noop run, parked workers, parent holding 2 GiB | {} | {} | {:.2}x the small-parent p50 of {} in alternating rounds |\n",
+            us(big.p50),
+            us(big.p99),
+            big.p50.as_secs_f64() / small.p50.as_secs_f64(),
+            us(small.p50)
         );
     }
     out += "\n| throughput | tasks/s |\n|---|---:|\n";
@@ -443,8 +447,10 @@ fn main() {
         cold.p99.as_secs_f64() / fork_wake.p99.as_secs_f64()
     );
     out += &format!(
-        "- procspawn spawn+join / cold run: {:.1}x faster\n",
-        ratio(&procspawn_spawn, &cold)
+        "- procspawn spawn+join / run: {:.1}x faster cold, {:.1}x back to back with parked workers (the default), {:.1}x paced\n",
+        ratio(&procspawn_spawn, &cold),
+        ratio(&procspawn_spawn, &warm),
+        ratio(&procspawn_spawn, &warm_paced)
     );
     out += &format!(
         "- parked run, 2 ms apart / cross-CPU ping-pong floor: {:.2}x; back to back: {:.2}x\n",
@@ -452,20 +458,28 @@ fn main() {
         ratio(&warm, &ping)
     );
     out += &format!(
+        "- parked runs back to back / fork + _exit + waitpid floor: {:.2}x (each task still costs a fork and an exit, now off its path but not off the CPUs)\n",
+        ratio(&warm, &fork_wait)
+    );
+    out += &format!(
         "- procspawn Pool(2) / parked run, 2 ms apart: {:.2}x (above 1 means we are faster)\n",
         ratio(&procspawn_pool, &warm_paced)
     );
     out += &format!(
-        "- tokio::process /bin/true / cold run: {:.1}x faster\n",
-        ratio(&true_cmd, &cold)
+        "- tokio::process /bin/true / run: {:.1}x faster cold, {:.1}x back to back parked, {:.1}x paced\n",
+        ratio(&true_cmd, &cold),
+        ratio(&true_cmd, &warm),
+        ratio(&true_cmd, &warm_paced)
     );
     out += &format!(
-        "- seed (trio-run-in-process, 105 ms measured externally) / cold run: {:.0}x faster\n",
-        0.105 / cold.p50.as_secs_f64()
+        "- seed (trio-run-in-process, 105 ms measured externally) / run: {:.0}x faster cold, {:.0}x back to back parked, {:.0}x paced\n",
+        0.105 / cold.p50.as_secs_f64(),
+        0.105 / warm.p50.as_secs_f64(),
+        0.105 / warm_paced.p50.as_secs_f64()
     );
     let t8 = throughput
         .iter()
-        .find(|(n, _)| n.contains(" 8 in flight") && n.starts_with("run_in"))
+        .find(|(n, _)| n.ends_with(" 8 in flight") && n.starts_with("run_in"))
         .map_or(0.0, |t| t.1);
     out += &format!(
         "- throughput, 8 in flight / raw fork server: {:.2}x\n",
