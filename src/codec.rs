@@ -10,6 +10,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::budget::{Bounded, Budget};
+
 /// Encodes `value` into a `Vec`; the error is the codec's message. The crate
 /// itself streams with [`encode_to`]; this is for the fuzz targets and tests.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -64,7 +66,9 @@ impl<S: ByteSink> postcard::ser_flavors::Flavor for Flavor<'_, S> {
 /// Decodes a `T` from exactly `bytes`, refusing inputs longer than `limit`.
 ///
 /// postcard allocates no more than the input could describe: sequence lengths
-/// are only a hint capped by serde, and every element consumes input.
+/// are only a hint capped by serde, and every element that is not zero-sized
+/// consumes input. Zero-sized elements are counted by [`Bounded`] instead, so
+/// a claimed `Vec<()>` of 2^62 elements fails in about a millisecond.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, String> {
     if bytes.len() > limit {
         return Err(format!(
@@ -72,9 +76,25 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<
             bytes.len()
         ));
     }
-    match postcard::take_from_bytes::<T>(bytes) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(format!("{} trailing bytes after the value", rest.len())),
+    let budget = Budget::for_input(bytes.len());
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    let value = T::deserialize(Bounded {
+        inner: &mut de,
+        budget: &budget,
+    })
+    .map_err(|e| {
+        if budget.exhausted() {
+            format!(
+                "more sequence or map elements than {} input bytes can hold",
+                bytes.len()
+            )
+        } else {
+            e.to_string()
+        }
+    })?;
+    match de.finalize() {
+        Ok([]) => Ok(value),
+        Ok(rest) => Err(format!("{} trailing bytes after the value", rest.len())),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -94,6 +114,61 @@ mod tests {
         padded.push(0);
         assert!(decode::<(u64, String)>(&padded, 100).is_err());
         assert!(decode::<(u64, String)>(&bytes, 2).is_err());
+    }
+
+    #[test]
+    fn huge_claimed_length_of_zero_sized_elements_fails_fast() {
+        // 2^62 units, in nine bytes: each consumes no input, so only the
+        // element budget stops the loop (without it this test never ends).
+        let bytes = [0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40];
+        let err = decode::<Vec<()>>(&bytes, 100).unwrap_err();
+        assert!(err.contains("elements"), "{err}");
+        // Nested, so that the outer elements do consume input.
+        let mut nested = vec![0xe8, 0x07]; // 1000 inner vectors
+        for _ in 0..1000 {
+            nested.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40]);
+        }
+        assert!(decode::<Vec<Vec<()>>>(&nested, 1 << 20).is_err());
+        // Legitimate values with zero-sized elements still decode.
+        let units = vec![(); 100_000];
+        assert_eq!(
+            decode::<Vec<()>>(&encode(&units).unwrap(), 100).unwrap(),
+            units
+        );
+    }
+
+    #[test]
+    fn every_serde_shape_decodes_as_postcard_alone_does() {
+        use std::collections::BTreeMap;
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        enum Shape {
+            Unit,
+            Newtype(Option<String>),
+            Tuple(i128, u128, char),
+            Struct {
+                map: BTreeMap<u8, Vec<f64>>,
+                bytes: serde_bytes::ByteBuf,
+            },
+        }
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Wrapper(Vec<Shape>, (), Option<Box<Wrapper>>);
+        let value = Wrapper(
+            vec![
+                Shape::Unit,
+                Shape::Newtype(Some("x".into())),
+                Shape::Newtype(None),
+                Shape::Tuple(-1, u128::MAX, 'λ'),
+                Shape::Struct {
+                    map: [(1, vec![0.5, -2.0]), (9, vec![])].into(),
+                    bytes: serde_bytes::ByteBuf::from(vec![0, 255]),
+                },
+            ],
+            (),
+            Some(Box::new(Wrapper(vec![], (), None))),
+        );
+        let bytes = encode(&value).unwrap();
+        assert_eq!(decode::<Wrapper>(&bytes, 1 << 20).unwrap(), value);
+        assert_eq!(postcard::from_bytes::<Wrapper>(&bytes).unwrap(), value);
     }
 
     #[test]

@@ -73,6 +73,7 @@
 #![cfg(target_os = "linux")]
 #![warn(missing_docs)]
 
+mod budget;
 mod codec;
 mod error;
 mod mailbox;

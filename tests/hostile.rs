@@ -38,6 +38,7 @@ fn main() {
     trial!(zygote, scribbling_the_whole_ring_only_fails_tasks_cleanly);
     trial!(zygote, forged_records_with_huge_lengths_are_refused);
     trial!(zygote, ring_cannot_be_truncated_or_grown);
+    trial!(zygote, zero_sized_elements_cannot_stall_the_parent);
     trial!(zygote, spinning_task_is_stopped_and_zygote_keeps_serving);
     trial!(
         single,
@@ -174,6 +175,28 @@ fn fill_slot(n: u64) -> Vec<u64> {
     vec![n; 7000]
 }
 
+/// A result that claims a sequence of 2^62 zero-sized elements and holds none:
+/// its `Serialize` lies, its `Deserialize` is `Vec<()>`'s, whose elements
+/// consume no input, so only the decoder's element budget can stop the parent.
+struct Units(Vec<()>);
+
+impl serde::Serialize for Units {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        s.serialize_seq(Some(1 << 62))?.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Units {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Units, D::Error> {
+        Vec::<()>::deserialize(d).map(Units)
+    }
+}
+
+fn units(_: ()) -> Units {
+    Units(Vec::new())
+}
+
 // ---------------------------------------------------------------------------
 // Trials.
 
@@ -244,6 +267,30 @@ async fn forged_records_with_huge_lengths_are_refused(z: Zygote) -> TestResult {
     let (ok, failed) = victims_while_attacked(&z).await?;
     check_attacker(forger.result().await, 0)?;
     eprintln!("    victims: {ok} right, {failed} failed cleanly");
+    still_serving(&z).await
+}
+
+async fn zero_sized_elements_cannot_stall_the_parent(z: Zygote) -> TestResult {
+    // Decoding happens inside the parent's poll, where no tokio timeout can
+    // interrupt it: run it on a thread of its own, so that a regression fails
+    // this trial after HANG instead of stalling the whole test binary.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let zygote = z.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = tx.send(rt.block_on(zygote.run(units, ())).map(|u| u.0.len()));
+    });
+    let outcome = tokio::task::spawn_blocking(move || rx.recv_timeout(common::HANG))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the parent is still producing zero-sized elements")?;
+    match outcome {
+        Err(e) if e.kind() == ErrorKind::Codec && e.to_string().contains("elements") => {}
+        other => return Err(format!("expected a codec error, got {other:?}").into()),
+    }
     still_serving(&z).await
 }
 
