@@ -618,7 +618,7 @@ impl<R: DeserializeOwned> Process<R> {
         }
     }
 
-    fn decode(&self, record: Record) -> Result<R> {
+    fn decode(&mut self, record: Record) -> Result<R> {
         let limit = usize::try_from(self.io.inner.limits.max_payload).unwrap_or(usize::MAX);
         let taken = match record {
             Record::Taken(t) => t,
@@ -640,8 +640,12 @@ impl<R: DeserializeOwned> Process<R> {
                 if bytes.bytes().len() as u64 != taken.len {
                     return Err(Error::codec("spilled result has the wrong length"));
                 }
-                codec::decode(bytes.bytes(), limit)
-                    .map_err(|e| Error::codec(format!("cannot decode the result: {e}")))
+                let value = codec::decode(bytes.bytes(), limit)
+                    .map_err(|e| Error::codec(format!("cannot decode the result: {e}")));
+                // Unmapping and freeing the memfd's pages is left to the
+                // reaper, after the caller has the value.
+                self.io.keep_until_reaped(bytes, fd);
+                value
             }
         }
     }

@@ -35,6 +35,7 @@ use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
 use crate::process::Inner;
 use crate::ring::Taken;
+use crate::shm::SealedBytes;
 use crate::slots::Lease;
 use crate::sys::{self, WaitStatus};
 use crate::wire::{self, Report, WireError};
@@ -82,6 +83,10 @@ pub(crate) struct TaskIo {
     pub(crate) timed_out: bool,
     /// A signal requested before the pidfd arrived, sent when it does.
     pending_signal: Option<Signal>,
+    /// A spilled result's mapping and memfd, already decoded: released by
+    /// the reaper rather than on the caller's path (for 64 MiB, the
+    /// `munmap` and the freeing of the pages take about 26 ms here).
+    spent: Option<(SealedBytes, OwnedFd)>,
 }
 
 impl TaskIo {
@@ -185,6 +190,7 @@ impl TaskIo {
             deadlines,
             timed_out: false,
             pending_signal: None,
+            spent: None,
         })
     }
 
@@ -363,6 +369,12 @@ impl TaskIo {
         }
     }
 
+    /// Keeps a decoded spilled result's mapping and memfd until the worker is
+    /// reaped, so that releasing them is not on the caller's path.
+    pub(crate) fn keep_until_reaped(&mut self, bytes: SealedBytes, fd: OwnedFd) {
+        self.spent = Some((bytes, fd));
+    }
+
     /// Takes the spilled result's memfd announced by a `Spilled` record.
     pub(crate) fn take_spill(&self, len: u64) -> Option<OwnedFd> {
         let tag = wire::SpillNotice::tag_for(self.key?, self.generation, len);
@@ -464,6 +476,7 @@ impl Drop for TaskIo {
             report: self.report.take(),
             lease: self.lease.take(),
             mailbox: self.mailbox.take(),
+            spent: self.spent.take(),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -479,6 +492,8 @@ struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
     lease: Option<Lease>,
     mailbox: Option<MailboxGuard>,
+    /// Released with the slot.
+    spent: Option<(SealedBytes, OwnedFd)>,
 }
 
 impl Reaper {
@@ -495,6 +510,9 @@ impl Reaper {
                 guard.clear_ready();
             }
         }
+        // The spent result first: once the lease is gone, `wait_idle`
+        // promises that nothing of the task is left.
+        self.spent = None;
         self.lease = None;
     }
 
@@ -512,6 +530,7 @@ impl Reaper {
                 let _ = sys::poll_readable(fd.as_fd(), Some(Duration::from_millis(100)));
             }
         }
+        self.spent = None;
         self.lease = None;
     }
 }
@@ -525,6 +544,7 @@ impl Drop for Reaper {
                 report: self.report.take(),
                 lease: self.lease.take(),
                 mailbox: self.mailbox.take(),
+                spent: self.spent.take(),
             }
             .block();
         }
