@@ -70,6 +70,20 @@ impl Mailboxes {
         None
     }
 
+    /// Puts back a claim whose job was never sent (setting the task up
+    /// failed first): the worker is still parked and waiting.
+    pub(crate) fn unclaim(&self, claim: Claim) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = states.get_mut(claim.index) {
+            if matches!(state, State::Busy) {
+                *state = State::Ready {
+                    pid: claim.pid,
+                    pidfd: claim.pidfd,
+                };
+            }
+        }
+    }
+
     /// Returns a mailbox after its worker's `Exited` report has been read (or
     /// its report socket ended).
     fn release(&self, index: usize) {

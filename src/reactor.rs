@@ -112,7 +112,10 @@ impl TaskIo {
         }
         let lease = inner.slots.acquire().await;
         let generation = inner.next_gen();
-        let doorbell = sys::eventfd()?;
+        // Everything that can fail happens before the request is sent: once
+        // a worker may be running, nothing but this `TaskIo` (and its reaper)
+        // may release the lease.
+        let doorbell = register(sys::eventfd()?, Interest::READABLE)?;
         let (place, inline, arg_fd) = match arg {
             Payload::Inline(bytes) => (wire::ArgPlace::Inline(arg.len()), &bytes[..], None),
             Payload::Sealed { fd, len } => (wire::ArgPlace::Memfd(*len), &[][..], Some(fd.as_fd())),
@@ -131,7 +134,7 @@ impl TaskIo {
             }
             .encode(inline)
         };
-        let mut fds = vec![doorbell.as_fd()];
+        let mut fds = vec![doorbell.get_ref().as_fd()];
         if let Some(fd) = arg_fd {
             fds.push(fd);
         }
@@ -139,17 +142,26 @@ impl TaskIo {
         // the fork already happened. Otherwise the zygote forks one now.
         let mut claimed = None;
         if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes) {
+            let mailbox = &inner.process.mailboxes[claim.index];
+            // The mailbox's report socket, duplicated so this task can
+            // register it with its own runtime. If that fails (out of fds,
+            // say), the worker goes back to the mailbox for the next task.
+            let report = match mailbox
+                .reports
+                .try_clone()
+                .map_err(|e| Error::io("dup", e))
+                .and_then(|fd| register(fd, Interest::READABLE))
+            {
+                Ok(report) => report,
+                Err(e) => {
+                    inner.mailboxes.unclaim(claim);
+                    return Err(e);
+                }
+            };
             let guard = MailboxGuard {
                 inner: Arc::clone(&inner),
                 index: claim.index,
             };
-            let mailbox = &inner.process.mailboxes[claim.index];
-            // The mailbox's report socket, duplicated so this task can
-            // register it with its own runtime.
-            let report = mailbox
-                .reports
-                .try_clone()
-                .map_err(|e| Error::io("dup", e))?;
             // The job socket is empty (the zygote drains it before parking a
             // worker), so this non-blocking send cannot find it full. It fails
             // if the worker died while parked (with the zygote, say): then
@@ -164,6 +176,7 @@ impl TaskIo {
             None => {
                 let frame = frame(0);
                 let (report, report_zygote) = sys::seqpacket_pair()?;
+                let report = register(report, Interest::READABLE)?;
                 let mut with_report = vec![report_zygote.as_fd()];
                 with_report.extend_from_slice(&fds);
                 inner.send_request(&frame, &with_report).await?;
@@ -171,8 +184,6 @@ impl TaskIo {
             }
         };
         drop(fds);
-        let report = register(report, Interest::READABLE)?;
-        let doorbell = register(doorbell, Interest::READABLE)?;
         Ok(TaskIo {
             inner,
             lease: Some(lease),
@@ -510,8 +521,10 @@ impl Reaper {
                 guard.clear_ready();
             }
         }
-        // The spent result first: once the lease is gone, `wait_idle`
+        // Everything else first: once the lease is gone, `wait_idle`
         // promises that nothing of the task is left.
+        self.report = None;
+        self.mailbox = None;
         self.spent = None;
         self.lease = None;
     }

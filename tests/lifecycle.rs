@@ -74,6 +74,10 @@ fn main() {
         "worker_signal_state_is_reset",
         worker_signal_state_is_reset,
     ));
+    trials.push(Trial::test(
+        "running_out_of_fds_fails_the_task_and_loses_nothing",
+        running_out_of_fds_fails_the_task_and_loses_nothing,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -414,6 +418,37 @@ fn worker_signal_state_is_reset() -> TestResult {
     )
 }
 
+fn running_out_of_fds_fails_the_task_and_loses_nothing() -> TestResult {
+    let out = child("emfile").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        out.status.success(),
+        format!("child {:?}: {text}", out.status),
+    )?;
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    ensure(line("error:") == "Io", format!("output {text:?}"))?;
+    ensure(
+        line("workers after:") == "0",
+        format!("leaked a slot: {text:?}"),
+    )?;
+    let served = parse_pids(&line("parked, then served by:"));
+    ensure(
+        served.len() == 2 && served[0] == served[1],
+        format!("the parked worker was lost: {text:?}"),
+    )?;
+    let fds = parse_pids(&line("fds before, after:"));
+    ensure(
+        fds.len() == 2 && fds[0] == fds[1],
+        format!("leaked an fd: {text:?}"),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -423,6 +458,7 @@ fn child_mode(mode: &str) {
         "ctrl-c" => ctrl_c_child(),
         "stdio" => stdio_child(),
         "signals" => signals_child(),
+        "emfile" => emfile_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -539,4 +575,94 @@ fn signals_child() {
             println!("child wait works");
         }
     });
+}
+
+/// Runs a task while the process can open only two more fds: enough for the
+/// task's eventfd and the parked worker's pidfd, not for the rest. The task
+/// must fail with `Io`, and afterwards no slot, fd or parked worker may be
+/// missing.
+fn emfile_child() {
+    let z = Zygote::builder()
+        .parked(1)
+        .max_in_flight(2)
+        .start()
+        .expect("start zygote");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        z.run(reverse_bytes, vec![1]).await.expect("first task");
+        z.wait_idle().await;
+        // The replacement parked worker, once the zygote has forked it (it
+        // queues the worker's `Started` report right after the fork).
+        let parked = wait_for_one_child(z.pid());
+        let before = open_fds();
+        let (a, b) = two_lowest_free_fds();
+        let limit = set_fd_limit(b as u64 + 1);
+        let e = z.run(reverse_bytes, vec![2]).await.expect_err("out of fds");
+        set_fd_limit(limit);
+        println!("error: {:?}", e.kind());
+        eprintln!("    fds {a} and {b} were free; the task failed with: {e}");
+        z.wait_idle().await;
+        println!("workers after: {}", z.workers());
+        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
+        println!("parked, then served by: {parked} {}", p.pid());
+        p.result().await.expect("result after");
+        z.wait_idle().await;
+        println!("fds before, after: {before} {}", open_fds());
+    });
+}
+
+fn wait_for_one_child(zygote: u32) -> u32 {
+    let path = format!("/proc/{zygote}/task/{zygote}/children");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
+        if let [pid] = pids[..] {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("the zygote did not park a worker");
+}
+
+fn open_fds() -> usize {
+    // Minus the directory's own fd.
+    std::fs::read_dir("/proc/self/fd").expect("fds").count() - 1
+}
+
+fn two_lowest_free_fds() -> (i32, i32) {
+    // The listing's own fd is open only while listing: it counts as free.
+    let listing = std::path::PathBuf::from(format!("/proc/{}/fd", std::process::id()));
+    let used: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            if std::fs::read_link(e.path()).ok()? == listing {
+                return None;
+            }
+            e.file_name().to_str()?.parse().ok()
+        })
+        .collect();
+    let mut free = (0..).filter(|fd| !used.contains(fd));
+    (
+        free.next().expect("a free fd"),
+        free.next().expect("a free fd"),
+    )
+}
+
+/// Sets the soft `RLIMIT_NOFILE`; returns the previous soft limit.
+fn set_fd_limit(soft: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write one valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let previous = limit.rlim_cur;
+    limit.rlim_cur = soft;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    previous
 }
