@@ -3,9 +3,15 @@
 //!
 //! The codec is [postcard](https://docs.rs/postcard): maintained, compact,
 //! serde-native, and what servo's ipc-channel moved to when bincode was
-//! abandoned (RUSTSEC-2025-0141). Decoding always runs with a size limit on
-//! its input, and refuses trailing bytes, so a truncated or padded buffer is an
-//! error rather than a silently different value.
+//! abandoned (RUSTSEC-2025-0141). `benches/codec.rs` measures it against
+//! bitcode, MessagePack and CBOR. It is the fastest or within 10% of it for
+//! small values and byte strings, and only bitcode beats it, on large numeric
+//! arrays (about 3x), and bitcode's serde mode offers neither thing this
+//! module needs: a serializer over any byte sink (to stream into a memfd) and
+//! a deserializer over a slice that can be wrapped (to bound the element
+//! count). Decoding always runs with a size limit on its input, and refuses
+//! trailing bytes, so a truncated or padded buffer is an error rather than a
+//! silently different value.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
