@@ -23,6 +23,7 @@ use serde::de::{
 /// Elements a decode may visit.
 pub(crate) struct Budget {
     left: Cell<u64>,
+    refused: Cell<bool>,
 }
 
 impl Budget {
@@ -37,13 +38,14 @@ impl Budget {
     pub(crate) fn new(elements: u64) -> Budget {
         Budget {
             left: Cell::new(elements),
+            refused: Cell::new(false),
         }
     }
 
     /// True once a charge was refused (the codec's own error type may not
-    /// keep the message).
-    pub(crate) fn exhausted(&self) -> bool {
-        self.left.get() == 0
+    /// keep the message). A budget spent to exactly zero was not refused.
+    pub(crate) fn refused(&self) -> bool {
+        self.refused.get()
     }
 
     fn charge<E: de::Error>(&self) -> Result<(), E> {
@@ -52,9 +54,12 @@ impl Budget {
                 self.left.set(left);
                 Ok(())
             }
-            None => Err(E::custom(
-                "more sequence or map elements than the input can hold",
-            )),
+            None => {
+                self.refused.set(true);
+                Err(E::custom(
+                    "more sequence or map elements than the input can hold",
+                ))
+            }
         }
     }
 }
@@ -360,13 +365,12 @@ mod tests {
     fn each_element_and_each_end_costs_one() {
         let bytes = postcard::to_stdvec(&vec![(); 10]).unwrap();
         // Ten elements, then the check that finds the end.
-        assert_eq!(
-            decode_with::<Vec<()>>(&bytes, &Budget::new(11)),
-            Some(vec![(); 10])
-        );
+        let exact = Budget::new(11);
+        assert_eq!(decode_with::<Vec<()>>(&bytes, &exact), Some(vec![(); 10]));
+        assert!(!exact.refused(), "a budget spent to zero was not refused");
         let short = Budget::new(10);
         assert_eq!(decode_with::<Vec<()>>(&bytes, &short), None);
-        assert!(short.exhausted());
+        assert!(short.refused());
         // Map entries are charged by key, through nested options and enums.
         let map: std::collections::BTreeMap<u8, Option<Vec<()>>> =
             [(1, Some(vec![(); 3])), (2, None)].into();

@@ -89,7 +89,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<
         budget: &budget,
     })
     .map_err(|e| {
-        if budget.exhausted() {
+        if budget.refused() {
             format!(
                 "more sequence or map elements than {} input bytes can hold",
                 bytes.len()

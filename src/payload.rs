@@ -83,7 +83,7 @@ impl fmt::Display for PayloadError {
 }
 
 /// The encoder's sink; see the module docs.
-pub(crate) struct PayloadWriter {
+struct PayloadWriter {
     name: &'static str,
     inline_max: usize,
     limit: u64,
@@ -101,7 +101,7 @@ pub(crate) struct PayloadWriter {
 }
 
 impl PayloadWriter {
-    pub(crate) fn new(name: &'static str, inline_max: usize, limit: u64) -> PayloadWriter {
+    fn new(name: &'static str, inline_max: usize, limit: u64) -> PayloadWriter {
         let mut writer = PayloadWriter {
             name,
             inline_max,
@@ -173,7 +173,7 @@ impl PayloadWriter {
 
     /// The encoded payload: inline, or the memfd with the rest written out
     /// and sealed.
-    pub(crate) fn finish(mut self) -> Result<Payload, PayloadError> {
+    fn finish(mut self) -> Result<Payload, PayloadError> {
         let Some(mut file) = self.memfd.take() else {
             return Ok(Payload::Inline(self.buf));
         };

@@ -521,12 +521,7 @@ impl Reaper {
                 guard.clear_ready();
             }
         }
-        // Everything else first: once the lease is gone, `wait_idle`
-        // promises that nothing of the task is left.
-        self.report = None;
-        self.mailbox = None;
-        self.spent = None;
-        self.lease = None;
+        self.finish();
     }
 
     /// Outside any runtime: wait on the socket directly, bounded, then free
@@ -543,6 +538,14 @@ impl Reaper {
                 let _ = sys::poll_readable(fd.as_fd(), Some(Duration::from_millis(100)));
             }
         }
+        self.finish();
+    }
+
+    /// Releases everything the task held, the slot last: once the lease is
+    /// gone, `wait_idle` promises that nothing of the task is left.
+    fn finish(&mut self) {
+        self.report = None;
+        self.mailbox = None;
         self.spent = None;
         self.lease = None;
     }
