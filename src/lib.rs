@@ -73,6 +73,7 @@
 #![cfg(target_os = "linux")]
 #![warn(missing_docs)]
 
+mod blob;
 mod budget;
 mod codec;
 mod error;
@@ -95,6 +96,7 @@ use std::sync::OnceLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::blob::Blob;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::process::{
     Builder, DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD, DEFAULT_PARKED,

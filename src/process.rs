@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::Interest;
 use tokio::time::Instant;
 
+use crate::blob;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
@@ -640,7 +641,8 @@ impl<R: DeserializeOwned> Process<R> {
                 if bytes.bytes().len() as u64 != taken.len {
                     return Err(Error::codec("spilled result has the wrong length"));
                 }
-                let value = codec::decode(bytes.bytes(), limit)
+                // A `Blob` in the result borrows the mapping instead of copying.
+                let value = blob::decoding_from(&bytes, || codec::decode(bytes.bytes(), limit))
                     .map_err(|e| Error::codec(format!("cannot decode the result: {e}")));
                 // Unmapping and freeing the memfd's pages is left to the
                 // reaper, after the caller has the value.

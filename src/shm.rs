@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
@@ -88,9 +89,12 @@ pub(crate) fn seal(fd: BorrowedFd<'_>) -> SysResult<()> {
 }
 
 /// Bytes of a memfd whose seals guarantee they can no longer change.
+///
+/// The mapping is shared so that a [`Blob`](crate::Blob) decoded from it can
+/// keep it alive after the payload itself is released.
 pub(crate) enum SealedBytes {
     Empty,
-    Mapped(Mmap),
+    Mapped(Arc<Mmap>),
 }
 
 impl SealedBytes {
@@ -126,13 +130,21 @@ impl SealedBytes {
         // contents are immutable and the size is fixed at `len`.
         let map = unsafe { MmapOptions::new().len(len as usize).map(&file) }
             .map_err(|e| SealError::Sys(SysError::new("mmap", e)))?;
-        Ok(SealedBytes::Mapped(map))
+        Ok(SealedBytes::Mapped(Arc::new(map)))
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             SealedBytes::Empty => &[],
             SealedBytes::Mapped(m) => m,
+        }
+    }
+
+    /// The mapping, unless the payload is empty.
+    pub(crate) fn mapping(&self) -> Option<&Arc<Mmap>> {
+        match self {
+            SealedBytes::Empty => None,
+            SealedBytes::Mapped(m) => Some(m),
         }
     }
 }

@@ -237,7 +237,9 @@ fn execute(job: Job<'_>) -> ! {
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
         Ok(arg) => {
             let entry = entry_from_address(job.entry);
-            match panic::catch_unwind(AssertUnwindSafe(|| entry(arg.bytes(), limit, inline_max))) {
+            // A `Blob` in a sealed argument borrows its mapping.
+            let call = || arg.decoding(|| entry(arg.bytes(), limit, inline_max));
+            match panic::catch_unwind(AssertUnwindSafe(call)) {
                 Ok(Outcome::Value(payload)) => Published::Value(payload),
                 Ok(Outcome::CodecFailed(message)) => failed(RecordKind::EncodeFailed, message),
                 Err(payload) => {
@@ -268,6 +270,14 @@ impl ArgBytes<'_> {
         match self {
             ArgBytes::Inline(b) => b,
             ArgBytes::Sealed(s) => s.bytes(),
+        }
+    }
+
+    /// Runs `f` with a sealed argument's mapping as the `Blob` source.
+    fn decoding<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self {
+            ArgBytes::Inline(_) => f(),
+            ArgBytes::Sealed(s) => crate::blob::decoding_from(s, f),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{TestResult, checked, ensure, process_exists};
 use libtest_mimic::Trial;
-use run_in_process::{ErrorKind, State, Zygote};
+use run_in_process::{Blob, ErrorKind, State, Zygote};
 use serde::{Deserialize, Serialize};
 
 fn main() {
@@ -75,6 +75,7 @@ fn main() {
     trial!(unserializable_result_is_codec_error);
     trial!(async_function_runs_in_worker);
     trial!(large_argument_and_result_round_trip, cold);
+    trial!(large_blobs_cross_without_a_copy_and_outlive_the_task, cold);
     trial!(global_init_and_run_in_process);
     trial!(start_from_multithreaded_process_is_refused);
     trial!(open_reports_running_then_finished);
@@ -230,6 +231,33 @@ async fn async_double(x: u64) -> u64 {
 fn reverse_bytes(mut v: Vec<u8>) -> Vec<u8> {
     v.reverse();
     v
+}
+
+/// Bytes `0, 1, ..., 250, 0, ...` of length `len`, tagged by `seed`.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// Blobs of the given lengths, each with its own pattern.
+fn make_blobs(lens: Vec<usize>) -> Vec<Blob> {
+    (0..)
+        .zip(lens)
+        .map(|(k, len)| Blob::from(pattern(len, k)))
+        .collect()
+}
+
+/// Whether the worker received its argument without a copy, and the bytes.
+fn inspect_blob(b: Blob) -> (bool, Vec<u8>) {
+    (b.is_mapped(), b.into_vec())
+}
+
+/// Lines of `/proc/self/maps` that map a result memfd.
+fn result_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("memfd:run-in-process-result"))
+        .count()
 }
 
 fn marker_path(name: &str) -> PathBuf {
@@ -498,6 +526,50 @@ async fn large_argument_and_result_round_trip(z: Zygote) -> TestResult {
         ensure(out == expected, format!("round trip of {len} bytes"))?;
     }
     Ok(())
+}
+
+async fn large_blobs_cross_without_a_copy_and_outlive_the_task(z: Zygote) -> TestResult {
+    let before = result_mappings();
+    // Inline results, and blobs under a page, are copied; a blob of a page
+    // or more in a spilled result points into the parent's mapping of it.
+    let lens = vec![0, 100, 4095, 4096, 1 << 20, 3 << 20];
+    let blobs = z.run(make_blobs, lens.clone()).await?;
+    for (k, (blob, len)) in (0..).zip(blobs.iter().zip(&lens)) {
+        ensure(
+            blob[..] == pattern(*len, k)[..],
+            format!("bytes of blob {k}"),
+        )?;
+        ensure(
+            blob.is_mapped() == (*len >= 4096),
+            format!("blob {k} of {len} bytes: {blob:?}"),
+        )?;
+    }
+    let small = z.run(make_blobs, vec![32 * 1024]).await?;
+    ensure(
+        !small[0].is_mapped(),
+        "a result that fits the slot is inline",
+    )?;
+    // The mapped blobs keep the result's mapping after the worker and the
+    // task are gone, and release it when the last of them is dropped.
+    z.wait_idle().await;
+    ensure(
+        result_mappings() == before + 1,
+        "one mapping held by the blobs",
+    )?;
+    let last = blobs[5].clone();
+    drop(blobs);
+    ensure(
+        last[..] == pattern(3 << 20, 5)[..],
+        "a clone outlives the others",
+    )?;
+    drop(last);
+    ensure(result_mappings() == before, "the mapping is released")?;
+    // A large argument reaches the worker the same way.
+    let (mapped, back) = z.run(inspect_blob, Blob::from(pattern(2 << 20, 9))).await?;
+    ensure(mapped, "the worker maps a large Blob argument")?;
+    ensure(back == pattern(2 << 20, 9), "argument bytes")?;
+    let (mapped, _) = z.run(inspect_blob, Blob::from(pattern(64, 9))).await?;
+    ensure(!mapped, "a small argument is inline")
 }
 
 async fn global_init_and_run_in_process(_: Zygote) -> TestResult {
