@@ -66,6 +66,21 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     crate::codec::decode(bytes, LIMIT).ok()
 }
 
+/// Decodes `bytes` as the parent decodes a spilled result: from a read-only
+/// mapping of a sealed memfd holding them, with that mapping as the source of
+/// any [`Blob`](crate::Blob) in `T`.
+pub fn decode_sealed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let fd = crate::sys::memfd_create("fuzz").expect("memfd_create");
+    std::fs::File::from(fd.try_clone().expect("dup"))
+        .write_all(bytes)
+        .expect("fill the memfd");
+    crate::shm::seal(fd.as_fd()).expect("seal");
+    let sealed = crate::shm::SealedBytes::open(fd.as_fd(), LIMIT as u64).ok()?;
+    crate::blob::decoding_from(&sealed, || crate::codec::decode(sealed.bytes(), LIMIT).ok())
+}
+
 /// Encodes `value` through the crate's codec path, both ways it is used: into
 /// a `Vec`, and streamed through the payload writer with an inline room of 16
 /// bytes (so most values spill into a sealed memfd). Panics if the two

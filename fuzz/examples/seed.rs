@@ -33,6 +33,13 @@ fn main() -> std::io::Result<()> {
         let bytes = fuzzing::encode(&value).expect("sample values encode");
         seeds.entry("codec_round_trip").or_default().push(bytes);
     }
+    // Byte strings on both sides of the size at which a Blob maps.
+    let blobs: Vec<run_in_process::Blob> = [0, 3, 4095, 4096, 9000]
+        .into_iter()
+        .map(|len| vec![0xa5; len].into())
+        .collect();
+    let bytes = fuzzing::encode(&blobs).expect("blobs encode");
+    seeds.entry("codec_round_trip").or_default().push(bytes);
 
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     for (target, inputs) in &seeds {

@@ -10,7 +10,7 @@
 //! Each function returns `false` when the input is rejected (too large to be
 //! worth running) and panics when it finds a bug.
 
-use run_in_process::fuzzing;
+use run_in_process::{Blob, fuzzing};
 use serde::{Deserialize, Serialize};
 
 /// Largest input a size-limited target runs; larger ones are rejected
@@ -120,11 +120,21 @@ pub enum Shape {
 
 /// `codec_round_trip`: decodes the input as a [`Sample`] through the crate's
 /// codec; whatever decodes must encode, decode to the same value, and encode
-/// to the same bytes again, never longer than the input it came from.
+/// to the same bytes again, never longer than the input it came from. The
+/// input is also decoded as byte strings from a sealed mapping, as a large
+/// result is: each [`Blob`] must hold exactly the bytes a plain decode gives,
+/// whether it points into the mapping or was copied.
 pub fn codec_round_trip(data: &[u8]) -> bool {
     if data.len() > MAX_INPUT {
         return false;
     }
+    let blobs = fuzzing::decode_sealed::<Vec<Blob>>(data);
+    let vecs = fuzzing::decode::<Vec<Vec<u8>>>(data);
+    assert_eq!(
+        blobs.map(|b| b.into_iter().map(Blob::into_vec).collect::<Vec<_>>()),
+        vecs,
+        "byte strings decoded from a sealed mapping differ from a plain decode"
+    );
     let Some(value) = fuzzing::decode::<Sample>(data) else {
         return true;
     };
