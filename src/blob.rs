@@ -397,6 +397,12 @@ mod tests {
     }
 
     #[test]
+    fn blobs_move_and_share_across_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Blob>();
+    }
+
+    #[test]
     fn constructors_and_comparisons() {
         static BYTES: &[u8] = b"static bytes";
         let s = Blob::from_static(BYTES);
