@@ -35,8 +35,13 @@ use serde::ser::{Serialize, Serializer};
 use crate::shm::SealedBytes;
 
 /// Byte strings shorter than this are copied even out of a mapping: a page's
-/// worth is cheap to copy, and a small `Blob` should not pin a large mapping.
+/// worth is cheap to copy.
 const MAP_AT_LEAST: usize = 4096;
+
+/// A mapped `Blob` keeps the whole mapping alive, and the worker chose what
+/// else is in it. So a byte string maps only if it is at least this fraction
+/// of the mapping: no `Blob` pins more than `PIN_FACTOR` times its own size.
+const PIN_FACTOR: usize = 8;
 
 thread_local! {
     /// The mapping being decoded on this thread, if it is a sealed payload.
@@ -57,7 +62,11 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
             let _ = SOURCE.try_with(|s| *s.borrow_mut() = previous);
         }
     }
-    let _restore = Restore(SOURCE.with(|s| s.replace(Some(Arc::clone(map)))));
+    // During thread teardown there is no source to set, and a Blob copies.
+    let Ok(previous) = SOURCE.try_with(|s| s.replace(Some(Arc::clone(map)))) else {
+        return decode();
+    };
+    let _restore = Restore(previous);
     decode()
 }
 
@@ -68,18 +77,27 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
 /// is the type to use for large binary results. A result too large for its
 /// ring slot (see [`Builder::slot_size`](crate::Builder::slot_size)) travels
 /// in a sealed memfd that the parent maps read-only; a `Blob` in it points
-/// into that mapping instead of copying its bytes out, so the parent pays
-/// neither the copy nor the page faults of a fresh buffer. The same holds for
-/// a large argument, in the worker.
+/// into that mapping instead of copying its bytes into a fresh buffer, whose
+/// page faults cost more than the copy on many machines. The same holds for a
+/// large argument, in the worker.
 ///
-/// Such a *mapped* `Blob` keeps the whole mapping alive until it and every
-/// clone of it are dropped; the pages count as shared memory (`Shmem` in
-/// `/proc/self/status`), not heap. The memfd is sealed, so nobody, including
-/// the worker that wrote it, can change or truncate the bytes while they are
-/// visible. [`Blob::into_vec`] copies them out when an owned `Vec` is needed.
+/// A byte string is *mapped* this way when it is at least a page (4 KiB) and
+/// at least an eighth of the whole encoded value; otherwise it is copied. A
+/// mapped `Blob` keeps the whole mapping alive until it and every clone of it
+/// are dropped, so the eighth bounds what a small `Blob` can pin to eight
+/// times its size, whatever else the worker put in the value. The pages count
+/// as shared memory (`RssShmem` in `/proc/self/status`, once touched), not
+/// heap; each retained result is one memory mapping (see
+/// `vm.max_map_count`); and the last drop pays the `munmap` and the freeing
+/// of the pages (about 15 ms for 64 MiB on a small VM). The memfd is sealed,
+/// so nobody, including the worker that wrote it, can change or truncate the
+/// bytes while they are visible. [`Blob::into_vec`] copies them out when an
+/// owned `Vec` is wanted.
 ///
-/// Elsewhere a `Blob` is an ordinary owned buffer: decoded from any other
-/// input, from a small result, or with another serde format, it copies.
+/// Otherwise a `Blob` is an ordinary owned buffer: made from a `Vec`, decoded
+/// from a small result or with another serde format, it holds its bytes on
+/// the heap, and cloning it copies them (cloning a mapped or static `Blob`
+/// does not).
 ///
 /// ```no_run
 /// use run_in_process::{Blob, Zygote};
@@ -146,23 +164,25 @@ impl Blob {
     }
 
     /// A `Blob` of `bytes`, which lie inside this thread's source mapping if
-    /// they were borrowed from it; copied otherwise.
+    /// they were borrowed from it; copied otherwise, or if too small to be
+    /// worth pinning the mapping for.
     fn borrowing(bytes: &[u8]) -> Blob {
-        if bytes.len() >= MAP_AT_LEAST {
-            let found = SOURCE.with(|s| {
-                let source = s.borrow();
-                let map = source.as_ref()?;
-                let range = range_within(map, bytes)?;
-                Some(Repr::Mapped {
-                    map: Arc::clone(map),
-                    range,
-                })
-            });
-            if let Some(repr) = found {
-                return Blob(repr);
+        let mapped = SOURCE.try_with(|s| {
+            let source = s.borrow();
+            let map = source.as_ref()?;
+            if bytes.len() < MAP_AT_LEAST || bytes.len() < map.len() / PIN_FACTOR {
+                return None;
             }
+            let range = range_within(map, bytes)?;
+            Some(Repr::Mapped {
+                map: Arc::clone(map),
+                range,
+            })
+        });
+        match mapped {
+            Ok(Some(repr)) => Blob(repr),
+            _ => Blob(Repr::Heap(bytes.to_vec())),
         }
-        Blob(Repr::Heap(bytes.to_vec()))
     }
 }
 
@@ -209,6 +229,12 @@ impl From<&[u8]> for Blob {
     }
 }
 
+impl From<String> for Blob {
+    fn from(text: String) -> Blob {
+        Blob(Repr::Heap(text.into_bytes()))
+    }
+}
+
 impl From<Blob> for Vec<u8> {
     fn from(blob: Blob) -> Vec<u8> {
         blob.into_vec()
@@ -242,6 +268,24 @@ impl PartialEq<[u8]> for Blob {
 impl PartialEq<Vec<u8>> for Blob {
     fn eq(&self, other: &Vec<u8>) -> bool {
         **self == other[..]
+    }
+}
+
+impl PartialEq<&[u8]> for Blob {
+    fn eq(&self, other: &&[u8]) -> bool {
+        **self == **other
+    }
+}
+
+impl PartialEq<Blob> for [u8] {
+    fn eq(&self, other: &Blob) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq<Blob> for Vec<u8> {
+    fn eq(&self, other: &Blob) -> bool {
+        self[..] == **other
     }
 }
 
@@ -373,6 +417,26 @@ mod tests {
         assert!(!mapped.0.is_mapped() && mapped.1.is_mapped());
         assert_eq!((&mapped.0, &mapped.1), (&small, &large));
         assert_eq!(plain, mapped);
+    }
+
+    #[test]
+    fn a_blob_maps_only_if_it_is_an_eighth_of_the_payload() {
+        // What else is in the payload is the worker's choice; a blob that
+        // would pin more than eight times its own size is copied.
+        for (blob_len, other_len, maps) in [(8192, 3 * 8192, true), (8192, 15 * 8192, false)] {
+            let value = (Blob::from(vec![4u8; blob_len]), vec![5u8; other_len]);
+            let payload = sealed(&encoded(&value));
+            let (blob, other): (Blob, Vec<u8>) =
+                decoding_from(&payload, || codec::decode(payload.bytes(), usize::MAX))
+                    .expect("decode");
+            assert_eq!(
+                blob.is_mapped(),
+                maps,
+                "{blob_len} of {}",
+                payload.bytes().len()
+            );
+            assert_eq!((blob, other), (value.0, value.1));
+        }
     }
 
     #[test]

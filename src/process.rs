@@ -645,7 +645,8 @@ impl<R: DeserializeOwned> Process<R> {
                 let value = blob::decoding_from(&bytes, || codec::decode(bytes.bytes(), limit))
                     .map_err(|e| Error::codec(format!("cannot decode the result: {e}")));
                 // Unmapping and freeing the memfd's pages is left to the
-                // reaper, after the caller has the value.
+                // reaper, after the caller has the value, unless a `Blob` in
+                // the value still holds the mapping: then its last drop does.
                 self.io.keep_until_reaped(bytes, fd);
                 value
             }

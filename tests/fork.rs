@@ -530,9 +530,10 @@ async fn large_argument_and_result_round_trip(z: Zygote) -> TestResult {
 
 async fn large_blobs_cross_without_a_copy_and_outlive_the_task(z: Zygote) -> TestResult {
     let before = result_mappings();
-    // Inline results, and blobs under a page, are copied; a blob of a page
-    // or more in a spilled result points into the parent's mapping of it.
-    let lens = vec![0, 100, 4095, 4096, 1 << 20, 3 << 20];
+    // A blob in a spilled result points into the parent's mapping of it if it
+    // is at least a page and an eighth of the result; the rest are copied.
+    let lens = vec![0, 100, 4095, 4096, 100_000, 1 << 20, 3 << 20];
+    let total: usize = lens.iter().sum();
     let blobs = z.run(make_blobs, lens.clone()).await?;
     for (k, (blob, len)) in (0..).zip(blobs.iter().zip(&lens)) {
         ensure(
@@ -540,10 +541,14 @@ async fn large_blobs_cross_without_a_copy_and_outlive_the_task(z: Zygote) -> Tes
             format!("bytes of blob {k}"),
         )?;
         ensure(
-            blob.is_mapped() == (*len >= 4096),
+            blob.is_mapped() == (*len >= 4096 && *len * 8 >= total),
             format!("blob {k} of {len} bytes: {blob:?}"),
         )?;
     }
+    ensure(
+        blobs.iter().filter(|b| b.is_mapped()).count() == 2,
+        "the two large blobs are mapped",
+    )?;
     let small = z.run(make_blobs, vec![32 * 1024]).await?;
     ensure(
         !small[0].is_mapped(),
@@ -556,10 +561,10 @@ async fn large_blobs_cross_without_a_copy_and_outlive_the_task(z: Zygote) -> Tes
         result_mappings() == before + 1,
         "one mapping held by the blobs",
     )?;
-    let last = blobs[5].clone();
+    let last = blobs[6].clone();
     drop(blobs);
     ensure(
-        last[..] == pattern(3 << 20, 5)[..],
+        last[..] == pattern(3 << 20, 6)[..],
         "a clone outlives the others",
     )?;
     drop(last);
