@@ -377,7 +377,7 @@ mod tests {
             .write_all(bytes)
             .expect("fill");
         shm::seal(fd.as_fd()).expect("seal");
-        SealedBytes::open(fd.as_fd(), u64::MAX).expect("open")
+        SealedBytes::open(fd.as_fd(), bytes.len() as u64, u64::MAX).expect("open")
     }
 
     fn encoded<T: Serialize>(value: &T) -> Vec<u8> {

@@ -77,7 +77,8 @@ pub fn decode_sealed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> 
         .write_all(bytes)
         .expect("fill the memfd");
     crate::shm::seal(fd.as_fd()).expect("seal");
-    let sealed = crate::shm::SealedBytes::open(fd.as_fd(), LIMIT as u64).ok()?;
+    let len = bytes.len() as u64;
+    let sealed = crate::shm::SealedBytes::open(fd.as_fd(), len, LIMIT as u64).ok()?;
     crate::blob::decoding_from(&sealed, || crate::codec::decode(sealed.bytes(), LIMIT).ok())
 }
 
@@ -90,8 +91,8 @@ pub fn encode<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
     let direct = crate::codec::encode(value).ok()?;
     let streamed = match crate::payload::Payload::encode(value, "fuzz", 16, LIMIT as u64) {
         Ok(crate::payload::Payload::Inline(bytes)) => bytes,
-        Ok(crate::payload::Payload::Sealed { fd, .. }) => {
-            crate::shm::SealedBytes::open(fd.as_fd(), LIMIT as u64)
+        Ok(crate::payload::Payload::Sealed { fd, len }) => {
+            crate::shm::SealedBytes::open(fd.as_fd(), len, LIMIT as u64)
                 .expect("the writer seals what it spills")
                 .bytes()
                 .to_vec()

@@ -11,10 +11,20 @@
 //! mapping. It also enforces the size limit *while* encoding, so a result far
 //! over the limit fails after `limit` bytes instead of after allocating all of
 //! them.
+//!
+//! When the byte string that makes the payload spill is large (a `Blob` or a
+//! `serde_bytes` buffer, written in one piece), the memfd starts with up to
+//! 4095 bytes of padding (a hole), chosen so that the string lands at a file
+//! offset with the same offset within 4 KiB as its source address. The
+//! kernel copies with `rep movsb`, which on the AMD machines we measured runs
+//! at half speed when the destination sits a few bytes above the source
+//! modulo 4 KiB: a page-aligned 64 MiB buffer behind a 4-byte length prefix
+//! took 56–88 ms to write instead of 35–51 ms. Readers take the payload as
+//! the memfd's last `len` bytes (`SealedBytes::open`).
 
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::codec::ByteSink;
@@ -23,6 +33,11 @@ use crate::sys::{self, SysError};
 
 /// Writes to the memfd go out in chunks of at least this many bytes.
 const CHUNK: usize = 64 * 1024;
+
+/// The period of the copy alignment that the padding matches (see the module
+/// docs); one more than `shm::PAD_MAX`.
+const ALIGN: usize = 4096;
+const _: () = assert!(ALIGN as u64 - 1 == shm::PAD_MAX);
 
 /// An encoded value, wherever it ended up.
 pub(crate) enum Payload {
@@ -128,9 +143,17 @@ impl PayloadWriter {
     }
 
     /// Moves what is buffered into a new memfd; later bytes go there too.
-    fn spill(&mut self) -> Result<(), PayloadError> {
+    /// `next` is what made the payload spill: if it is large, padding aligns
+    /// it with its source (see the module docs).
+    fn spill(&mut self, next: &[u8]) -> Result<(), PayloadError> {
         let fd = sys::memfd_create(self.name).map_err(PayloadError::Sys)?;
         let mut file = File::from(fd);
+        if next.len() >= CHUNK {
+            let pad = (next.as_ptr() as usize).wrapping_sub(self.buf.len()) % ALIGN;
+            // A hole: reads as zeros, and nobody reads it.
+            file.seek(SeekFrom::Start(pad as u64))
+                .map_err(|e| PayloadError::Sys(SysError::new("lseek", e)))?;
+        }
         write_out(&mut file, &self.buf)?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
@@ -145,7 +168,7 @@ impl PayloadWriter {
             return Err(PayloadError::OverLimit(self.limit));
         }
         if self.memfd.is_none() && self.buf.len() + data.len() > self.inline_max {
-            self.spill()?;
+            self.spill(data)?;
         }
         match &mut self.memfd {
             None => self.buf.extend_from_slice(data),
@@ -220,7 +243,7 @@ mod tests {
     fn bytes(payload: &Payload) -> Vec<u8> {
         match payload {
             Payload::Inline(b) => b.clone(),
-            Payload::Sealed { fd, .. } => SealedBytes::open(fd.as_fd(), u64::MAX)
+            Payload::Sealed { fd, len } => SealedBytes::open(fd.as_fd(), *len, u64::MAX)
                 .expect("sealed")
                 .bytes()
                 .to_vec(),
@@ -244,6 +267,40 @@ mod tests {
             let payload = Payload::encode(&buf, "test", 64, u64::MAX).unwrap();
             assert_eq!(bytes(&payload), expected, "bytes len {len}");
         }
+    }
+
+    #[test]
+    fn a_large_byte_string_lands_aligned_with_its_source() {
+        let mut source = memmap2::MmapMut::map_anon(300_000).unwrap();
+        source
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        // Behind a 3-byte length: page-aligned, then 100 bytes into a page.
+        for skip in [0usize, 100] {
+            let value = serde_bytes::Bytes::new(&source[skip..]);
+            let expected = crate::codec::encode(&value).unwrap();
+            let Payload::Sealed { fd, len } =
+                Payload::encode(&value, "test", 64, u64::MAX).unwrap()
+            else {
+                panic!("a large value spills")
+            };
+            let size = rustix::fs::fstat(&fd).unwrap().st_size as usize;
+            let pad = size - len as usize;
+            let header = expected.len() - value.len();
+            assert_eq!(
+                (pad + header) % ALIGN,
+                (source.as_ptr() as usize + skip) % ALIGN
+            );
+            assert_eq!(bytes(&Payload::Sealed { fd, len }), expected, "skip {skip}");
+        }
+        // Many small writes: no padding.
+        let value: Vec<u16> = (0..50_000).collect();
+        let Payload::Sealed { fd, len } = Payload::encode(&value, "test", 64, u64::MAX).unwrap()
+        else {
+            panic!("a large value spills")
+        };
+        assert_eq!(rustix::fs::fstat(&fd).unwrap().st_size as u64, len);
     }
 
     #[test]

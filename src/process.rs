@@ -636,11 +636,9 @@ impl<R: DeserializeOwned> Process<R> {
                     .io
                     .take_spill(taken.len)
                     .ok_or_else(|| Error::codec("the spilled result did not arrive"))?;
-                let bytes = SealedBytes::open(fd.as_fd(), self.io.inner.limits.max_payload)
-                    .map_err(|e| Error::codec(format!("spilled result refused: {e}")))?;
-                if bytes.bytes().len() as u64 != taken.len {
-                    return Err(Error::codec("spilled result has the wrong length"));
-                }
+                let bytes =
+                    SealedBytes::open(fd.as_fd(), taken.len, self.io.inner.limits.max_payload)
+                        .map_err(|e| Error::codec(format!("spilled result refused: {e}")))?;
                 // A `Blob` in the result borrows the mapping instead of copying.
                 let value = blob::decoding_from(&bytes, || codec::decode(bytes.bytes(), limit))
                     .map_err(|e| Error::codec(format!("cannot decode the result: {e}")));

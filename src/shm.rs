@@ -88,34 +88,49 @@ pub(crate) fn seal(fd: BorrowedFd<'_>) -> SysResult<()> {
     )
 }
 
-/// Bytes of a memfd whose seals guarantee they can no longer change.
+/// Most padding a sealed payload may start with. Its writer pads so that a
+/// large byte string lands at a file offset with the same offset within 4 KiB
+/// as its source, which makes the kernel's copy up to twice as fast (see
+/// `payload`); the payload is then the last `len` bytes of the memfd.
+pub(crate) const PAD_MAX: u64 = 4095;
+
+/// The payload bytes of a memfd whose seals guarantee they can no longer
+/// change.
 ///
 /// The mapping is shared so that a [`Blob`](crate::Blob) decoded from it can
 /// keep it alive after the payload itself is released.
 pub(crate) enum SealedBytes {
     Empty,
-    Mapped(Arc<Mmap>),
+    /// The payload is `map[start..]`.
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+    },
 }
 
 impl SealedBytes {
     /// Checks that `fd` is a memfd sealed against writing, growing and
-    /// shrinking, no longer than `limit` bytes, and maps it read-only.
+    /// shrinking, holding a payload of `len` bytes (no more than `limit`)
+    /// after at most [`PAD_MAX`] bytes of padding, and maps it read-only.
     ///
     /// Fails (without mapping) if any seal is missing: the writer is untrusted
     /// and could otherwise change or truncate the bytes while we decode them.
-    pub(crate) fn open(fd: BorrowedFd<'_>, limit: u64) -> Result<SealedBytes, SealError> {
+    pub(crate) fn open(fd: BorrowedFd<'_>, len: u64, limit: u64) -> Result<SealedBytes, SealError> {
         let need = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW;
         let seals = sys::get_seals(fd).map_err(SealError::Sys)?;
         if !seals.contains(need) {
             return Err(SealError::NotSealed);
         }
-        let len = rustix::fs::fstat(fd)
-            .map_err(|e| SealError::Sys(SysError::new("fstat", e)))?
-            .st_size as u64;
         if len > limit {
             return Err(SealError::TooLarge(len));
         }
-        if len == 0 {
+        let size = rustix::fs::fstat(fd)
+            .map_err(|e| SealError::Sys(SysError::new("fstat", e)))?
+            .st_size as u64;
+        if size < len || size - len > PAD_MAX {
+            return Err(SealError::Length { size, len });
+        }
+        if size == 0 {
             return Ok(SealedBytes::Empty);
         }
         let file = File::from(
@@ -128,23 +143,27 @@ impl SealedBytes {
         // F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW; seals can never be
         // removed (memfd_create(2)), so for the lifetime of this mapping the
         // contents are immutable and the size is fixed at `len`.
-        let map = unsafe { MmapOptions::new().len(len as usize).map(&file) }
+        let map = unsafe { MmapOptions::new().len(size as usize).map(&file) }
             .map_err(|e| SealError::Sys(SysError::new("mmap", e)))?;
-        Ok(SealedBytes::Mapped(Arc::new(map)))
+        Ok(SealedBytes::Mapped {
+            map: Arc::new(map),
+            start: (size - len) as usize,
+        })
     }
 
+    /// The payload, without the padding.
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             SealedBytes::Empty => &[],
-            SealedBytes::Mapped(m) => m,
+            SealedBytes::Mapped { map, start } => &map[*start..],
         }
     }
 
-    /// The mapping, unless the payload is empty.
+    /// The whole mapping, padding included, unless it is empty.
     pub(crate) fn mapping(&self) -> Option<&Arc<Mmap>> {
         match self {
             SealedBytes::Empty => None,
-            SealedBytes::Mapped(m) => Some(m),
+            SealedBytes::Mapped { map, .. } => Some(map),
         }
     }
 }
@@ -154,6 +173,11 @@ impl SealedBytes {
 pub(crate) enum SealError {
     NotSealed,
     TooLarge(u64),
+    /// The memfd's size does not fit a payload of `len` bytes.
+    Length {
+        size: u64,
+        len: u64,
+    },
     Sys(SysError),
 }
 
@@ -162,7 +186,64 @@ impl std::fmt::Display for SealError {
         match self {
             SealError::NotSealed => f.write_str("payload memfd is not sealed read-only"),
             SealError::TooLarge(n) => write!(f, "payload of {n} bytes exceeds the size limit"),
+            SealError::Length { size, len } => write!(
+                f,
+                "a memfd of {size} bytes does not hold a {len}-byte payload after at most {PAD_MAX} bytes of padding"
+            ),
             SealError::Sys(e) => write!(f, "{} failed: {}", e.call, e.source),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A sealed memfd of `size` bytes.
+    fn sealed(size: usize) -> OwnedFd {
+        let fd = sys::memfd_create("shm-test").unwrap();
+        File::from(fd.try_clone().unwrap())
+            .write_all(&vec![7u8; size])
+            .unwrap();
+        seal(fd.as_fd()).unwrap();
+        fd
+    }
+
+    #[test]
+    fn a_payload_is_the_tail_after_at_most_pad_max_bytes() {
+        let fd = sealed(5000);
+        for len in [5000u64, 5000 - PAD_MAX] {
+            let bytes = SealedBytes::open(fd.as_fd(), len, u64::MAX).unwrap();
+            assert_eq!(bytes.bytes().len() as u64, len);
+            assert_eq!(bytes.mapping().map(|m| m.len()), Some(5000));
+        }
+        for len in [5001u64, 5000 - PAD_MAX - 1, 0] {
+            match SealedBytes::open(fd.as_fd(), len, u64::MAX) {
+                Err(SealError::Length { size: 5000, len: l }) if l == len => {}
+                Err(e) => panic!("len {len}: {e}"),
+                Ok(_) => panic!("len {len} accepted"),
+            }
+        }
+        assert!(matches!(
+            SealedBytes::open(fd.as_fd(), 5000, 4999),
+            Err(SealError::TooLarge(5000))
+        ));
+        assert!(
+            SealedBytes::open(sealed(0).as_fd(), 0, 0)
+                .unwrap()
+                .bytes()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        let fd = sys::memfd_create("shm-test").unwrap();
+        assert!(matches!(
+            SealedBytes::open(fd.as_fd(), 0, u64::MAX),
+            Err(SealError::NotSealed)
+        ));
     }
 }

@@ -43,8 +43,8 @@ pub(crate) enum ArgSource<'a> {
     /// In the zygote's receive buffer, which this process has a private copy
     /// of (the zygote scrubs its own right after the fork).
     Inline(&'a [u8]),
-    /// In a sealed memfd.
-    Memfd(OwnedFd),
+    /// In a sealed memfd, `len` bytes long after its padding.
+    Memfd(OwnedFd, u64),
 }
 
 /// Everything a worker needs, prepared by the zygote before the fork.
@@ -115,7 +115,7 @@ pub fn stop_requested() -> bool {
 /// and exits.
 pub(crate) fn run(job: Job<'_>) -> ! {
     let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
-    if let ArgSource::Memfd(fd) = &job.arg {
+    if let ArgSource::Memfd(fd, _) = &job.arg {
         keep.push(sys::raw(fd));
     }
     prepare(job.zygote, &keep);
@@ -188,8 +188,8 @@ pub(crate) fn park(
         ArgPlace::Inline(_) => {
             ArgSource::Inline(&buf[wire::REQUEST_HEADER..wire::REQUEST_HEADER + inline_len])
         }
-        ArgPlace::Memfd(_) => match arg_fd {
-            Some(fd) => ArgSource::Memfd(fd),
+        ArgPlace::Memfd(len) => match arg_fd {
+            Some(fd) => ArgSource::Memfd(fd, len),
             None => sys::exit_now(EXIT_BAD_JOB),
         },
     };
@@ -285,7 +285,7 @@ impl ArgBytes<'_> {
 fn load_arg<'a>(arg: &'a ArgSource<'_>, limit: u64) -> Result<ArgBytes<'a>, String> {
     match arg {
         ArgSource::Inline(bytes) => Ok(ArgBytes::Inline(bytes)),
-        ArgSource::Memfd(fd) => SealedBytes::open(fd.as_fd(), limit)
+        ArgSource::Memfd(fd, len) => SealedBytes::open(fd.as_fd(), *len, limit)
             .map(ArgBytes::Sealed)
             .map_err(|e| format!("argument: {e}")),
     }

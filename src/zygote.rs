@@ -341,8 +341,8 @@ impl Zygote<'_> {
         };
         let arg = match request.arg {
             ArgPlace::Inline(_) => ArgSource::Inline(inline),
-            ArgPlace::Memfd(_) => match fds.next() {
-                Some(fd) => ArgSource::Memfd(fd),
+            ArgPlace::Memfd(len) => match fds.next() {
+                Some(fd) => ArgSource::Memfd(fd, len),
                 None => {
                     fail(libc::EINVAL);
                     return None;
