@@ -32,7 +32,8 @@
 //! 2. **Functions are fn items or closures that capture nothing.** The worker is
 //!    a fork of the same program, so the function travels as an address; a
 //!    capturing closure does not compile. Arguments and results travel through
-//!    serde.
+//!    serde; for large binary data, [`Blob`] avoids a copy into the receiver's
+//!    heap.
 //! 3. **A worker starts with the memory of the zygote**, that is, of your
 //!    program at the moment `start` was called: state created later in the
 //!    parent is not there, and libraries loaded later with `dlopen` are not
