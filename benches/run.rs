@@ -21,7 +21,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use run_in_process::{State, Zygote};
+use run_in_process::{Blob, State, Zygote};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
@@ -30,6 +30,10 @@ fn square(x: u64) -> u64 {
 }
 
 fn echo(bytes: Vec<u8>) -> Vec<u8> {
+    bytes
+}
+
+fn echo_blob(bytes: Blob) -> Blob {
     bytes
 }
 
@@ -58,7 +62,8 @@ fn main() {
 
     noop_run(&mut c, &rt, &zygote, "noop_run");
     open_result(&mut c, &rt, &zygote);
-    payload_round_trip(&mut c, &rt, &zygote);
+    payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip", echo);
+    payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip_blob", echo_blob);
     throughput(&mut c, &rt, &zygote);
     cancel_to_idle(&mut c, &rt, &zygote);
     // Last: it leaves 2 GiB resident until it returns.
@@ -110,21 +115,30 @@ fn open_result(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
     });
 }
 
-/// `run(echo, bytes)` for a `Vec<u8>` of 1 KiB, 1 MiB and 64 MiB. The payload
-/// crosses twice (argument in, result out); throughput is reported against its
-/// size. Small results fit the 64 KiB shared-memory slot; the larger ones take
-/// the memfd path.
-fn payload_round_trip(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
-    let mut g = c.benchmark_group("payload_round_trip");
+/// `run(echo, bytes)` for 1 KiB, 1 MiB and 64 MiB of bytes, as a `Vec<u8>`
+/// (`payload_round_trip`) and as a `Blob` (`payload_round_trip_blob`, which
+/// the receiving side maps instead of copying once it takes the memfd path).
+/// The payload crosses twice (argument in, result out); throughput is
+/// reported against its size. Small results fit the 64 KiB shared-memory
+/// slot; the larger ones take the memfd path.
+fn payload_round_trip<T, F>(c: &mut Criterion, rt: &Runtime, zygote: &Zygote, group: &str, echo: F)
+where
+    T: From<Vec<u8>> + AsRef<[u8]> + serde::Serialize + serde::de::DeserializeOwned,
+    F: Fn(T) -> T + Copy + 'static,
+{
+    let mut g = c.benchmark_group(group);
     // Flat sampling: at 64 MiB a single round trip takes a sizeable part of a
     // sample, and linear sampling's growing iteration counts would not fit.
     g.sampling_mode(SamplingMode::Flat);
     for (label, len) in [("1KiB", 1 << 10), ("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let back = rt
-            .block_on(zygote.run(echo, payload.clone()))
+            .block_on(zygote.run(echo, T::from(payload.clone())))
             .expect("run(echo, payload)");
-        assert!(back == payload, "{label} payload came back changed");
+        assert!(
+            back.as_ref() == payload,
+            "{label} payload came back changed"
+        );
 
         if len >= 64 << 20 {
             // Ten round trips of up to a second each: give them the time
@@ -143,11 +157,14 @@ fn payload_round_trip(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
                         for _ in 0..iters {
                             // The copy the argument needs and the check of what
                             // came back are not part of the crate's cost.
-                            let arg = payload.clone();
+                            let arg = T::from(payload.clone());
                             let start = Instant::now();
                             let back = zygote.run(echo, arg).await.expect("run(echo)");
                             timed += start.elapsed();
-                            assert!(back == *payload, "{label} payload came back changed");
+                            assert!(
+                                back.as_ref() == &payload[..],
+                                "{label} payload came back changed"
+                            );
                         }
                         timed
                     })
