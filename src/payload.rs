@@ -16,7 +16,7 @@
 //! `serde_bytes` buffer, written in one piece), the memfd starts with up to
 //! 4095 bytes of padding (a hole), chosen so that the string lands at a file
 //! offset with the same offset within 4 KiB as its source address. The
-//! kernel copies with `rep movsb`, which on the AMD machines we measured runs
+//! kernel copies with `rep movsb`, which on the AMD host we measured runs
 //! at half speed when the destination sits a few bytes above the source
 //! modulo 4 KiB: a page-aligned 64 MiB buffer behind a 4-byte length prefix
 //! took 56–88 ms to write instead of 35–51 ms. Readers take the payload as

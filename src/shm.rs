@@ -142,7 +142,7 @@ impl SealedBytes {
         // bytes behind a `&[u8]`. We checked above that the memfd carries
         // F_SEAL_WRITE, F_SEAL_SHRINK and F_SEAL_GROW; seals can never be
         // removed (memfd_create(2)), so for the lifetime of this mapping the
-        // contents are immutable and the size is fixed at `len`.
+        // contents are immutable and the size is fixed at `size`.
         let map = unsafe { MmapOptions::new().len(size as usize).map(&file) }
             .map_err(|e| SealError::Sys(SysError::new("mmap", e)))?;
         Ok(SealedBytes::Mapped {
