@@ -76,6 +76,21 @@ fn blob_mapped(_: ()) -> run_in_process::Blob {
     run_in_process::Blob::from_static(blob_bytes())
 }
 
+/// Runs `f(())` and times it until the caller holds the result; then drops
+/// the result and waits for the worker to be reaped, untimed.
+async fn until_held<F, R>(zygote: &Zygote, f: F) -> Duration
+where
+    F: Fn(()) -> R + Copy + 'static,
+    R: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let t = Instant::now();
+    let value = black_box(zygote.run(f, ()).await.expect("64 MiB result"));
+    let elapsed = t.elapsed();
+    drop(value);
+    zygote.wait_idle().await;
+    elapsed
+}
+
 /// Fills a memfd with `len` bytes by `write(2)` and maps it read-only.
 fn shared_blob(len: usize) -> memmap2::Mmap {
     // SAFETY: memfd_create with a valid NUL-terminated name; a non-negative
@@ -317,16 +332,8 @@ fn main() {
             let copy = black_box(blob_bytes.to_vec());
             fresh_copy.push(t.elapsed());
             drop(copy);
-            let t = Instant::now();
-            let owned = black_box(blob_zygote.run(blob, ()).await.expect("64 MiB result"));
-            big_result.push(t.elapsed());
-            drop(owned);
-            blob_zygote.wait_idle().await;
-            let t = Instant::now();
-            let mapped = black_box(blob_zygote.run(blob_mapped, ()).await.expect("64 MiB Blob"));
-            big_mapped.push(t.elapsed());
-            drop(mapped);
-            blob_zygote.wait_idle().await;
+            big_result.push(until_held(&blob_zygote, blob).await);
+            big_mapped.push(until_held(&blob_zygote, blob_mapped).await);
         }
     });
     let (big_result, big_mapped, fresh_copy) = (

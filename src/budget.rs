@@ -35,7 +35,7 @@ impl Budget {
         Budget::new((input_len as u64).saturating_add(ZERO_SIZED_ELEMENTS))
     }
 
-    pub(crate) fn new(elements: u64) -> Budget {
+    fn new(elements: u64) -> Budget {
         Budget {
             left: Cell::new(elements),
             refused: Cell::new(false),
@@ -66,7 +66,7 @@ impl Budget {
 
 /// Zero-sized elements a decode may produce beyond one per input byte: about
 /// a millisecond of work, and far more than any real value carries.
-pub(crate) const ZERO_SIZED_ELEMENTS: u64 = 1 << 20;
+const ZERO_SIZED_ELEMENTS: u64 = 1 << 20;
 
 /// A `Deserializer` that charges `budget` for every element.
 pub(crate) struct Bounded<'b, D> {

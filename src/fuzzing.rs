@@ -70,13 +70,8 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 /// mapping of a sealed memfd holding them, with that mapping as the source of
 /// any [`Blob`](crate::Blob) in `T`.
 pub fn decode_sealed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    use std::io::Write;
     use std::os::fd::AsFd;
-    let fd = crate::sys::memfd_create("fuzz").expect("memfd_create");
-    std::fs::File::from(fd.try_clone().expect("dup"))
-        .write_all(bytes)
-        .expect("fill the memfd");
-    crate::shm::seal(fd.as_fd()).expect("seal");
+    let fd = crate::shm::sealed_copy(bytes).expect("a sealed memfd");
     let len = bytes.len() as u64;
     let sealed = crate::shm::SealedBytes::open(fd.as_fd(), len, LIMIT as u64).ok()?;
     crate::blob::decoding_from(&sealed, || crate::codec::decode(sealed.bytes(), LIMIT).ok())

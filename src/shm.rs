@@ -88,6 +88,20 @@ pub(crate) fn seal(fd: BorrowedFd<'_>) -> SysResult<()> {
     )
 }
 
+/// A new memfd holding a copy of `bytes`, sealed read-only, as a writer
+/// leaves a payload (without padding). For tests and the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn sealed_copy(bytes: &[u8]) -> SysResult<OwnedFd> {
+    use std::io::Write;
+    let fd = sys::memfd_create("sealed-copy")?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)
+        .map_err(|e| SysError::new("write", e))?;
+    let fd = OwnedFd::from(file);
+    seal(fd.as_fd())?;
+    Ok(fd)
+}
+
 /// Most padding a sealed payload may start with. Its writer pads so that a
 /// large byte string lands at a file offset with the same offset within 4 KiB
 /// as its source, which makes the kernel's copy up to twice as fast (see
@@ -197,18 +211,11 @@ impl std::fmt::Display for SealError {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
 
     /// A sealed memfd of `size` bytes.
     fn sealed(size: usize) -> OwnedFd {
-        let fd = sys::memfd_create("shm-test").unwrap();
-        File::from(fd.try_clone().unwrap())
-            .write_all(&vec![7u8; size])
-            .unwrap();
-        seal(fd.as_fd()).unwrap();
-        fd
+        sealed_copy(&vec![7u8; size]).unwrap()
     }
 
     #[test]
