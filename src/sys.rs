@@ -153,11 +153,23 @@ pub(crate) fn thread_count() -> SysResult<usize> {
 /// object that owned a closed fd afterwards (it never returns to them; it
 /// leaves through `_exit`).
 pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
-    let mut keep: Vec<u32> = keep
-        .iter()
-        .filter(|&&fd| fd > 2)
-        .map(|&fd| fd as u32)
-        .collect();
+    // A worker keeps at most three fds: sort them on the stack. A heap
+    // allocation in a fresh worker costs copy-on-write faults in the
+    // allocator's state, which is most of what this call would cost.
+    let mut small = [0u32; 4];
+    let mut large = Vec::new();
+    let wanted = keep.iter().filter(|&&fd| fd > 2).map(|&fd| fd as u32);
+    let keep: &mut [u32] = if keep.len() <= small.len() {
+        let mut n = 0;
+        for fd in wanted {
+            small[n] = fd;
+            n += 1;
+        }
+        &mut small[..n]
+    } else {
+        large.extend(wanted);
+        &mut large
+    };
     keep.sort_unstable();
     let mut first = 3u32;
     let mut ok = true;
@@ -172,7 +184,7 @@ pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
     }
     if !ok {
         // SAFETY: our caller's contract is the same as the callee's (SAFETY.md F3).
-        unsafe { close_fds_except_slow(&keep) };
+        unsafe { close_fds_except_slow(keep) };
     }
 }
 
@@ -367,7 +379,41 @@ pub(crate) struct Received {
     /// The frame was longer than the buffer, or carried more fds than allowed.
     pub(crate) truncated: bool,
     /// Descriptors that came with the frame, already `CLOEXEC`.
-    pub(crate) fds: Vec<OwnedFd>,
+    pub(crate) fds: Fds,
+}
+
+/// The descriptors of one received frame, held without a heap allocation:
+/// the zygote and parked workers receive one such frame per task, and in a
+/// freshly forked process an allocation costs copy-on-write faults.
+#[derive(Default)]
+pub(crate) struct Fds([Option<OwnedFd>; MAX_FRAME_FDS]);
+
+impl Fds {
+    /// Adds `fd`, or gives it back if the frame already has
+    /// [`MAX_FRAME_FDS`].
+    fn push(&mut self, fd: OwnedFd) -> Result<(), OwnedFd> {
+        match self.0.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => {
+                *slot = Some(fd);
+                Ok(())
+            }
+            None => Err(fd),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+}
+
+impl IntoIterator for Fds {
+    type Item = OwnedFd;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<OwnedFd>, MAX_FRAME_FDS>>;
+
+    /// The fds in the order they were sent.
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter().flatten()
+    }
 }
 
 /// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)`: one frame and its fds.
@@ -385,18 +431,24 @@ pub(crate) fn recv_frame(sock: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<Opti
         RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
     )
     .call("recvmsg")?;
-    let mut fds = Vec::new();
+    let mut fds = Fds::default();
+    // The control buffer's padding can fit one fd more than a frame may
+    // carry; such an fd is closed here and the frame counts as truncated.
+    let mut too_many = false;
     for m in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = m {
-            fds.extend(rights);
+            for fd in rights {
+                too_many |= fds.push(fd).is_err();
+            }
         }
     }
-    if msg.bytes == 0 && fds.is_empty() {
+    if msg.bytes == 0 && fds.len() == 0 {
         return Ok(None);
     }
-    let truncated = msg
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
+    let truncated = too_many
+        || msg
+            .flags
+            .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
     Ok(Some(Received {
         len: msg.bytes.min(buf.len()),
         truncated,
@@ -596,4 +648,49 @@ pub(crate) fn random_u64() -> SysResult<u64> {
 /// Raw fd number of an owned or borrowed fd, for wire frames and `close_range`.
 pub(crate) fn raw(fd: impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame with more fds than [`MAX_FRAME_FDS`] counts as truncated, and
+    /// keeps the first ones in the order they were sent.
+    #[test]
+    fn a_frame_with_too_many_fds_is_truncated() {
+        let (a, b) = seqpacket_pair().unwrap();
+        // memfds: each has an inode of its own, so the order can be checked.
+        let sent: Vec<OwnedFd> = (0..=MAX_FRAME_FDS)
+            .map(|_| memfd_create("test").unwrap())
+            .collect();
+        let borrowed: Vec<BorrowedFd<'_>> = sent.iter().map(|fd| fd.as_fd()).collect();
+        // Room for one fd more than `send_frame` allows.
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FRAME_FDS + 1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
+        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
+
+        let mut buf = [0u8; 8];
+        let frame = recv_frame(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert!(frame.truncated);
+        assert_eq!(frame.fds.len(), MAX_FRAME_FDS);
+        let inode = |fd: BorrowedFd<'_>| rustix::fs::fstat(fd).unwrap().st_ino;
+        let received: Vec<u64> = frame.fds.into_iter().map(|fd| inode(fd.as_fd())).collect();
+        let expected: Vec<u64> = borrowed[..MAX_FRAME_FDS]
+            .iter()
+            .map(|&fd| inode(fd))
+            .collect();
+        assert_eq!(received, expected);
+    }
+
+    #[test]
+    fn a_frame_within_the_limit_is_whole() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let fd = eventfd().unwrap();
+        send_frame(a.as_fd(), b"hello", &[fd.as_fd()]).unwrap();
+        let mut buf = [0u8; 8];
+        let frame = recv_frame(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert!(!frame.truncated);
+        assert_eq!((&buf[..frame.len], frame.fds.len()), (&b"hello"[..], 1));
+    }
 }

@@ -73,7 +73,9 @@ const EXIT_NO_KEY: i32 = 122;
 /// Exit code of a parked worker handed a malformed job.
 const EXIT_BAD_JOB: i32 = 123;
 
-/// Set once this process is a worker; `stop_requested` is false elsewhere.
+/// Set in the zygote, so that every worker starts with it set (a store in
+/// each worker would cost a copy-on-write fault); `stop_requested` is false
+/// elsewhere. The zygote runs no task, so it never reads it.
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
 /// Set by the first `stop_requested` call: the task handles stop requests.
 static COOPERATIVE: AtomicBool = AtomicBool::new(false);
@@ -114,11 +116,15 @@ pub fn stop_requested() -> bool {
 /// Runs one task in the calling process, a worker just forked by the zygote,
 /// and exits.
 pub(crate) fn run(job: Job<'_>) -> ! {
-    let mut keep = vec![sys::raw(&job.doorbell), sys::raw(job.spill)];
-    if let ArgSource::Memfd(fd, _) = &job.arg {
-        keep.push(sys::raw(fd));
-    }
-    prepare(job.zygote, &keep);
+    let arg_fd = match &job.arg {
+        ArgSource::Memfd(fd, _) => sys::raw(fd),
+        // Not an fd: `close_fds_except` ignores it.
+        ArgSource::Inline(_) => -1,
+    };
+    prepare(
+        job.zygote,
+        &[sys::raw(&job.doorbell), sys::raw(job.spill), arg_fd],
+    );
     execute(job)
 }
 
@@ -144,24 +150,31 @@ pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
 
 /// A parked worker: prepared, warmed up, then blocked on its mailbox's job
 /// socket until the parent sends it one task (or hangs up), which it runs.
+///
+/// `buf` is the zygote's request buffer, inherited across the fork. Receiving
+/// into it rather than into a buffer of our own keeps a parked worker from
+/// writing 33 KiB it does not need: every page a worker writes is a
+/// copy-on-write fault, a few microseconds each, and under load those are
+/// most of what a task costs beyond the fork.
 pub(crate) fn park(
     zygote: Pid,
     jobs: OwnedFd,
     spill: BorrowedFd<'_>,
     ring: &Ring,
-    slots: u32,
+    buf: &mut [u8],
     limit: u64,
 ) -> ! {
     prepare(zygote, &[sys::raw(&jobs), sys::raw(spill)]);
-    warm_up();
+    warm_up(buf);
+    let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
-    let mut buf = vec![0u8; wire::REQUEST_HEADER + crate::zygote::INLINE_ARG_MAX];
     let (request, inline_len, doorbell, arg_fd) = loop {
-        let frame = match sys::poll_readable(jobs.as_fd(), None)
-            .and_then(|_| sys::recv_frame(jobs.as_fd(), &mut buf))
-        {
+        let frame = match sys::recv_frame(jobs.as_fd(), buf) {
             Ok(Some(frame)) => frame,
-            Err(e) if e.is_would_block() => continue,
+            Err(e) if e.is_would_block() => match sys::poll_readable(jobs.as_fd(), None) {
+                Ok(_) => continue,
+                Err(_) => sys::exit_now(0),
+            },
             // The parent hung up (or the socket broke): nothing to run.
             Ok(None) | Err(_) => sys::exit_now(0),
         };
@@ -206,13 +219,20 @@ pub(crate) fn park(
     })
 }
 
-/// Touches the stack and the allocator before parking, so that the task does
-/// not pay the copy-on-write faults of its first writes to them.
-fn warm_up() {
-    let stack = [0u8; 32 * 1024];
-    std::hint::black_box(&stack);
-    let heap = vec![1u8; 64 * 1024];
-    std::hint::black_box(&heap);
+/// Takes, before parking, the copy-on-write faults that every task's path
+/// takes after its job arrives, and only those: on the job's first page of
+/// `buf`, in the allocator's state (a small result is a small allocation),
+/// and in the stdio locks and buffers that `execute` flushes. Each is a few
+/// microseconds of the task's latency; the pages are the same ones the task
+/// would write, so this costs no extra work. (Touching more, say a large
+/// stretch of stack or heap "just in case", only adds faults.)
+fn warm_up(buf: &mut [u8]) {
+    if let Some(first) = buf.first_mut() {
+        *first = std::hint::black_box(0);
+    }
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(16)));
+    // Nothing is buffered yet (the parent flushed before forking the zygote).
+    sys::flush_stdio();
 }
 
 /// Runs the task of `job` in this prepared worker, publishes its result and
@@ -225,10 +245,6 @@ fn execute(job: Job<'_>) -> ! {
         Ok(k) => k.clamp(1, u64::MAX - 1),
         Err(_) => sys::exit_now(EXIT_NO_KEY),
     };
-    // The SIGTERM handler and the panic hook were installed once in the
-    // zygote (`install_hooks`) and are inherited; this flag arms them.
-    IN_WORKER.store(true, Ordering::Relaxed);
-
     let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
     let inline_max = job.ring.slot(job.slot).map_or(0, |s| s.capacity());
     let failed = |kind, message: String| Published::Message(kind, message.into_bytes());
@@ -363,10 +379,11 @@ fn announce(job: &Job<'_>, key: u64, fd: OwnedFd, len: u64) -> Result<(), String
 }
 
 /// Installs, in the zygote, the SIGTERM handler behind [`stop_requested`] and
-/// the panic hook that records a task's panic message. Workers inherit both
-/// across the fork, which saves each of them an allocation, a `sigaction`
-/// and the copy-on-write faults those would cost; `IN_WORKER` arms them.
+/// the panic hook that records a task's panic message, and sets `IN_WORKER`.
+/// Workers inherit all three across the fork, which saves each of them an
+/// allocation, a `sigaction` and the copy-on-write faults those would cost.
 pub(crate) fn install_hooks() {
+    IN_WORKER.store(true, Ordering::Relaxed);
     panic::set_hook(Box::new(|info| {
         let message = match info.location() {
             Some(l) => format!(
@@ -383,11 +400,12 @@ pub(crate) fn install_hooks() {
         }
     }));
     let handler = || {
+        // COOPERATIVE is only ever set by a task calling `stop_requested`.
         if IN_WORKER.load(Ordering::Relaxed) && COOPERATIVE.load(Ordering::Relaxed) {
             STOP.store(true, Ordering::Relaxed);
         } else {
-            // The zygote, or a task that does not cooperate: die of SIGTERM,
-            // as without a handler.
+            // The zygote, a parked worker, or a task that does not
+            // cooperate: die of SIGTERM, as without a handler.
             let _ = signal_hook::low_level::emulate_default_handler(libc::SIGTERM);
         }
     };

@@ -235,7 +235,9 @@ impl Zygote<'_> {
         let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
         loop {
             while let Some(&i) = empty.last() {
-                let Some(child) = self.park(i) else { break };
+                let Some(child) = self.park(i, &mut buf) else {
+                    break;
+                };
                 empty.pop();
                 add(child.pidfd.as_fd(), 2 * next_id + 2, epoll::EventFlags::IN)?;
                 children.insert(next_id, child);
@@ -375,9 +377,6 @@ impl Zygote<'_> {
                 buf[..frame.len].fill(0);
                 std::hint::black_box(&buf[..frame.len]);
                 drop(doorbell);
-                // Also done by the child; doing it here too closes the window
-                // in which a kill(-pid) would miss the child's group.
-                let _ = rustix::process::setpgid(Some(pid), Some(pid));
                 let pidfd = match sys::pidfd_open_child(pid) {
                     Ok(fd) => fd,
                     Err(e) => {
@@ -418,7 +417,7 @@ impl Zygote<'_> {
 
 impl Zygote<'_> {
     /// Forks a worker to park in mailbox `i` and reports it `Started` there.
-    fn park(&self, i: usize) -> Option<Child> {
+    fn park(&self, i: usize, buf: &mut [u8]) -> Option<Child> {
         let (jobs, reports) = self.mailboxes[i];
         // A job sent to the previous occupant that it never read (it died
         // first) must not be run by the next one: the parent sends a job only
@@ -441,12 +440,11 @@ impl Zygote<'_> {
                     jobs,
                     self.spill,
                     self.ring,
-                    self.ring.slots(),
+                    buf,
                     self.limits.max_payload,
                 )
             }),
             Ok(Forked::Parent(pid)) => {
-                let _ = rustix::process::setpgid(Some(pid), Some(pid));
                 let pidfd = sys::pidfd_open_child(pid).ok()?;
                 let started = Report::Started {
                     pid: pid.as_raw_nonzero().get() as u32,
