@@ -56,7 +56,19 @@ impl Payload {
         inline_max: usize,
         limit: u64,
     ) -> Result<Payload, PayloadError> {
-        let mut writer = PayloadWriter::new(name, inline_max, limit);
+        Payload::encode_in(Vec::new(), value, name, inline_max, limit)
+    }
+
+    /// As [`encode`](Payload::encode), reusing `buf`'s memory for the inline
+    /// bytes.
+    pub(crate) fn encode_in<T: serde::Serialize + ?Sized>(
+        buf: Vec<u8>,
+        value: &T,
+        name: &'static str,
+        inline_max: usize,
+        limit: u64,
+    ) -> Result<Payload, PayloadError> {
+        let mut writer = PayloadWriter::new(buf, name, inline_max, limit);
         match crate::codec::encode_to(value, &mut writer) {
             Ok(()) => writer.finish(),
             // The writer knows whether it refused the bytes (and why); if it
@@ -116,13 +128,14 @@ struct PayloadWriter {
 }
 
 impl PayloadWriter {
-    fn new(name: &'static str, inline_max: usize, limit: u64) -> PayloadWriter {
+    fn new(mut buf: Vec<u8>, name: &'static str, inline_max: usize, limit: u64) -> PayloadWriter {
+        buf.clear();
         let mut writer = PayloadWriter {
             name,
             inline_max,
             limit,
             flushed: 0,
-            buf: Vec::new(),
+            buf,
             fast_until: 0,
             memfd: None,
             failure: None,

@@ -28,7 +28,7 @@ use crate::slots::Slots;
 use crate::spill::SpillReceiver;
 use crate::sys::{self, Wait, WaitStatus};
 use crate::wire::RecordKind;
-use crate::worker::{Entry, Outcome};
+use crate::worker::{Entry, Outcome, Output};
 use crate::zygote::{self, Limits, ZygoteProcess};
 
 /// Default number of tasks that may run at once.
@@ -751,15 +751,15 @@ fn conjure<F: Copy + 'static>() -> F {
     unsafe { std::mem::zeroed() }
 }
 
-fn entry<F, A, R>(arg: &[u8], limit: usize, inline_max: usize) -> Outcome
+fn entry<F, A, R>(arg: &[u8], out: Output) -> Outcome
 where
     F: Fn(A) -> R + Copy + 'static,
     A: DeserializeOwned,
     R: Serialize,
 {
     let f = conjure::<F>();
-    match decode_arg(arg, limit) {
-        Ok(arg) => encode_result(&f(arg), limit, inline_max),
+    match decode_arg(arg, out.limit) {
+        Ok(arg) => encode_result(&f(arg), out),
         Err(failed) => failed,
     }
 }
@@ -769,7 +769,7 @@ fn decode_arg<A: DeserializeOwned>(arg: &[u8], limit: usize) -> Result<A, Outcom
         .map_err(|e| Outcome::CodecFailed(format!("cannot decode the argument: {e}")))
 }
 
-fn entry_async<F, Fut, A, R>(arg: &[u8], limit: usize, inline_max: usize) -> Outcome
+fn entry_async<F, Fut, A, R>(arg: &[u8], out: Output) -> Outcome
 where
     F: Fn(A) -> Fut + Copy + 'static,
     Fut: Future<Output = R>,
@@ -777,7 +777,7 @@ where
     R: Serialize,
 {
     let f = conjure::<F>();
-    let arg: A = match decode_arg(arg, limit) {
+    let arg: A = match decode_arg(arg, out.limit) {
         Ok(a) => a,
         Err(failed) => return failed,
     };
@@ -787,13 +787,20 @@ where
         .enable_all()
         .build()
         .expect("cannot start a tokio runtime in the worker");
-    encode_result(&runtime.block_on(f(arg)), limit, inline_max)
+    encode_result(&runtime.block_on(f(arg)), out)
 }
 
 /// Encodes the result where the worker will publish it: inline if it fits
 /// the ring slot (`inline_max`), else straight into a sealed memfd.
-fn encode_result<R: Serialize>(value: &R, limit: usize, inline_max: usize) -> Outcome {
-    match Payload::encode(value, "run-in-process-result", inline_max, limit as u64) {
+fn encode_result<R: Serialize>(value: &R, out: Output) -> Outcome {
+    let result = Payload::encode_in(
+        out.buf,
+        value,
+        "run-in-process-result",
+        out.inline_max,
+        out.limit as u64,
+    );
+    match result {
         Ok(payload) => Outcome::Value(payload),
         Err(PayloadError::OverLimit(limit)) => {
             Outcome::CodecFailed(format!("the result is over the limit of {limit} bytes"))

@@ -109,14 +109,15 @@ pub(crate) fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Flushes Rust's stdout/stderr and every C stdio stream (`fflush(NULL)`).
+/// Flushes Rust's stdout and every C stdio stream (`fflush(NULL)`).
 ///
 /// Called before a fork so a child cannot write out the parent's buffered
 /// output a second time, and by a worker before `_exit`, which does not flush.
+/// Rust's stderr is unbuffered: flushing it would only take its lock, a
+/// copy-on-write fault in a fresh worker.
 pub(crate) fn flush_stdio() {
     // Flushing can fail if stdout is closed; there is nothing useful to do then.
     let _ = io::stdout().flush();
-    let _ = io::stderr().flush();
     // SAFETY: `fflush(NULL)` flushes all open C output streams and takes only
     // libc's own stdio locks, free in a single-threaded process; passing a
     // null pointer is explicitly allowed by fflush(3) (SAFETY.md F5).

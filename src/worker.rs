@@ -33,10 +33,27 @@ pub(crate) enum Outcome {
     CodecFailed(String),
 }
 
-/// A task's entry point: decodes the argument (at most `limit` bytes), calls
-/// the user's function, encodes its result (inline up to `inline_max` bytes,
-/// the slot's capacity). Sent to the zygote as an address.
-pub(crate) type Entry = fn(arg: &[u8], limit: usize, inline_max: usize) -> Outcome;
+/// A task's entry point: decodes the argument, calls the user's function,
+/// encodes its result as `out` says. Sent to the zygote as an address.
+pub(crate) type Entry = fn(arg: &[u8], out: Output) -> Outcome;
+
+/// How and where a task's entry point encodes its result.
+pub(crate) struct Output {
+    /// Largest argument or result, in bytes.
+    pub(crate) limit: usize,
+    /// Largest result kept inline: the ring slot's capacity.
+    pub(crate) inline_max: usize,
+    /// Memory to encode the result into, allocated once in the zygote (see
+    /// [`RESULT_BUFFER`]).
+    pub(crate) buf: Vec<u8>,
+}
+
+/// Capacity of the result buffer that the zygote allocates once and every
+/// worker inherits. A result up to this size costs no allocation: a worker's
+/// first allocation writes the allocator's state and takes four or five
+/// copy-on-write and text faults, as much as the rest of a small task's
+/// publishing.
+pub(crate) const RESULT_BUFFER: usize = 4096;
 
 /// Where the worker finds its argument bytes.
 pub(crate) enum ArgSource<'a> {
@@ -64,6 +81,8 @@ pub(crate) struct Job<'a> {
     pub(crate) spill: BorrowedFd<'a>,
     /// The zygote's pid, to detect its death between fork and `prctl`.
     pub(crate) zygote: Pid,
+    /// The result buffer, taken from the zygote's (see [`RESULT_BUFFER`]).
+    pub(crate) result_buf: Vec<u8>,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -158,20 +177,21 @@ pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
 /// most of what a task costs beyond the fork.
 pub(crate) fn park(
     zygote: Pid,
-    jobs: OwnedFd,
+    jobs: BorrowedFd<'_>,
     spill: BorrowedFd<'_>,
     ring: &Ring,
     buf: &mut [u8],
+    mut result_buf: Vec<u8>,
     limit: u64,
 ) -> ! {
-    prepare(zygote, &[sys::raw(&jobs), sys::raw(spill)]);
-    warm_up(buf);
+    prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
+    warm_up(buf, &mut result_buf);
     let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
     let (request, inline_len, doorbell, arg_fd) = loop {
-        let frame = match sys::recv_frame(jobs.as_fd(), buf) {
+        let frame = match sys::recv_frame(jobs, buf) {
             Ok(Some(frame)) => frame,
-            Err(e) if e.is_would_block() => match sys::poll_readable(jobs.as_fd(), None) {
+            Err(e) if e.is_would_block() => match sys::poll_readable(jobs, None) {
                 Ok(_) => continue,
                 Err(_) => sys::exit_now(0),
             },
@@ -195,8 +215,19 @@ pub(crate) fn park(
         break (request, inline.len(), doorbell, fds.next());
     };
     // Before any user code runs: nothing this task leaves behind may read
-    // the next task's job from this mailbox.
-    drop(jobs);
+    // the next task's job from this mailbox. Closing every fd but the
+    // task's own also drops any the job frame carried beyond them.
+    let keep = [
+        sys::raw(&doorbell),
+        sys::raw(spill),
+        arg_fd.as_ref().map_or(-1, sys::raw),
+    ];
+    // SAFETY: SAFETY.md F3. Still single-threaded (no code of the task has
+    // run), and of the fds this closes, the mailbox's job socket is the only
+    // one still named by an object (`jobs`, a borrow of the zygote's), which
+    // is not used again: this function leaves only through `execute`'s
+    // `_exit`.
+    unsafe { sys::close_fds_except(&keep) };
     let arg = match request.arg {
         ArgPlace::Inline(_) => {
             ArgSource::Inline(&buf[wire::REQUEST_HEADER..wire::REQUEST_HEADER + inline_len])
@@ -216,28 +247,30 @@ pub(crate) fn park(
         doorbell,
         spill,
         zygote,
+        result_buf,
     })
 }
 
 /// Takes, before parking, the copy-on-write faults that every task's path
 /// takes after its job arrives, and only those: on the job's first page of
-/// `buf`, in the allocator's state (a small result is a small allocation),
-/// and in the stdio locks and buffers that `execute` flushes. Each is a few
+/// `buf`, on the result buffer's, and in the stdio locks and buffers that
+/// `execute` flushes. Each is a few
 /// microseconds of the task's latency; the pages are the same ones the task
 /// would write, so this costs no extra work. (Touching more, say a large
 /// stretch of stack or heap "just in case", only adds faults.)
-fn warm_up(buf: &mut [u8]) {
+fn warm_up(buf: &mut [u8], result_buf: &mut Vec<u8>) {
     if let Some(first) = buf.first_mut() {
         *first = std::hint::black_box(0);
     }
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(16)));
+    result_buf.push(std::hint::black_box(0));
+    result_buf.clear();
     // Nothing is buffered yet (the parent flushed before forking the zygote).
     sys::flush_stdio();
 }
 
 /// Runs the task of `job` in this prepared worker, publishes its result and
 /// exits.
-fn execute(job: Job<'_>) -> ! {
+fn execute(mut job: Job<'_>) -> ! {
     // The key exists only in this process and, once sent through the
     // eventfd, in the parent: drawn after the fork, it is in no memory that
     // another worker inherited (SAFETY.md S3).
@@ -245,8 +278,11 @@ fn execute(job: Job<'_>) -> ! {
         Ok(k) => k.clamp(1, u64::MAX - 1),
         Err(_) => sys::exit_now(EXIT_NO_KEY),
     };
-    let limit = usize::try_from(job.limit).unwrap_or(usize::MAX);
-    let inline_max = job.ring.slot(job.slot).map_or(0, |s| s.capacity());
+    let out = Output {
+        limit: usize::try_from(job.limit).unwrap_or(usize::MAX),
+        inline_max: job.ring.slot(job.slot).map_or(0, |s| s.capacity()),
+        buf: std::mem::take(&mut job.result_buf),
+    };
     let failed = |kind, message: String| Published::Message(kind, message.into_bytes());
     let published = match load_arg(&job.arg, job.limit) {
         Err(message) => failed(RecordKind::EncodeFailed, message),
@@ -254,7 +290,7 @@ fn execute(job: Job<'_>) -> ! {
         Ok(arg) => {
             let entry = entry_from_address(job.entry);
             // A `Blob` in a sealed argument borrows its mapping.
-            let call = || arg.decoding(|| entry(arg.bytes(), limit, inline_max));
+            let call = || arg.decoding(|| entry(arg.bytes(), out));
             match panic::catch_unwind(AssertUnwindSafe(call)) {
                 Ok(Outcome::Value(payload)) => Published::Value(payload),
                 Ok(Outcome::CodecFailed(message)) => failed(RecordKind::EncodeFailed, message),
@@ -268,10 +304,12 @@ fn execute(job: Job<'_>) -> ! {
     };
     // The task's output reaches the terminal before the parent sees the result.
     sys::flush_stdio();
-    publish(&job, key, published);
+    publish(&job, key, &published);
     // Ring the doorbell with the key: the eventfd is private to this worker
     // and the parent, and the parent needs the key to check the record.
     let _ = sys::eventfd_add(job.doorbell.as_fd(), key);
+    // `published` is never dropped: freeing it would only fault the
+    // allocator's pages of a process that ends here.
     sys::exit_now(0)
 }
 
@@ -328,13 +366,13 @@ enum Published {
 
 /// Writes the record; a value in a memfd is announced on the spill socket
 /// first, and its record only says how long it is.
-fn publish(job: &Job<'_>, key: u64, published: Published) {
+fn publish(job: &Job<'_>, key: u64, published: &Published) {
     let Some(slot) = job.ring.slot(job.slot) else {
         return;
     };
     match published {
         Published::Value(Payload::Inline(bytes)) if bytes.len() <= slot.capacity() => {
-            slot.publish(key, job.generation, RecordKind::Value, &bytes);
+            slot.publish(key, job.generation, RecordKind::Value, bytes);
         }
         Published::Value(Payload::Inline(bytes)) => {
             // `encode_result` keeps inline values within the slot; say so
@@ -347,8 +385,9 @@ fn publish(job: &Job<'_>, key: u64, published: Published) {
                 message.as_bytes(),
             );
         }
-        Published::Value(Payload::Sealed { fd, len }) => match announce(job, key, fd, len) {
-            Ok(()) => slot.publish_spilled(key, job.generation, len),
+        Published::Value(Payload::Sealed { fd, len }) => match announce(job, key, fd.as_fd(), *len)
+        {
+            Ok(()) => slot.publish_spilled(key, job.generation, *len),
             Err(message) => slot.publish(
                 key,
                 job.generation,
@@ -359,22 +398,22 @@ fn publish(job: &Job<'_>, key: u64, published: Published) {
         Published::Message(kind, text) => {
             // A message too long for the slot: keep its head, on a char boundary.
             let mut end = text.len().min(slot.capacity());
-            let text = String::from_utf8_lossy(&text);
+            let text = String::from_utf8_lossy(text);
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            slot.publish(key, job.generation, kind, &text.as_bytes()[..end]);
+            slot.publish(key, job.generation, *kind, &text.as_bytes()[..end]);
         }
     }
 }
 
 /// Sends a spilled result's memfd to the parent, tagged with the task's key.
-fn announce(job: &Job<'_>, key: u64, fd: OwnedFd, len: u64) -> Result<(), String> {
+fn announce(job: &Job<'_>, key: u64, fd: BorrowedFd<'_>, len: u64) -> Result<(), String> {
     let notice = SpillNotice {
         generation: job.generation,
         tag: SpillNotice::tag_for(key, job.generation, len),
     };
-    sys::send_frame(job.spill, &notice.encode(), &[fd.as_fd()])
+    sys::send_frame(job.spill, &notice.encode(), &[fd])
         .map_err(|e| format!("spilling result: {} failed: {}", e.call, e.source))
 }
 

@@ -229,13 +229,15 @@ impl Zygote<'_> {
         let mut children: HashMap<u64, Child> = HashMap::new();
         let mut next_id = 0u64;
         let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
+        // Never used here: each worker takes its copy (see RESULT_BUFFER).
+        let mut result_buf = Vec::with_capacity(worker::RESULT_BUFFER);
         let mut events = Vec::with_capacity(64);
         // Mailboxes without a parked worker (a failed fork is retried after
         // the next reap, when resources may have come back).
         let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
         loop {
             while let Some(&i) = empty.last() {
-                let Some(child) = self.park(i, &mut buf) else {
+                let Some(child) = self.park(i, &mut buf, &mut result_buf) else {
                     break;
                 };
                 empty.pop();
@@ -256,7 +258,7 @@ impl Zygote<'_> {
                         match sys::recv_frame(self.command, &mut buf) {
                             Ok(Some(frame)) => {
                                 let id = next_id;
-                                if let Some(child) = self.spawn(&mut buf, frame) {
+                                if let Some(child) = self.spawn(&mut buf, &mut result_buf, frame) {
                                     next_id += 1;
                                     add(child.pidfd.as_fd(), 2 * id + 2, epoll::EventFlags::IN)?;
                                     if let Some(report) = &child.report {
@@ -321,7 +323,12 @@ impl Zygote<'_> {
     }
 
     /// Handles one spawn request: forks the worker and reports it.
-    fn spawn(&self, buf: &mut [u8], frame: sys::Received) -> Option<Child> {
+    fn spawn(
+        &self,
+        buf: &mut [u8],
+        result_buf: &mut Vec<u8>,
+        frame: sys::Received,
+    ) -> Option<Child> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
         let fail = |errno: i32| {
@@ -368,6 +375,7 @@ impl Zygote<'_> {
                     doorbell,
                     spill: self.spill,
                     zygote,
+                    result_buf: std::mem::take(result_buf),
                 })
             }),
             Ok(Forked::Parent(pid)) => {
@@ -417,7 +425,7 @@ impl Zygote<'_> {
 
 impl Zygote<'_> {
     /// Forks a worker to park in mailbox `i` and reports it `Started` there.
-    fn park(&self, i: usize, buf: &mut [u8]) -> Option<Child> {
+    fn park(&self, i: usize, buf: &mut [u8], result_buf: &mut Vec<u8>) -> Option<Child> {
         let (jobs, reports) = self.mailboxes[i];
         // A job sent to the previous occupant that it never read (it died
         // first) must not be run by the next one: the parent sends a job only
@@ -430,17 +438,13 @@ impl Zygote<'_> {
         let forked = unsafe { sys::fork() };
         match forked {
             Ok(Forked::Child) => sys::contain_child(|| {
-                // An owned copy, so the worker can close it before the task
-                // runs; the zygote's own fd number is closed by `prepare`.
-                let Ok(jobs) = jobs.try_clone_to_owned() else {
-                    sys::exit_now(1)
-                };
                 worker::park(
                     zygote,
                     jobs,
                     self.spill,
                     self.ring,
                     buf,
+                    std::mem::take(result_buf),
                     self.limits.max_payload,
                 )
             }),
