@@ -581,8 +581,6 @@ pub(crate) enum Wait {
     Reap,
     /// Reap it if it has exited; `Ok(None)` if it is still running.
     ReapIfExited,
-    /// Report whether it has exited, leaving it unreaped (`WNOWAIT`).
-    Peek,
 }
 
 /// `waitid(P_PIDFD, pidfd, WEXITED | ...)`: waits for a child; see `waitid(2)`.
@@ -590,7 +588,6 @@ pub(crate) fn waitid_pidfd(pidfd: BorrowedFd<'_>, how: Wait) -> SysResult<Option
     let opts = match how {
         Wait::Reap => WaitIdOptions::EXITED,
         Wait::ReapIfExited => WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-        Wait::Peek => WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
     };
     loop {
         match rustix::process::waitid(WaitId::PidFd(pidfd), opts) {

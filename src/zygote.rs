@@ -280,17 +280,12 @@ impl Zygote<'_> {
                     continue;
                 };
                 if token % 2 == 0 {
-                    // Pidfd readable. Re-check with WNOHANG rather than assume
-                    // readiness means exit (tokio's pidfd reaper learned this
-                    // under ptrace).
-                    if !matches!(
-                        sys::waitid_pidfd(child.pidfd.as_fd(), Wait::Peek),
-                        Ok(Some(_))
-                    ) {
-                        continue;
-                    }
-                    // The worker is a zombie, so its pid (and thus its process
-                    // group id) cannot be reused yet: kill what it left behind.
+                    // Pidfd readable: every thread of the worker has exited.
+                    // It stays a zombie until we reap it, so its pid (and thus
+                    // its process group id) cannot be reused yet: kill what it
+                    // left behind, then reap. Under ptrace the reap can find
+                    // nothing yet (tokio's pidfd reaper learned this); the
+                    // pidfd stays readable, so we come back.
                     let _ = sys::kill_process_group(child.pid);
                     if let Ok(Some(status)) =
                         sys::waitid_pidfd(child.pidfd.as_fd(), Wait::ReapIfExited)
