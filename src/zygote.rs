@@ -124,6 +124,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
                     .map(|(j, r)| (j.as_fd(), r.as_fd()))
                     .collect(),
                 parent,
+                pid: sys::getpid(),
                 limits,
             };
             zygote.serve()
@@ -160,6 +161,8 @@ struct Zygote<'a> {
     /// its report socket.
     mailboxes: Vec<(BorrowedFd<'a>, BorrowedFd<'a>)>,
     parent: Pid,
+    /// Our own pid, for workers to check that we are still their parent.
+    pid: Pid,
     limits: Limits,
 }
 
@@ -353,7 +356,7 @@ impl Zygote<'_> {
                 }
             },
         };
-        let zygote = sys::getpid();
+        let zygote = self.pid;
         // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
         // life: it is forked from a single-threaded parent, never spawns a
         // thread, and never runs user code (only workers do).
@@ -427,7 +430,7 @@ impl Zygote<'_> {
         // to a worker it has seen parked, so anything queued now is stale.
         let mut scratch = [0u8; 64];
         while let Ok(Some(_)) = sys::recv_frame(jobs, &mut scratch) {}
-        let zygote = sys::getpid();
+        let zygote = self.pid;
         // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
         // life (see `spawn`).
         let forked = unsafe { sys::fork() };
