@@ -256,21 +256,39 @@ fn main() {
             total as f64 / start.elapsed().as_secs_f64()
         })
     };
+    // The target's rows (8 in flight, with and without parked workers, and
+    // the raw fork server) in alternating rounds: this VM's speed drifts by
+    // up to 2x within a minute, so rows measured seconds apart would compare
+    // two different machines. Each row reports its median round, and the
+    // ratio is the median of the per-round ratios.
+    let (mut parked8, mut cold8, mut raw8, mut ratios8) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..if quick { 2 } else { 5 } {
+        let (p, c, r) = (
+            tput_on(&zygote, 8),
+            tput_on(&cold_zygote, 8),
+            raw.throughput(n.max(400), 8),
+        );
+        parked8.push(p);
+        cold8.push(c);
+        raw8.push(r);
+        ratios8.push(p / r);
+    }
     let mut throughput = Vec::new();
     for k in [1usize, 2, 8, 64] {
-        throughput.push((
-            format!("run_in_process: tasks/s, {k} in flight"),
-            tput_on(&zygote, k),
-        ));
+        let tput = if k == 8 {
+            median(&parked8)
+        } else {
+            tput_on(&zygote, k)
+        };
+        throughput.push((format!("run_in_process: tasks/s, {k} in flight"), tput));
     }
     throughput.push((
         "run_in_process: tasks/s, 8 in flight, no parked workers".into(),
-        tput_on(&cold_zygote, 8),
+        median(&cold8),
     ));
-    let raw_tput = raw.throughput(n.max(400), 8);
     throughput.push((
         "floor: raw fork server, tasks/s, 8 in flight".into(),
-        raw_tput,
+        median(&raw8),
     ));
 
     let payload = rt.block_on(async {
@@ -514,13 +532,20 @@ fn main() {
         0.105 / warm.p50.as_secs_f64(),
         0.105 / warm_paced.p50.as_secs_f64()
     );
-    let t8 = throughput
-        .iter()
-        .find(|(n, _)| n.ends_with(" 8 in flight") && n.starts_with("run_in"))
-        .map_or(0.0, |t| t.1);
+    let span = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{lo:.2}-{hi:.2}x")
+    };
+    let cold_ratios: Vec<f64> = cold8.iter().zip(&raw8).map(|(c, r)| c / r).collect();
     out += &format!(
-        "- throughput, 8 in flight / raw fork server: {:.2}x\n",
-        t8 / raw_tput
+        "- throughput, 8 in flight / raw fork server: {:.2}x, no parked workers {:.2}x (medians of {} alternating rounds; rounds {} and {})\n",
+        median(&ratios8),
+        median(&cold_ratios),
+        ratios8.len(),
+        span(&ratios8),
+        span(&cold_ratios),
     );
 
     print!("{out}");
@@ -892,4 +917,11 @@ impl RawForkServer {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         reap(self.pid);
     }
+}
+
+/// The median of a few measurements (the upper one of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
