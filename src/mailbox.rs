@@ -96,6 +96,10 @@ impl Mailboxes {
     }
 }
 
+/// Sent on a mailbox's job socket to dismiss its parked worker: too short to
+/// be a job, so the worker exits (`EXIT_BAD_JOB`) without running anything.
+const DISMISS: [u8; 1] = [0];
+
 /// Reads *all* of a mailbox's queued reports and returns the state they leave
 /// it in: a `Started` is only good if no `Exited` (of that worker) follows it.
 /// Taking the first `Started` alone would send a job to a worker that already
@@ -107,9 +111,20 @@ fn read_parked(mailbox: &Mailbox) -> State {
     loop {
         match sys::recv_frame(mailbox.reports.as_fd(), &mut buf) {
             Ok(Some(frame)) => match (Report::decode(&buf[..frame.len]), frame.truncated) {
-                (Ok(Report::Started { pid }), false) => {
-                    if let Some(pidfd) = frame.fds.into_iter().next() {
-                        state = State::Ready { pid, pidfd };
+                (Ok(Report::Started { pid }), truncated) => {
+                    match frame.fds.into_iter().next() {
+                        Some(pidfd) if !truncated => state = State::Ready { pid, pidfd },
+                        // A worker parked, but its pidfd did not arrive (no fd
+                        // was free here: the control message was cut). Without
+                        // it the worker could not be killed if its task were
+                        // dropped, so it gets no task; and it must not stay
+                        // parked for nothing. A frame that is not a job makes
+                        // it exit, and the zygote parks a replacement, whose
+                        // `Started` follows its `Exited`.
+                        _ => {
+                            let _ = sys::send_frame(mailbox.jobs.as_fd(), &DISMISS, &[]);
+                            state = State::Empty;
+                        }
                     }
                 }
                 // The worker reported last has exited (nobody waited for it).

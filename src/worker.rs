@@ -89,7 +89,9 @@ pub(crate) struct Job<'a> {
 const EXIT_ORPHANED: i32 = 121;
 /// Exit code of a worker that could not draw its key from the kernel.
 const EXIT_NO_KEY: i32 = 122;
-/// Exit code of a parked worker handed a malformed job.
+/// Exit code of a parked worker handed a malformed job, which is also how
+/// the parent dismisses one whose pidfd it could not receive
+/// (`mailbox::DISMISS`).
 const EXIT_BAD_JOB: i32 = 123;
 
 /// Set in the zygote, so that every worker starts with it set (a store in

@@ -78,6 +78,10 @@ fn main() {
         "running_out_of_fds_fails_the_task_and_loses_nothing",
         running_out_of_fds_fails_the_task_and_loses_nothing,
     ));
+    trials.push(Trial::test(
+        "a_parked_worker_whose_pidfd_is_lost_is_replaced",
+        a_parked_worker_whose_pidfd_is_lost_is_replaced,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -446,6 +450,35 @@ fn running_out_of_fds_fails_the_task_and_loses_nothing() -> TestResult {
     )
 }
 
+fn a_parked_worker_whose_pidfd_is_lost_is_replaced() -> TestResult {
+    let text = child_stdout("ctrunc")?;
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    ensure(line("error:") == "Io", format!("output {text:?}"))?;
+    ensure(
+        line("workers after:") == "0",
+        format!("leaked a slot: {text:?}"),
+    )?;
+    ensure(
+        line("old parked worker:") == "gone",
+        format!("the parked worker was kept, unusable: {text:?}"),
+    )?;
+    let served = parse_pids(&line("replaced by, then served by:"));
+    ensure(
+        served.len() == 2 && served[0] == served[1],
+        format!("the replacement did not serve the next task: {text:?}"),
+    )?;
+    ensure(
+        line("fds leaked:") == "[]",
+        format!("leaked an fd: {text:?}"),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -456,6 +489,7 @@ fn child_mode(mode: &str) {
         "stdio" => stdio_child(),
         "signals" => signals_child(),
         "emfile" => emfile_child(),
+        "ctrunc" => ctrunc_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -612,17 +646,97 @@ fn emfile_child() {
     });
 }
 
+/// Runs a task while the process can open only one more fd: enough for the
+/// task's eventfd, not for the parked worker's pidfd, whose `Started` report
+/// therefore arrives without it (`MSG_CTRUNC`). That worker could never be
+/// killed if its task were dropped, so it must not get a task; it must not
+/// stay parked for nothing either: it has to leave and be replaced.
+fn ctrunc_child() {
+    let z = Zygote::builder()
+        .parked(1)
+        .max_in_flight(2)
+        .start()
+        .expect("start zygote");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        z.run(reverse_bytes, vec![1]).await.expect("first task");
+        z.wait_idle().await;
+        let parked = wait_for_one_child(z.pid());
+        let before = common::open_fds();
+        let (a, _) = two_lowest_free_fds();
+        let limit = set_fd_limit(a as u64 + 1);
+        let e = z.run(reverse_bytes, vec![2]).await.expect_err("out of fds");
+        set_fd_limit(limit);
+        println!("error: {:?}", e.kind());
+        eprintln!("    fd {a} was free; the task failed with: {e}");
+        z.wait_idle().await;
+        println!("workers after: {}", z.workers());
+        let replacement = wait_for_one_child_other_than(z.pid(), parked);
+        println!(
+            "old parked worker: {}",
+            if replacement.is_some() {
+                "gone"
+            } else {
+                "kept"
+            }
+        );
+        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
+        println!(
+            "replaced by, then served by: {} {}",
+            replacement.unwrap_or(0),
+            p.pid()
+        );
+        p.result().await.expect("result after");
+        z.wait_idle().await;
+        let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
+        println!("fds leaked: {leaked:?}");
+    });
+}
+
+/// The zygote's one child once it is not `old`, or `None` if `old` is
+/// still its only child after a generous wait.
+fn wait_for_one_child_other_than(zygote: u32, old: u32) -> Option<u32> {
+    let path = format!("/proc/{zygote}/task/{zygote}/children");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
+        if let [pid] = pids[..] {
+            if pid != old {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// The zygote's one child, once the zygote has also gone back to waiting
+/// in `epoll_wait`: it sends a parked worker's `Started` report right after
+/// the fork, before it waits again, so the report is queued by then.
 fn wait_for_one_child(zygote: u32) -> u32 {
     let path = format!("/proc/{zygote}/task/{zygote}/children");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
         if let [pid] = pids[..] {
-            return pid;
+            if waiting_in_epoll(zygote) {
+                return pid;
+            }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     panic!("the zygote did not park a worker");
+}
+
+/// Is `pid` blocked in `epoll_pwait` or `epoll_pwait2`? (`/proc/<pid>/syscall`
+/// starts with the number of the call it is blocked in.)
+fn waiting_in_epoll(pid: u32) -> bool {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let nr: Option<libc::c_long> = text.split_whitespace().next().and_then(|n| n.parse().ok());
+    matches!(nr, Some(n) if n == libc::SYS_epoll_pwait || n == libc::SYS_epoll_pwait2)
 }
 
 fn two_lowest_free_fds() -> (i32, i32) {
