@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::process::Inner;
 use crate::sys;
-use crate::wire::{REPORT_LEN, Report};
+use crate::wire::{Dismissal, REPORT_LEN, Report};
 use crate::zygote::Mailbox;
 
 /// The parent's table of mailboxes.
@@ -96,10 +96,6 @@ impl Mailboxes {
     }
 }
 
-/// Sent on a mailbox's job socket to dismiss its parked worker: too short to
-/// be a job, so the worker exits (`EXIT_BAD_JOB`) without running anything.
-const DISMISS: [u8; 1] = [0];
-
 /// Reads *all* of a mailbox's queued reports and returns the state they leave
 /// it in: a `Started` is only good if no `Exited` (of that worker) follows it.
 /// Taking the first `Started` alone would send a job to a worker that already
@@ -118,11 +114,12 @@ fn read_parked(mailbox: &Mailbox) -> State {
                         // was free here: the control message was cut). Without
                         // it the worker could not be killed if its task were
                         // dropped, so it gets no task; and it must not stay
-                        // parked for nothing. A frame that is not a job makes
-                        // it exit, and the zygote parks a replacement, whose
-                        // `Started` follows its `Exited`.
+                        // parked for nothing. Dismissed, it exits, and the
+                        // zygote parks a replacement, whose `Started` follows
+                        // its `Exited`.
                         _ => {
-                            let _ = sys::send_frame(mailbox.jobs.as_fd(), &DISMISS, &[]);
+                            let dismissal = Dismissal { worker: pid }.encode();
+                            let _ = sys::send_frame(mailbox.jobs.as_fd(), &dismissal, &[]);
                             state = State::Empty;
                         }
                     }

@@ -148,11 +148,11 @@ pub(crate) fn thread_count() -> SysResult<usize> {
 ///
 /// # Safety
 ///
-/// Only for a freshly forked, single-threaded child that owns every fd it has
-/// inherited (SAFETY.md F3): closing fds owned by live Rust objects elsewhere
-/// in the process would break I/O safety, so the caller must not use any
-/// object that owned a closed fd afterwards (it never returns to them; it
-/// leaves through `_exit`).
+/// Only for a single-threaded child of ours (a zygote or worker that has not
+/// yet run any code of a task) that owns every fd it holds (SAFETY.md F3):
+/// closing fds owned by live Rust objects elsewhere in the process would
+/// break I/O safety, so the caller must not use any object that owned a
+/// closed fd afterwards (it never returns to them; it leaves through `_exit`).
 pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
     // A worker keeps at most three fds: sort them on the stack. A heap
     // allocation in a fresh worker costs copy-on-write faults in the

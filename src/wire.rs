@@ -63,6 +63,7 @@ pub(crate) const VERSION: u16 = 2;
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";
 const SPILL_MAGIC: [u8; 4] = *b"RIPs";
+const DISMISS_MAGIC: [u8; 4] = *b"RIPd";
 
 /// Size of a spawn request's fixed header.
 pub(crate) const REQUEST_HEADER: usize = 48;
@@ -70,6 +71,8 @@ pub(crate) const REQUEST_HEADER: usize = 48;
 pub(crate) const REPORT_LEN: usize = 16;
 /// Size of a spill notice.
 pub(crate) const SPILL_LEN: usize = 24;
+/// Size of a dismissal.
+pub(crate) const DISMISS_LEN: usize = 16;
 
 /// Request flag: the argument travels in a sealed memfd, not inline.
 pub(crate) const FLAG_ARG_MEMFD: u32 = 1;
@@ -309,6 +312,38 @@ impl Report {
     }
 }
 
+/// Sent by the parent on a mailbox's job socket instead of a job: the parked
+/// worker `worker` is to exit without running anything (its pidfd never
+/// reached the parent; see `mailbox::read_parked`). It names the worker, as
+/// a job does, so that it cannot dismiss a successor if it arrives late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dismissal {
+    pub(crate) worker: u32,
+}
+
+impl Dismissal {
+    pub(crate) fn encode(&self) -> [u8; DISMISS_LEN] {
+        let mut out = [0u8; DISMISS_LEN];
+        out[0..4].copy_from_slice(&DISMISS_MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&1u16.to_le_bytes());
+        out[8..12].copy_from_slice(&self.worker.to_le_bytes());
+        out
+    }
+
+    pub(crate) fn decode(frame: &[u8]) -> Result<Dismissal, WireError> {
+        let mut r = check_header(frame, DISMISS_LEN, DISMISS_MAGIC)?;
+        if frame.len() != DISMISS_LEN {
+            return Err(WireError::Length(frame.len() as u64));
+        }
+        let kind = r.u16();
+        if kind != 1 {
+            return Err(WireError::Kind(kind));
+        }
+        Ok(Dismissal { worker: r.u32() })
+    }
+}
+
 /// A spill notice: "the result of task `generation` is in the memfd attached".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SpillNotice {
@@ -535,6 +570,23 @@ mod tests {
         let mut zero = Report::Started { pid: 1 }.encode();
         zero[8] = 0;
         assert!(Report::decode(&zero).is_err());
+    }
+
+    #[test]
+    fn dismissal_round_trips_and_is_never_a_job() {
+        let d = Dismissal { worker: 4242 };
+        assert_eq!(Dismissal::decode(&d.encode()), Ok(d));
+        assert!(Request::decode(&d.encode(), 8, 1 << 20).is_err());
+        let job = Request {
+            generation: 1,
+            want_started: false,
+            entry: 0x5555_0000,
+            slot: 0,
+            arg: ArgPlace::Inline(0),
+            worker: 4242,
+        }
+        .encode(&[]);
+        assert!(Dismissal::decode(&job).is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::payload::Payload;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
 use crate::sys;
-use crate::wire::{self, ArgPlace, RecordKind, Request, SpillNotice};
+use crate::wire::{self, ArgPlace, Dismissal, RecordKind, Request, SpillNotice};
 
 /// What a task's monomorphised entry point returns to the worker.
 pub(crate) enum Outcome {
@@ -57,8 +57,9 @@ pub(crate) const RESULT_BUFFER: usize = 4096;
 
 /// Where the worker finds its argument bytes.
 pub(crate) enum ArgSource<'a> {
-    /// In the zygote's receive buffer, which this process has a private copy
-    /// of (the zygote scrubs its own right after the fork).
+    /// In the request buffer: the zygote's, of which this process has a
+    /// private copy (the zygote scrubs its own after each request), or for a
+    /// parked worker, its own copy that it received the job into.
     Inline(&'a [u8]),
     /// In a sealed memfd, `len` bytes long after its padding.
     Memfd(OwnedFd, u64),
@@ -89,10 +90,11 @@ pub(crate) struct Job<'a> {
 const EXIT_ORPHANED: i32 = 121;
 /// Exit code of a worker that could not draw its key from the kernel.
 const EXIT_NO_KEY: i32 = 122;
-/// Exit code of a parked worker handed a malformed job, which is also how
-/// the parent dismisses one whose pidfd it could not receive
-/// (`mailbox::DISMISS`).
+/// Exit code of a parked worker handed a malformed job.
 const EXIT_BAD_JOB: i32 = 123;
+/// Exit code of a parked worker dismissed by the parent, which could not
+/// receive its pidfd (`wire::Dismissal`).
+const EXIT_DISMISSED: i32 = 124;
 
 /// Set in the zygote, so that every worker starts with it set (a store in
 /// each worker would cost a copy-on-write fault); `stop_requested` is false
@@ -200,6 +202,13 @@ pub(crate) fn park(
             // The parent hung up (or the socket broke): nothing to run.
             Ok(None) | Err(_) => sys::exit_now(0),
         };
+        if let Ok(dismissal) = Dismissal::decode(&buf[..frame.len]) {
+            // Addressed to a predecessor (sent after it died): not ours.
+            if dismissal.worker == me {
+                sys::exit_now(EXIT_DISMISSED);
+            }
+            continue;
+        }
         let mut fds = frame.fds.into_iter();
         let decoded = if frame.truncated {
             None

@@ -261,7 +261,14 @@ impl Zygote<'_> {
                         match sys::recv_frame(self.command, &mut buf) {
                             Ok(Some(frame)) => {
                                 let id = next_id;
-                                if let Some(child) = self.spawn(&mut buf, &mut result_buf, frame) {
+                                let len = frame.len;
+                                let spawned = self.spawn(&buf, &mut result_buf, frame);
+                                // Scrub the request, whatever became of it:
+                                // later workers are forked from this memory
+                                // and must not find this task's argument in it.
+                                buf[..len].fill(0);
+                                std::hint::black_box(&buf[..len]);
+                                if let Some(child) = spawned {
                                     next_id += 1;
                                     add(child.pidfd.as_fd(), 2 * id + 2, epoll::EventFlags::IN)?;
                                     if let Some(report) = &child.report {
@@ -320,13 +327,9 @@ impl Zygote<'_> {
         }
     }
 
-    /// Handles one spawn request: forks the worker and reports it.
-    fn spawn(
-        &self,
-        buf: &mut [u8],
-        result_buf: &mut Vec<u8>,
-        frame: sys::Received,
-    ) -> Option<Child> {
+    /// Handles one spawn request, received into `buf`: forks the worker and
+    /// reports it. The caller scrubs `buf` afterwards.
+    fn spawn(&self, buf: &[u8], result_buf: &mut Vec<u8>, frame: sys::Received) -> Option<Child> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
         let fail = |errno: i32| {
@@ -378,10 +381,6 @@ impl Zygote<'_> {
             }),
             Ok(Forked::Parent(pid)) => {
                 drop(arg);
-                // Scrub the request: later workers are forked from this memory
-                // and must not find this task's argument in it.
-                buf[..frame.len].fill(0);
-                std::hint::black_box(&buf[..frame.len]);
                 drop(doorbell);
                 let pidfd = match sys::pidfd_open_child(pid) {
                     Ok(fd) => fd,

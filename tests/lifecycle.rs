@@ -696,15 +696,16 @@ fn ctrunc_child() {
     });
 }
 
-/// The zygote's one child once it is not `old`, or `None` if `old` is
-/// still its only child after a generous wait.
+/// The zygote's one child once it is not `old` (and its `Started` report is
+/// queued, as in `wait_for_one_child`), or `None` if `old` is still its only
+/// child after a generous wait.
 fn wait_for_one_child_other_than(zygote: u32, old: u32) -> Option<u32> {
     let path = format!("/proc/{zygote}/task/{zygote}/children");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
         if let [pid] = pids[..] {
-            if pid != old {
+            if pid != old && waiting_in_epoll(zygote) {
                 return Some(pid);
             }
         }
@@ -732,9 +733,14 @@ fn wait_for_one_child(zygote: u32) -> u32 {
 }
 
 /// Is `pid` blocked in `epoll_pwait` or `epoll_pwait2`? (`/proc/<pid>/syscall`
-/// starts with the number of the call it is blocked in.)
+/// starts with the number of the call it is blocked in.) Where that file
+/// cannot be read (Yama `ptrace_scope` 2 or more, gVisor), this says yes:
+/// the callers then only wait for the fork, as they did before, and the
+/// report may, rarely, not be queued yet.
 fn waiting_in_epoll(pid: u32) -> bool {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return true;
+    };
     let nr: Option<libc::c_long> = text.split_whitespace().next().and_then(|n| n.parse().ok());
     matches!(nr, Some(n) if n == libc::SYS_epoll_pwait || n == libc::SYS_epoll_pwait2)
 }
