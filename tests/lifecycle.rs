@@ -427,13 +427,7 @@ fn worker_signal_state_is_reset() -> TestResult {
 
 fn running_out_of_fds_fails_the_task_and_loses_nothing() -> TestResult {
     let text = child_stdout("emfile")?;
-    let line = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
+    let line = |key: &str| line_of(&text, key);
     ensure(line("error:") == "Io", format!("output {text:?}"))?;
     ensure(
         line("workers after:") == "0",
@@ -450,15 +444,19 @@ fn running_out_of_fds_fails_the_task_and_loses_nothing() -> TestResult {
     )
 }
 
+/// The rest of the line of `text` that starts with `key`, trimmed; empty if
+/// there is none.
+fn line_of(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or("")
+        .to_string()
+}
+
 fn a_parked_worker_whose_pidfd_is_lost_is_replaced() -> TestResult {
     let text = child_stdout("ctrunc")?;
-    let line = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
+    let line = |key: &str| line_of(&text, key);
     ensure(line("error:") == "Io", format!("output {text:?}"))?;
     ensure(
         line("workers after:") == "0",
@@ -613,36 +611,10 @@ fn signals_child() {
 /// must fail with `Io`, and afterwards no slot, fd or parked worker may be
 /// missing.
 fn emfile_child() {
-    let z = Zygote::builder()
-        .parked(1)
-        .max_in_flight(2)
-        .start()
-        .expect("start zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        z.run(reverse_bytes, vec![1]).await.expect("first task");
-        z.wait_idle().await;
-        // The replacement parked worker, once the zygote has forked it (it
-        // queues the worker's `Started` report right after the fork).
-        let parked = wait_for_one_child(z.pid());
-        let before = common::open_fds();
-        let (a, b) = two_lowest_free_fds();
-        let limit = set_fd_limit(b as u64 + 1);
-        let e = z.run(reverse_bytes, vec![2]).await.expect_err("out of fds");
-        set_fd_limit(limit);
-        println!("error: {:?}", e.kind());
-        eprintln!("    fds {a} and {b} were free; the task failed with: {e}");
-        z.wait_idle().await;
-        println!("workers after: {}", z.workers());
+    short_of_fds_child(2, |z, parked| async move {
         let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
         println!("parked, then served by: {parked} {}", p.pid());
         p.result().await.expect("result after");
-        z.wait_idle().await;
-        let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
-        println!("fds leaked: {leaked:?}");
     });
 }
 
@@ -652,6 +624,27 @@ fn emfile_child() {
 /// killed if its task were dropped, so it must not get a task; it must not
 /// stay parked for nothing either: it has to leave and be replaced.
 fn ctrunc_child() {
+    short_of_fds_child(1, |z, parked| async move {
+        let replacement = wait_for_parked(z.pid(), Some(parked));
+        let kept = if replacement.is_some() {
+            "gone"
+        } else {
+            "kept"
+        };
+        println!("old parked worker: {kept}");
+        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
+        let replacement = replacement.unwrap_or(0);
+        println!("replaced by, then served by: {replacement} {}", p.pid());
+        p.result().await.expect("result after");
+    });
+}
+
+/// The shared frame of the fd-shortage modes. With one worker parked, runs a
+/// task while the process can open only `free` more fds, and prints the
+/// task's error kind and the slots still held once it is reaped. Then runs
+/// `after` with the zygote and the parked worker's pid, and prints the fds
+/// left open that were not open before.
+fn short_of_fds_child<F: Future<Output = ()>>(free: usize, after: impl FnOnce(Zygote, u32) -> F) {
     let z = Zygote::builder()
         .parked(1)
         .max_in_flight(2)
@@ -664,72 +657,42 @@ fn ctrunc_child() {
     rt.block_on(async {
         z.run(reverse_bytes, vec![1]).await.expect("first task");
         z.wait_idle().await;
-        let parked = wait_for_one_child(z.pid());
+        // The replacement parked worker, with its `Started` report queued.
+        let parked = wait_for_parked(z.pid(), None).expect("the zygote did not park a worker");
         let before = common::open_fds();
-        let (a, _) = two_lowest_free_fds();
-        let limit = set_fd_limit(a as u64 + 1);
+        let free_fds = lowest_free_fds(free);
+        let limit = set_fd_limit(free_fds[free - 1] as u64 + 1);
         let e = z.run(reverse_bytes, vec![2]).await.expect_err("out of fds");
         set_fd_limit(limit);
         println!("error: {:?}", e.kind());
-        eprintln!("    fd {a} was free; the task failed with: {e}");
+        eprintln!("    fds {free_fds:?} were free; the task failed with: {e}");
         z.wait_idle().await;
         println!("workers after: {}", z.workers());
-        let replacement = wait_for_one_child_other_than(z.pid(), parked);
-        println!(
-            "old parked worker: {}",
-            if replacement.is_some() {
-                "gone"
-            } else {
-                "kept"
-            }
-        );
-        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
-        println!(
-            "replaced by, then served by: {} {}",
-            replacement.unwrap_or(0),
-            p.pid()
-        );
-        p.result().await.expect("result after");
+        after(z.clone(), parked).await;
         z.wait_idle().await;
         let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
         println!("fds leaked: {leaked:?}");
     });
 }
 
-/// The zygote's one child once it is not `old` (and its `Started` report is
-/// queued, as in `wait_for_one_child`), or `None` if `old` is still its only
-/// child after a generous wait.
-fn wait_for_one_child_other_than(zygote: u32, old: u32) -> Option<u32> {
+/// The zygote's one child, if it is not `other_than`, once the zygote has
+/// also gone back to waiting in `epoll_wait`: it sends a parked worker's
+/// `Started` report right after the fork, before it waits again, so the
+/// report is queued by then. `None` if there is no such child after a
+/// generous wait.
+fn wait_for_parked(zygote: u32, other_than: Option<u32>) -> Option<u32> {
     let path = format!("/proc/{zygote}/task/{zygote}/children");
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
         if let [pid] = pids[..] {
-            if pid != old && waiting_in_epoll(zygote) {
+            if Some(pid) != other_than && waiting_in_epoll(zygote) {
                 return Some(pid);
             }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     None
-}
-
-/// The zygote's one child, once the zygote has also gone back to waiting
-/// in `epoll_wait`: it sends a parked worker's `Started` report right after
-/// the fork, before it waits again, so the report is queued by then.
-fn wait_for_one_child(zygote: u32) -> u32 {
-    let path = format!("/proc/{zygote}/task/{zygote}/children");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let pids = parse_pids(&std::fs::read_to_string(&path).unwrap_or_default());
-        if let [pid] = pids[..] {
-            if waiting_in_epoll(zygote) {
-                return pid;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("the zygote did not park a worker");
 }
 
 /// Is `pid` blocked in `epoll_pwait` or `epoll_pwait2`? (`/proc/<pid>/syscall`
@@ -745,17 +708,14 @@ fn waiting_in_epoll(pid: u32) -> bool {
     matches!(nr, Some(n) if n == libc::SYS_epoll_pwait || n == libc::SYS_epoll_pwait2)
 }
 
-fn two_lowest_free_fds() -> (i32, i32) {
+/// The `n` lowest fd numbers not in use.
+fn lowest_free_fds(n: usize) -> Vec<i32> {
     // `open_fds` leaves out the listing's own fd, which is free again after.
     let used: Vec<i32> = common::open_fds()
         .iter()
         .filter_map(|entry| entry.split_once("->")?.0.parse().ok())
         .collect();
-    let mut free = (0..).filter(|fd| !used.contains(fd));
-    (
-        free.next().expect("a free fd"),
-        free.next().expect("a free fd"),
-    )
+    (0..).filter(|fd| !used.contains(fd)).take(n).collect()
 }
 
 /// Sets the soft `RLIMIT_NOFILE`; returns the previous soft limit.
