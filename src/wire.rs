@@ -165,6 +165,25 @@ fn check_header(frame: &[u8], need: usize, magic: [u8; 4]) -> Result<Reader<'_>,
     Ok(r)
 }
 
+/// `check_header` for a frame of exactly `len` bytes.
+fn check_fixed(frame: &[u8], len: usize, magic: [u8; 4]) -> Result<Reader<'_>, WireError> {
+    let r = check_header(frame, len, magic)?;
+    if frame.len() != len {
+        return Err(WireError::Length(frame.len() as u64));
+    }
+    Ok(r)
+}
+
+/// A fixed-size frame of `N` bytes with the common header (magic, version,
+/// `kind`) written; the caller writes the body from byte 8.
+fn fixed_frame<const N: usize>(magic: [u8; 4], kind: u16) -> [u8; N] {
+    let mut out = [0u8; N];
+    out[0..4].copy_from_slice(&magic);
+    out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    out[6..8].copy_from_slice(&kind.to_le_bytes());
+    out
+}
+
 /// Where a spawn request's argument bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ArgPlace {
@@ -282,19 +301,13 @@ impl Report {
             Report::Exited { status } => (2, status as u32 as u64),
             Report::SpawnFailed { errno } => (3, errno as u32 as u64),
         };
-        let mut out = [0u8; REPORT_LEN];
-        out[0..4].copy_from_slice(&REPORT_MAGIC);
-        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        out[6..8].copy_from_slice(&kind.to_le_bytes());
+        let mut out = fixed_frame::<REPORT_LEN>(REPORT_MAGIC, kind);
         out[8..16].copy_from_slice(&value.to_le_bytes());
         out
     }
 
     pub(crate) fn decode(frame: &[u8]) -> Result<Report, WireError> {
-        let mut r = check_header(frame, REPORT_LEN, REPORT_MAGIC)?;
-        if frame.len() != REPORT_LEN {
-            return Err(WireError::Length(frame.len() as u64));
-        }
+        let mut r = check_fixed(frame, REPORT_LEN, REPORT_MAGIC)?;
         let kind = r.u16();
         let value = r.u64();
         let small = u32::try_from(value).map_err(|_| WireError::Length(value))?;
@@ -323,19 +336,13 @@ pub(crate) struct Dismissal {
 
 impl Dismissal {
     pub(crate) fn encode(&self) -> [u8; DISMISS_LEN] {
-        let mut out = [0u8; DISMISS_LEN];
-        out[0..4].copy_from_slice(&DISMISS_MAGIC);
-        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        out[6..8].copy_from_slice(&1u16.to_le_bytes());
+        let mut out = fixed_frame::<DISMISS_LEN>(DISMISS_MAGIC, 1);
         out[8..12].copy_from_slice(&self.worker.to_le_bytes());
         out
     }
 
     pub(crate) fn decode(frame: &[u8]) -> Result<Dismissal, WireError> {
-        let mut r = check_header(frame, DISMISS_LEN, DISMISS_MAGIC)?;
-        if frame.len() != DISMISS_LEN {
-            return Err(WireError::Length(frame.len() as u64));
-        }
+        let mut r = check_fixed(frame, DISMISS_LEN, DISMISS_MAGIC)?;
         let kind = r.u16();
         if kind != 1 {
             return Err(WireError::Kind(kind));
@@ -353,20 +360,14 @@ pub(crate) struct SpillNotice {
 
 impl SpillNotice {
     pub(crate) fn encode(&self) -> [u8; SPILL_LEN] {
-        let mut out = [0u8; SPILL_LEN];
-        out[0..4].copy_from_slice(&SPILL_MAGIC);
-        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        out[6..8].copy_from_slice(&1u16.to_le_bytes());
+        let mut out = fixed_frame::<SPILL_LEN>(SPILL_MAGIC, 1);
         out[8..16].copy_from_slice(&self.generation.to_le_bytes());
         out[16..24].copy_from_slice(&self.tag.to_le_bytes());
         out
     }
 
     pub(crate) fn decode(frame: &[u8]) -> Result<SpillNotice, WireError> {
-        let mut r = check_header(frame, SPILL_LEN, SPILL_MAGIC)?;
-        if frame.len() != SPILL_LEN {
-            return Err(WireError::Length(frame.len() as u64));
-        }
+        let mut r = check_fixed(frame, SPILL_LEN, SPILL_MAGIC)?;
         let kind = r.u16();
         if kind != 1 {
             return Err(WireError::Kind(kind));
