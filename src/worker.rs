@@ -96,10 +96,11 @@ const EXIT_BAD_JOB: i32 = 123;
 /// receive its pidfd (`wire::Dismissal`).
 const EXIT_DISMISSED: i32 = 124;
 
-/// Set in the zygote, so that every worker starts with it set (a store in
-/// each worker would cost a copy-on-write fault); `stop_requested` is false
-/// elsewhere. The zygote runs no task, so it never reads it.
-static IN_WORKER: AtomicBool = AtomicBool::new(false);
+/// True in the zygote and, inherited, in every worker (a store in each
+/// worker would cost a copy-on-write fault); false in the parent, where
+/// `stop_requested` is always false. The zygote runs no task, so it never
+/// reads it.
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
 /// Set by the first `stop_requested` call: the task handles stop requests.
 static COOPERATIVE: AtomicBool = AtomicBool::new(false);
 /// Set by the SIGTERM handler of a cooperative task.
@@ -129,7 +130,7 @@ static PANIC: Mutex<Option<String>> = Mutex::new(None);
 /// assert_eq!(count_until_stopped(10), 10);
 /// ```
 pub fn stop_requested() -> bool {
-    if !IN_WORKER.load(Ordering::Relaxed) {
+    if !IN_CHILD.load(Ordering::Relaxed) {
         return false;
     }
     COOPERATIVE.store(true, Ordering::Relaxed);
@@ -429,11 +430,11 @@ fn announce(job: &Job<'_>, key: u64, fd: BorrowedFd<'_>, len: u64) -> Result<(),
 }
 
 /// Installs, in the zygote, the SIGTERM handler behind [`stop_requested`] and
-/// the panic hook that records a task's panic message, and sets `IN_WORKER`.
+/// the panic hook that records a task's panic message, and sets `IN_CHILD`.
 /// Workers inherit all three across the fork, which saves each of them an
 /// allocation, a `sigaction` and the copy-on-write faults those would cost.
 pub(crate) fn install_hooks() {
-    IN_WORKER.store(true, Ordering::Relaxed);
+    IN_CHILD.store(true, Ordering::Relaxed);
     panic::set_hook(Box::new(|info| {
         let message = match info.location() {
             Some(l) => format!(
@@ -451,7 +452,7 @@ pub(crate) fn install_hooks() {
     }));
     let handler = || {
         // COOPERATIVE is only ever set by a task calling `stop_requested`.
-        if IN_WORKER.load(Ordering::Relaxed) && COOPERATIVE.load(Ordering::Relaxed) {
+        if IN_CHILD.load(Ordering::Relaxed) && COOPERATIVE.load(Ordering::Relaxed) {
             STOP.store(true, Ordering::Relaxed);
         } else {
             // The zygote, a parked worker, or a task that does not
