@@ -82,6 +82,7 @@ mod mailbox;
 mod payload;
 mod process;
 mod reactor;
+mod report_pool;
 mod ring;
 mod shm;
 mod slots;

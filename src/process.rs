@@ -22,6 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
 use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Record, TaskIo};
+use crate::report_pool::ReportPool;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
 use crate::slots::Slots;
@@ -146,6 +147,7 @@ impl Builder {
                 slots: Arc::new(Slots::new(limits.slots)),
                 spill: SpillReceiver::new(limits.slots as usize),
                 mailboxes: Mailboxes::new(limits.parked as usize),
+                report_pool: ReportPool::new(limits.slots as usize),
                 next_gen: AtomicU64::new(1),
                 limits,
                 process,
@@ -294,13 +296,16 @@ impl Zygote {
     }
 
     /// Waits until the worker of every task started so far has exited and
-    /// been reaped. Idle parked workers stay.
+    /// been reaped, then closes the spare report sockets kept for reuse by
+    /// later tasks: after it returns, no task holds a file descriptor. Idle
+    /// parked workers stay.
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: it only observes.
+    /// Cancel-safe: it only observes until it returns.
     pub async fn wait_idle(&self) {
-        self.inner.slots.wait_idle().await
+        self.inner.slots.wait_idle().await;
+        self.inner.report_pool.clear();
     }
 }
 
@@ -659,6 +664,8 @@ pub(crate) struct Inner {
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: SpillReceiver,
     pub(crate) mailboxes: Mailboxes,
+    /// Spare report socket pairs for tasks forked on demand.
+    pub(crate) report_pool: ReportPool,
     next_gen: AtomicU64,
 }
 

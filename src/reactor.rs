@@ -11,8 +11,9 @@
 //! * the **report socket** delivers the zygote's `Exited` report (with the
 //!   wait status) and, when the task asked for it, `Started` (with the
 //!   worker's pid and pidfd). End-of-stream without `Exited` means the zygote
-//!   died. A task run by a parked worker uses a duplicate of its mailbox's
-//!   report socket instead, and reads it only up to `Exited`;
+//!   died. The pair comes from a pool and goes back once `Exited` is read
+//!   (see `report_pool`). A task run by a parked worker uses a duplicate of
+//!   its mailbox's report socket instead, and reads it only up to `Exited`;
 //! * the **pidfd**, when there is one, is used for signals
 //!   (`pidfd_send_signal` cannot hit a recycled pid).
 //!
@@ -34,6 +35,7 @@ use crate::error::Error;
 use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
 use crate::process::Inner;
+use crate::report_pool::SocketId;
 use crate::ring::Taken;
 use crate::shm::SealedBytes;
 use crate::slots::Lease;
@@ -68,8 +70,13 @@ pub(crate) struct TaskIo {
     pub(crate) generation: u64,
     /// The worker's key, read from the doorbell once it rang (see `wire`).
     key: Option<u64>,
-    /// `Some` until `Drop` hands it to the reaper.
+    /// `Some` until `Drop` hands it to the reaper, or until the pair goes
+    /// back to the pool.
     report: Option<AsyncFd<OwnedFd>>,
+    /// For a task forked on demand, whose report socket pair is pooled:
+    /// which socket its far end is, to recognise it when the zygote hands it
+    /// back. `None` once the pair cannot be reused (the task was cancelled).
+    recycle: Option<SocketId>,
     doorbell: AsyncFd<OwnedFd>,
     pub(crate) pid: Option<u32>,
     pidfd: Option<OwnedFd>,
@@ -171,16 +178,22 @@ impl TaskIo {
                 claimed = Some((guard, report, claim.pid, claim.pidfd));
             }
         }
-        let (report, mailbox, pid, pidfd) = match claimed {
-            Some((guard, report, pid, pidfd)) => (report, Some(guard), Some(pid), Some(pidfd)),
+        let (report, mailbox, pid, pidfd, recycle) = match claimed {
+            Some((guard, report, pid, pidfd)) => {
+                (report, Some(guard), Some(pid), Some(pidfd), None)
+            }
             None => {
                 let frame = frame(0);
-                let (report, report_zygote) = sys::seqpacket_pair()?;
-                let report = register(report, Interest::READABLE)?;
-                let mut with_report = vec![report_zygote.as_fd()];
+                let pair = inner.report_pool.take()?;
+                let report = register(pair.ours, Interest::READABLE)?;
+                let mut with_report = vec![pair.theirs.as_fd()];
                 with_report.extend_from_slice(&fds);
                 inner.send_request(&frame, &with_report).await?;
-                (report, None, None, None)
+                // From now on the zygote holds the only copy of the far end,
+                // so its death still ends the stream.
+                drop(with_report);
+                drop(pair.theirs);
+                (report, None, None, None, Some(pair.id))
             }
         };
         drop(fds);
@@ -191,6 +204,7 @@ impl TaskIo {
             generation,
             key: None,
             report: Some(report),
+            recycle,
             doorbell,
             pid,
             pidfd,
@@ -273,11 +287,11 @@ impl TaskIo {
                     // The record, if any, was committed before the exit, so it
                     // is visible now even if the doorbell has not been seen.
                     self.check_record();
-                    self.release();
+                    self.release(fd);
                 }
                 Report::SpawnFailed { errno } => {
                     self.spawn_errno = Some(errno);
-                    self.release();
+                    self.release(fd);
                 }
             }
         }
@@ -370,13 +384,20 @@ impl TaskIo {
         self.signal(Signal::TERM)
     }
 
-    /// Returns the slot (and the mailbox) once the worker is reaped.
-    fn release(&mut self) {
+    /// Returns the slot (and the mailbox, or the report socket pair) once
+    /// the worker is reaped. `returned`: the fd the final report carried.
+    fn release(&mut self, returned: Option<OwnedFd>) {
         self.inner.spill.forget(self.generation);
         self.lease = None;
         if self.mailbox.take().is_some() {
             // The mailbox's report socket now belongs to its next claimer.
             self.report = None;
+        } else if let (Some(id), Some(returned)) = (self.recycle.take(), returned) {
+            // Nothing follows a final report: the pair can serve another task.
+            if let Some(report) = self.report.take() {
+                let ours = report.into_inner();
+                self.inner.report_pool.put_back(ours, returned, id);
+            }
         }
     }
 
@@ -430,14 +451,23 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
     loop {
         match sys::recv_frame(fd, &mut buf) {
             Ok(Some(frame)) => {
-                if frame.truncated {
-                    return (out, Drained::Broken);
-                }
                 match Report::decode(&buf[..frame.len]) {
                     Ok(report) => {
                         let last =
                             matches!(report, Report::Exited { .. } | Report::SpawnFailed { .. });
-                        out.push((report, frame.fds.into_iter().next()));
+                        // A cut control message (no fd was free here) loses a
+                        // `Started` report's pidfd, which the task needs, but
+                        // only the pooled socket's far end of a final report:
+                        // that pair is not reused, and the report stands.
+                        if frame.truncated && !last {
+                            return (out, Drained::Broken);
+                        }
+                        let fd = if frame.truncated {
+                            None
+                        } else {
+                            frame.fds.into_iter().next()
+                        };
+                        out.push((report, fd));
                         // Stop right after the worker's last report: on a
                         // mailbox's socket, what follows belongs to the next
                         // worker parked there.
@@ -478,6 +508,8 @@ impl Drop for TaskIo {
             // a parked worker's pidfd is always at hand).
             if let (Some(report), None) = (&self.report, &self.mailbox) {
                 let _ = rustix::net::shutdown(report.get_ref(), rustix::net::Shutdown::Write);
+                // Shut down for good: the pair cannot serve another task.
+                self.recycle = None;
             }
             let _ = self.send_now(Signal::KILL);
         }
@@ -485,6 +517,7 @@ impl Drop for TaskIo {
         // blocking: a small task on the current runtime waits for that.
         let reaper = Reaper {
             report: self.report.take(),
+            recycle: self.recycle.take().map(|id| (Arc::clone(&self.inner), id)),
             lease: self.lease.take(),
             mailbox: self.mailbox.take(),
             spent: self.spent.take(),
@@ -501,6 +534,9 @@ impl Drop for TaskIo {
 /// Waits for a dropped task's worker to be reaped, then frees its slot.
 struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
+    /// Where the report socket pair goes back, and which socket its far end
+    /// is (see `TaskIo::recycle`).
+    recycle: Option<(Arc<Inner>, SocketId)>,
     lease: Option<Lease>,
     mailbox: Option<MailboxGuard>,
     /// Released with the slot.
@@ -516,12 +552,30 @@ impl Reaper {
                 };
                 let (reports, end) = drain_reports(guard.get_inner().as_fd());
                 if reaped(&reports) || end != Drained::WouldBlock {
+                    drop(guard);
+                    self.recycle(reports);
                     break;
                 }
                 guard.clear_ready();
             }
         }
         self.finish();
+    }
+
+    /// Puts the report socket pair back into the pool if the final report
+    /// among `reports` handed its far end back.
+    fn recycle(&mut self, reports: Vec<(Report, Option<OwnedFd>)>) {
+        let returned = reports
+            .into_iter()
+            .find(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
+            .and_then(|(_, fd)| fd);
+        if let (Some(returned), Some((inner, id)), Some(report)) =
+            (returned, self.recycle.take(), self.report.take())
+        {
+            inner
+                .report_pool
+                .put_back(report.into_inner(), returned, id);
+        }
     }
 
     /// Outside any runtime: wait on the socket directly, bounded, then free
@@ -545,6 +599,7 @@ impl Reaper {
     /// gone, `wait_idle` promises that nothing of the task is left.
     fn finish(&mut self) {
         self.report = None;
+        self.recycle = None;
         self.mailbox = None;
         self.spent = None;
         self.lease = None;
@@ -558,6 +613,7 @@ impl Drop for Reaper {
         if self.lease.is_some() && self.report.is_some() {
             Reaper {
                 report: self.report.take(),
+                recycle: None,
                 lease: self.lease.take(),
                 mailbox: self.mailbox.take(),
                 spent: self.spent.take(),

@@ -32,7 +32,10 @@
 //! **Report**, zygote → parent, on the task's own report socket (16 bytes):
 //! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
 //! then a `u64`: the worker's pid, its raw wait status, or the `fork` errno.
-//! A *started* report carries one fd, the worker's pidfd.
+//! A *started* report carries one fd, the worker's pidfd. On a task's own
+//! report socket, an *exited* or *spawn failed* report (the last one) carries
+//! the zygote's end of that socket back, for the parent to reuse the pair
+//! (see `report_pool`); on a mailbox's, it carries none.
 //!
 //! **Spill notice**, worker → parent, on the shared spill socket (24 bytes):
 //! magic `RIPs`, version, kind 1, `generation`, and a tag `mac(key, ...)` that
@@ -54,11 +57,12 @@
 //! * 1: first version.
 //! * 2: spawn requests name the parked worker a job is for, so a job sent to
 //!   a worker that died meanwhile is never run by its replacement.
+//! * 3: a task's last report hands its report socket's far end back.
 
 use std::fmt;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 2;
+pub(crate) const VERSION: u16 = 3;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";

@@ -20,7 +20,8 @@
 //!   every worker, reap them, and `_exit`;
 //! * each worker's pidfd: on exit it kills the worker's process group (any
 //!   process the task left behind), reaps the worker with
-//!   `waitid(P_PIDFD)`, and reports `Exited` with the status;
+//!   `waitid(P_PIDFD)`, and reports `Exited` with the status, handing the
+//!   report socket's far end back with it for the parent to reuse;
 //! * each task's report socket: a hang-up means the parent dropped the task
 //!   (cancellation), so the worker is killed at once.
 //!
@@ -303,7 +304,10 @@ impl Zygote<'_> {
                         if let Some(child) = children.remove(&id) {
                             let frame = Report::Exited { status: status.0 }.encode();
                             if let Some(report) = &child.report {
-                                let _ = sys::send_frame(report.as_fd(), &frame, &[]);
+                                // The socket's far end goes back with the
+                                // final report, for the parent to reuse
+                                // (`report_pool`); ours closes in `retire`.
+                                let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
                             }
                             if let Some(i) = child.mailbox {
                                 let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
@@ -332,8 +336,10 @@ impl Zygote<'_> {
     fn spawn(&self, buf: &[u8], result_buf: &mut Vec<u8>, frame: sys::Received) -> Option<Child> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
+        // A final report, so it hands the socket's far end back (see `run`).
         let fail = |errno: i32| {
-            let _ = sys::send_frame(report.as_fd(), &Report::SpawnFailed { errno }.encode(), &[]);
+            let frame = Report::SpawnFailed { errno }.encode();
+            let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
         };
         let decoded = if frame.truncated {
             None

@@ -81,6 +81,11 @@ fn main() {
     trial!(open_reports_running_then_finished);
     trial!(parked_worker_runs_the_task_and_is_replaced);
     trial!(job_for_a_killed_parked_worker_never_runs_elsewhere);
+    let z = cold.clone();
+    trials.push(Trial::test(
+        "report_sockets_are_reused_by_later_tasks_cold",
+        move || checked(&z, report_sockets_are_reused_by_later_tasks),
+    ));
     let z = zygote.clone();
     trials.push(Trial::test("zygote_death_fails_tasks_cleanly", move || {
         checked(&z, move |_| zygote_death_fails_tasks_cleanly(doomed))
@@ -749,5 +754,44 @@ async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {
     ensure(
         !process_exists(zygote_pid),
         "dead zygote reaped when dropped",
+    )
+}
+
+/// A task forked on demand takes its report socket pair from a pool and puts
+/// it back once its final report is read: after the first task, later ones
+/// open no socket of their own, and `wait_idle` closes the spare pair.
+async fn report_sockets_are_reused_by_later_tasks(z: Zygote) -> TestResult {
+    let sockets = || -> BTreeSet<String> {
+        common::open_fds()
+            .into_iter()
+            .filter(|fd| fd.contains("socket:"))
+            .collect()
+    };
+    z.wait_idle().await;
+    let before = sockets();
+    let mut pooled = None;
+    for x in 0..10u64 {
+        let mut p = z.open(square, x).await?;
+        // `wait` reads the final report, which returns the pair.
+        ensure(p.wait().await?.success(), "the task failed")?;
+        drop(p);
+        let now = sockets();
+        match &pooled {
+            None => pooled = Some(now),
+            Some(first) => ensure(
+                &now == first,
+                format!("task {x} left other sockets: {now:?}, not {first:?}"),
+            )?,
+        }
+    }
+    let pooled = pooled.unwrap_or_default();
+    ensure(
+        pooled.len() == before.len() + 2,
+        format!("expected one spare pair: {pooled:?} after {before:?}"),
+    )?;
+    z.wait_idle().await;
+    ensure(
+        sockets() == before,
+        "wait_idle did not close the spare pair",
     )
 }

@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -82,6 +82,10 @@ fn main() {
         "a_parked_worker_whose_pidfd_is_lost_is_replaced",
         a_parked_worker_whose_pidfd_is_lost_is_replaced,
     ));
+    trials.push(Trial::test(
+        "a_final_report_whose_fd_cannot_be_received_still_counts",
+        a_final_report_whose_fd_cannot_be_received_still_counts,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -114,6 +118,10 @@ fn own_fds(_: Vec<u8>) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+fn square(x: u64) -> u64 {
+    x * x
 }
 
 fn sleep_forever(_: ()) -> u64 {
@@ -477,6 +485,32 @@ fn a_parked_worker_whose_pidfd_is_lost_is_replaced() -> TestResult {
     )
 }
 
+/// A cold task's final report hands back the far end of its pooled report
+/// socket. When no fd is free to receive it, the kernel cuts the control
+/// message; the report must still count (here: `wait` returns the exit
+/// status rather than taking the cut for a dead zygote), the pair is not
+/// reused, and nothing leaks.
+fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
+    let text = child_stdout("final-report-ctrunc")?;
+    let line = |key: &str| line_of(&text, key);
+    ensure(
+        line("status:") == format!("Ok(Some({}))", libc::SIGKILL),
+        format!("the exit status was lost: {text:?}"),
+    )?;
+    ensure(
+        line("next task:") == "Ok(9)",
+        format!("the zygote did not serve the next task: {text:?}"),
+    )?;
+    ensure(
+        line("workers after:") == "0",
+        format!("leaked a slot: {text:?}"),
+    )?;
+    ensure(
+        line("fds leaked:") == "[]",
+        format!("leaked an fd: {text:?}"),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -488,6 +522,7 @@ fn child_mode(mode: &str) {
         "signals" => signals_child(),
         "emfile" => emfile_child(),
         "ctrunc" => ctrunc_child(),
+        "final-report-ctrunc" => final_report_ctrunc_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -645,16 +680,7 @@ fn ctrunc_child() {
 /// `after` with the zygote and the parked worker's pid, and prints the fds
 /// left open that were not open before.
 fn short_of_fds_child<F: Future<Output = ()>>(free: usize, after: impl FnOnce(Zygote, u32) -> F) {
-    let z = Zygote::builder()
-        .parked(1)
-        .max_in_flight(2)
-        .start()
-        .expect("start zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    on_small_zygote(1, |z| async move {
         z.run(reverse_bytes, vec![1]).await.expect("first task");
         z.wait_idle().await;
         // The replacement parked worker, with its `Started` report queued.
@@ -670,6 +696,42 @@ fn short_of_fds_child<F: Future<Output = ()>>(free: usize, after: impl FnOnce(Zy
         println!("workers after: {}", z.workers());
         after(z.clone(), parked).await;
         z.wait_idle().await;
+        let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
+        println!("fds leaked: {leaked:?}");
+    });
+}
+
+/// Runs `body` on a new zygote with `parked` parked workers and two slots,
+/// on a current-thread runtime (which opens no fd of its own meanwhile).
+fn on_small_zygote<F: Future<Output = ()>>(parked: u32, body: impl FnOnce(Zygote) -> F) {
+    let z = Zygote::builder()
+        .parked(parked)
+        .max_in_flight(2)
+        .start()
+        .expect("start zygote");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(body(z));
+}
+
+/// Kills a cold task while no fd is free, so that its final report arrives
+/// without the socket end it carries; prints what `wait` returned, the
+/// result of a next task, the slots still held, and the fds left open.
+fn final_report_ctrunc_child() {
+    on_small_zygote(0, |z| async move {
+        let before = common::open_fds();
+        let mut p = z.open(sleep_forever, ()).await.expect("open");
+        let limit = set_fd_limit(lowest_free_fds(1)[0] as u64);
+        p.kill().expect("kill");
+        let status = p.wait().await.map(|s| s.signal());
+        set_fd_limit(limit);
+        println!("status: {status:?}");
+        drop(p);
+        println!("next task: {:?}", z.run(square, 3).await);
+        z.wait_idle().await;
+        println!("workers after: {}", z.workers());
         let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
         println!("fds leaked: {leaked:?}");
     });
