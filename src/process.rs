@@ -807,18 +807,18 @@ fn encode_result<R: Serialize>(value: &R, out: Output) -> Outcome {
         out.inline_max,
         out.limit as u64,
     );
-    match result {
-        Ok(payload) => Outcome::Value(payload),
-        Err(PayloadError::OverLimit(limit)) => {
-            Outcome::CodecFailed(format!("the result is over the limit of {limit} bytes"))
-        }
-        Err(PayloadError::Codec(message)) => {
-            Outcome::CodecFailed(format!("cannot encode the result: {message}"))
-        }
-        Err(e @ PayloadError::Sys(_)) => {
-            Outcome::CodecFailed(format!("cannot spill the result: {e}"))
-        }
-    }
+    // The value first, on its own: a `match` over all five outcomes compiles
+    // to a jump table in `.rodata`, a page a fresh worker has not mapped yet,
+    // so every task would take one more fault to read it.
+    let error = match result {
+        Ok(payload) => return Outcome::Value(payload),
+        Err(error) => error,
+    };
+    Outcome::CodecFailed(match error {
+        PayloadError::OverLimit(limit) => format!("the result is over the limit of {limit} bytes"),
+        PayloadError::Codec(message) => format!("cannot encode the result: {message}"),
+        e @ PayloadError::Sys(_) => format!("cannot spill the result: {e}"),
+    })
 }
 
 /// Checks, at compile time, that the public types are thread-safe.

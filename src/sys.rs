@@ -174,7 +174,9 @@ pub(crate) unsafe fn close_fds_except(keep: &[RawFd]) {
     keep.sort_unstable();
     let mut first = 3u32;
     let mut ok = true;
-    for &k in keep.iter().chain(std::iter::once(&u32::MAX)) {
+    // By value: `once(&u32::MAX)` would read a constant from `.rodata`, a
+    // page a fresh worker has not mapped yet (one more fault per task).
+    for k in keep.iter().copied().chain(std::iter::once(u32::MAX)) {
         if k > first {
             // SAFETY: SYS_close_range takes three integers and touches no
             // memory; the caller owns every fd in the range (SAFETY.md F3).

@@ -235,7 +235,10 @@ impl Zygote<'_> {
         let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
         // Never used here: each worker takes its copy (see RESULT_BUFFER).
         let mut result_buf = Vec::with_capacity(worker::RESULT_BUFFER);
-        let mut events = Vec::with_capacity(64);
+        // On the stack, whose page the loop writes anyway: a heap buffer
+        // would be one more page that each fork shares with the new worker,
+        // and so one more copy-on-write fault when `epoll_wait` fills it.
+        let mut events = [const { std::mem::MaybeUninit::<epoll::Event>::uninit() }; 64];
         // Mailboxes without a parked worker (a failed fork is retried after
         // the next reap, when resources may have come back).
         let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
@@ -249,13 +252,12 @@ impl Zygote<'_> {
                 children.insert(next_id, child);
                 next_id += 1;
             }
-            events.clear();
-            match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
-                Ok(_) => {}
+            let ready = match epoll::wait(&epoll, &mut events[..], None) {
+                Ok((ready, _)) => ready,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(SysError::new("epoll_wait", e)),
-            }
-            for event in &events {
+            };
+            for event in ready.iter() {
                 let token = event.data.u64();
                 if token == COMMAND {
                     loop {
