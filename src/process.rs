@@ -27,7 +27,7 @@ use crate::ring::Ring;
 use crate::shm::SealedBytes;
 use crate::slots::Slots;
 use crate::spill::SpillReceiver;
-use crate::sys::{self, Wait, WaitStatus};
+use crate::sys::{self, WaitStatus};
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
 use crate::zygote::{self, Limits, ZygoteProcess};
@@ -731,7 +731,7 @@ impl Drop for Inner {
         ) {
             let _ = sys::pidfd_send_signal(pidfd, Signal::KILL);
         }
-        let _ = sys::waitid_pidfd(pidfd, Wait::Reap);
+        let _ = sys::waitid_pidfd(pidfd);
     }
 }
 

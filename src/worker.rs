@@ -95,6 +95,8 @@ const EXIT_BAD_JOB: i32 = 123;
 /// Exit code of a parked worker dismissed by the parent, which could not
 /// receive its pidfd (`wire::Dismissal`).
 const EXIT_DISMISSED: i32 = 124;
+/// Exit code of a worker that could not unblock `SIGCHLD`.
+const EXIT_SIGNAL_MASK: i32 = 125;
 
 /// True in the zygote and, inherited, in every worker (a store in each
 /// worker would cost a copy-on-write fault); false in the parent, where
@@ -161,9 +163,13 @@ pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
     if !sys::die_with_parent(zygote) {
         sys::exit_now(EXIT_ORPHANED);
     }
-    // Signal dispositions and mask need no work here: the zygote reset its
-    // own once at start (sys::reset_signals) and has not changed them since,
-    // and a forked child inherits exactly those.
+    // Signal dispositions need no work here: the zygote reset its own once
+    // at start (sys::reset_signals) and has not changed them since, and a
+    // forked child inherits exactly those. Its mask has one change since,
+    // SIGCHLD blocked for its signalfd, which the task must not inherit.
+    if sys::unblock_sigchld().is_err() {
+        sys::exit_now(EXIT_SIGNAL_MASK);
+    }
     // SAFETY: SAFETY.md F3. This process was forked a moment ago from the
     // single-threaded zygote, so it is single-threaded and nothing else can be
     // using these fds; the objects that owned the closed fds (the zygote's

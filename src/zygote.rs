@@ -11,17 +11,20 @@
 //! # Life cycle
 //!
 //! The zygote serves one command socket from the parent. For each spawn request
-//! it forks a worker, opens the worker's pidfd (race-free: only the zygote can
-//! reap its own child, and it has not yet), and reports `Started` with the
-//! pidfd on the task's private report socket. It watches, with one epoll set:
+//! it forks a worker and, if the parent asked for it, opens the worker's pidfd
+//! (race-free: only the zygote can reap its own child, and it has not yet)
+//! and reports `Started` with it on the task's private report socket. It
+//! watches, with one epoll set:
 //!
 //! * the command socket: requests, or EOF when the parent is gone or dropped
 //!   its last [`Zygote`](crate::Zygote) handle, which makes the zygote kill
 //!   every worker, reap them, and `_exit`;
-//! * each worker's pidfd: on exit it kills the worker's process group (any
-//!   process the task left behind), reaps the worker with
-//!   `waitid(P_PIDFD)`, and reports `Exited` with the status, handing the
-//!   report socket's far end back with it for the parent to reuse;
+//! * a signalfd for `SIGCHLD`, which it keeps blocked: for each worker that
+//!   has exited (`waitid(WNOWAIT)` names it and leaves it a zombie) it kills
+//!   the worker's process group (any process the task left behind), reaps
+//!   the worker, and reports `Exited` with the status, handing the report
+//!   socket's far end back with it for the parent to reuse. (A pidfd per
+//!   worker, opened, watched and closed, cost about 10 µs per task.)
 //! * each task's report socket: a hang-up means the parent dropped the task
 //!   (cancellation), so the worker is killed at once.
 //!
@@ -32,11 +35,11 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::event::epoll;
-use rustix::process::{Pid, Signal};
+use rustix::process::Pid;
 
 use crate::error::{Error, ErrorKind};
 use crate::ring::Ring;
-use crate::sys::{self, Forked, SysError, Wait};
+use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource, Job};
 
@@ -167,10 +170,9 @@ struct Zygote<'a> {
     limits: Limits,
 }
 
-/// A worker the zygote is watching.
+/// A worker the zygote is watching, by pid: the zygote is its parent and
+/// reaps it, so its pid cannot be reused while it is in the table.
 struct Child {
-    pid: Pid,
-    pidfd: OwnedFd,
     /// The zygote's end of the task's report socket; `None` if the parent
     /// closed its end entirely (nobody is left to report to), and for a
     /// parked worker, which reports through its mailbox.
@@ -179,26 +181,32 @@ struct Child {
     mailbox: Option<usize>,
 }
 
-/// Forgets a reaped child: takes its pidfd and report socket out of the epoll
-/// set, then closes them.
+/// Forgets a reaped child: takes its report socket out of the epoll set,
+/// then closes it.
 ///
 /// Closing alone is not enough. An fd's registration outlives its close while
 /// another fd shares its open file, and a worker forked a moment ago holds
-/// copies of all of the zygote's fds until its `close_range`. A reaped pidfd
-/// and a hung-up socket stay ready, so the stale registrations made the event
-/// loop spin, keeping that very worker off the CPU for a scheduler tick (4 ms
-/// cold-run tails, and a zygote burning CPU under load).
+/// copies of all of the zygote's fds until its `close_range`. A hung-up
+/// socket stays ready, so the stale registration made the event loop spin,
+/// keeping that very worker off the CPU for a scheduler tick (4 ms cold-run
+/// tails, and a zygote burning CPU under load).
 fn retire(epoll: &OwnedFd, child: Child) {
-    let _ = epoll::delete(epoll, &child.pidfd);
     if let Some(report) = &child.report {
         // ENOENT if a cancellation already took it out: harmless.
         let _ = epoll::delete(epoll, report);
     }
 }
 
-/// epoll token of the command socket; task tokens are `2 * id + 2` (pidfd)
-/// and `2 * id + 3` (report socket).
+/// epoll token of the command socket.
 const COMMAND: u64 = 0;
+/// epoll token of the `SIGCHLD` signalfd; a task's report socket is
+/// `REPORT + pid` of its worker.
+const CHILD_EXITED: u64 = 1;
+const REPORT: u64 = 2;
+
+fn report_token(pid: Pid) -> u64 {
+    REPORT + pid.as_raw_nonzero().get() as u64
+}
 
 impl Zygote<'_> {
     fn serve(self) -> ! {
@@ -230,8 +238,9 @@ impl Zygote<'_> {
                 .map_err(|e| SysError::new("epoll_ctl", e))
         };
         add(self.command, COMMAND, epoll::EventFlags::IN)?;
-        let mut children: HashMap<u64, Child> = HashMap::new();
-        let mut next_id = 0u64;
+        let exits = sys::sigchld_fd()?;
+        add(exits.as_fd(), CHILD_EXITED, epoll::EventFlags::IN)?;
+        let mut children: HashMap<Pid, Child> = HashMap::new();
         let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
         // Never used here: each worker takes its copy (see RESULT_BUFFER).
         let mut result_buf = Vec::with_capacity(worker::RESULT_BUFFER);
@@ -244,26 +253,23 @@ impl Zygote<'_> {
         let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
         loop {
             while let Some(&i) = empty.last() {
-                let Some(child) = self.park(i, &mut buf, &mut result_buf) else {
+                let Some((pid, child)) = self.park(i, &mut buf, &mut result_buf) else {
                     break;
                 };
                 empty.pop();
-                add(child.pidfd.as_fd(), 2 * next_id + 2, epoll::EventFlags::IN)?;
-                children.insert(next_id, child);
-                next_id += 1;
+                children.insert(pid, child);
             }
             let ready = match epoll::wait(&epoll, &mut events[..], None) {
                 Ok((ready, _)) => ready,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(SysError::new("epoll_wait", e)),
             };
+            let mut exited = false;
             for event in ready.iter() {
-                let token = event.data.u64();
-                if token == COMMAND {
-                    loop {
+                match event.data.u64() {
+                    COMMAND => loop {
                         match sys::recv_frame(self.command, &mut buf) {
                             Ok(Some(frame)) => {
-                                let id = next_id;
                                 let len = frame.len;
                                 let spawned = self.spawn(&buf, &mut result_buf, frame);
                                 // Scrub the request, whatever became of it:
@@ -271,13 +277,15 @@ impl Zygote<'_> {
                                 // and must not find this task's argument in it.
                                 buf[..len].fill(0);
                                 std::hint::black_box(&buf[..len]);
-                                if let Some(child) = spawned {
-                                    next_id += 1;
-                                    add(child.pidfd.as_fd(), 2 * id + 2, epoll::EventFlags::IN)?;
+                                if let Some((pid, child)) = spawned {
                                     if let Some(report) = &child.report {
-                                        add(report.as_fd(), 2 * id + 3, epoll::EventFlags::RDHUP)?;
+                                        add(
+                                            report.as_fd(),
+                                            report_token(pid),
+                                            epoll::EventFlags::RDHUP,
+                                        )?;
                                     }
-                                    children.insert(id, child);
+                                    children.insert(pid, child);
                                 }
                             }
                             Err(e) if e.is_would_block() => break,
@@ -285,57 +293,79 @@ impl Zygote<'_> {
                             // dropped its last handle.
                             Ok(None) | Err(_) => shutdown(children),
                         }
-                    }
-                    continue;
-                }
-                let id = (token - 2) / 2;
-                let Some(child) = children.get_mut(&id) else {
-                    continue;
-                };
-                if token % 2 == 0 {
-                    // Pidfd readable: every thread of the worker has exited.
-                    // It stays a zombie until we reap it, so its pid (and thus
-                    // its process group id) cannot be reused yet: kill what it
-                    // left behind, then reap. Under ptrace the reap can find
-                    // nothing yet (tokio's pidfd reaper learned this); the
-                    // pidfd stays readable, so we come back.
-                    let _ = sys::kill_process_group(child.pid);
-                    if let Ok(Some(status)) =
-                        sys::waitid_pidfd(child.pidfd.as_fd(), Wait::ReapIfExited)
-                    {
-                        if let Some(child) = children.remove(&id) {
-                            let frame = Report::Exited { status: status.0 }.encode();
+                    },
+                    // Reaped after the rest of this batch (below), so that no
+                    // pid named by another event here can have been reused.
+                    CHILD_EXITED => exited = true,
+                    token => {
+                        // The parent shut down its end of a report socket for
+                        // writing (or closed it): the task was cancelled. Kill
+                        // the worker (ours, unreaped: the pid is still its);
+                        // keep the socket to report its exit, but stop
+                        // watching it (the hang-up is level-triggered).
+                        let Some(pid) = Pid::from_raw((token - REPORT) as i32) else {
+                            continue;
+                        };
+                        if let Some(child) = children.get(&pid) {
+                            let _ = sys::kill_child(pid);
                             if let Some(report) = &child.report {
-                                // The socket's far end goes back with the
-                                // final report, for the parent to reuse
-                                // (`report_pool`); ours closes in `retire`.
-                                let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
+                                let _ = epoll::delete(&epoll, report);
                             }
-                            if let Some(i) = child.mailbox {
-                                let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
-                                // Refilled at the top of the loop.
-                                empty.push(i);
-                            }
-                            retire(&epoll, child);
                         }
                     }
-                } else {
-                    // The parent shut down its end for writing (or closed it):
-                    // the task was cancelled. Kill the worker; keep the socket
-                    // to report its exit, but stop watching it (the hang-up is
-                    // level-triggered).
-                    let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
-                    if let Some(report) = &child.report {
-                        let _ = epoll::delete(&epoll, report);
-                    }
                 }
+            }
+            if exited {
+                self.reap_exited(&exits, &mut children, &mut empty, &epoll)?;
             }
         }
     }
 
+    /// Reaps every worker that has exited and reports it.
+    ///
+    /// Each is still a zombie when found, so its pid, and its process group
+    /// id, cannot be reused yet: what the task left in its group is killed
+    /// first, then the worker is reaped.
+    fn reap_exited(
+        &self,
+        exits: &sys::SignalFd,
+        children: &mut HashMap<Pid, Child>,
+        empty: &mut Vec<usize>,
+        epoll: &OwnedFd,
+    ) -> Result<(), SysError> {
+        // Drained first: a worker that exits after the last look below
+        // makes the signalfd readable again.
+        sys::drain_signalfd(exits);
+        while let Some(pid) = sys::exited_child()? {
+            let _ = sys::kill_process_group(pid);
+            let status = sys::reap(pid)?;
+            let Some(child) = children.remove(&pid) else {
+                continue;
+            };
+            let frame = Report::Exited { status: status.0 }.encode();
+            if let Some(report) = &child.report {
+                // The socket's far end goes back with the final report, for
+                // the parent to reuse (`report_pool`); ours closes in `retire`.
+                let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
+            }
+            if let Some(i) = child.mailbox {
+                let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
+                // Refilled at the top of the loop.
+                empty.push(i);
+            }
+            retire(epoll, child);
+        }
+        Ok(())
+    }
+
     /// Handles one spawn request, received into `buf`: forks the worker and
     /// reports it. The caller scrubs `buf` afterwards.
-    fn spawn(&self, buf: &[u8], result_buf: &mut Vec<u8>, frame: sys::Received) -> Option<Child> {
+    fn spawn(
+        &self,
+        buf: &[u8],
+        result_buf: &mut Vec<u8>,
+        frame: sys::Received,
+    ) -> Option<(Pid, Child)> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
         // A final report, so it hands the socket's far end back (see `run`).
@@ -390,14 +420,18 @@ impl Zygote<'_> {
             Ok(Forked::Parent(pid)) => {
                 drop(arg);
                 drop(doorbell);
-                let pidfd = match sys::pidfd_open_child(pid) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        fail(e.errno().unwrap_or(libc::EIO));
-                        return None;
-                    }
-                };
+                // The zygote itself needs no pidfd (it is the worker's
+                // parent: its signals and its reap cannot hit another
+                // process); the parent gets one only if it asked.
                 let report = if request.want_started {
+                    let pidfd = match sys::pidfd_open_child(pid) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            // `pidfd_open_child` killed and reaped the worker.
+                            fail(e.errno().unwrap_or(libc::EIO));
+                            return None;
+                        }
+                    };
                     let started = Report::Started {
                         pid: pid.as_raw_nonzero().get() as u32,
                     }
@@ -411,14 +445,15 @@ impl Zygote<'_> {
                 };
                 if report.is_none() {
                     // The parent already dropped the task: cancel it now.
-                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+                    let _ = sys::kill_child(pid);
                 }
-                Some(Child {
+                Some((
                     pid,
-                    pidfd,
-                    report,
-                    mailbox: None,
-                })
+                    Child {
+                        report,
+                        mailbox: None,
+                    },
+                ))
             }
             Err(e) => {
                 fail(e.errno().unwrap_or(libc::EAGAIN));
@@ -430,7 +465,7 @@ impl Zygote<'_> {
 
 impl Zygote<'_> {
     /// Forks a worker to park in mailbox `i` and reports it `Started` there.
-    fn park(&self, i: usize, buf: &mut [u8], result_buf: &mut Vec<u8>) -> Option<Child> {
+    fn park(&self, i: usize, buf: &mut [u8], result_buf: &mut Vec<u8>) -> Option<(Pid, Child)> {
         let (jobs, reports) = self.mailboxes[i];
         // A job sent to the previous occupant that it never read (it died
         // first) must not be run by the next one: the parent sends a job only
@@ -454,18 +489,21 @@ impl Zygote<'_> {
                 )
             }),
             Ok(Forked::Parent(pid)) => {
+                // For the parent, which kills a parked worker's task through
+                // it; on failure the worker is already killed and reaped.
                 let pidfd = sys::pidfd_open_child(pid).ok()?;
                 let started = Report::Started {
                     pid: pid.as_raw_nonzero().get() as u32,
                 }
                 .encode();
                 let _ = sys::send_frame(reports, &started, &[pidfd.as_fd()]);
-                Some(Child {
+                Some((
                     pid,
-                    pidfd,
-                    report: None,
-                    mailbox: Some(i),
-                })
+                    Child {
+                        report: None,
+                        mailbox: Some(i),
+                    },
+                ))
             }
             Err(_) => None,
         }
@@ -473,13 +511,13 @@ impl Zygote<'_> {
 }
 
 /// Kills and reaps every worker, then exits: the parent is gone.
-fn shutdown(children: HashMap<u64, Child>) -> ! {
-    for child in children.values() {
-        let _ = sys::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
+fn shutdown(children: HashMap<Pid, Child>) -> ! {
+    for &pid in children.keys() {
+        let _ = sys::kill_child(pid);
     }
-    for child in children.values() {
-        let _ = sys::kill_process_group(child.pid);
-        let _ = sys::waitid_pidfd(child.pidfd.as_fd(), Wait::Reap);
+    for &pid in children.keys() {
+        let _ = sys::kill_process_group(pid);
+        let _ = sys::reap(pid);
     }
     sys::exit_now(0)
 }
@@ -488,33 +526,23 @@ fn shutdown(children: HashMap<u64, Child>) -> ! {
 mod tests {
     use super::*;
 
-    /// `retire` must leave nothing ready behind, even while other fds (a new
-    /// worker's inherited copies) keep the files open.
+    /// `retire` must leave nothing ready behind, even while another fd (a
+    /// new worker's inherited copy) keeps the socket open.
     #[test]
     fn retired_fds_leave_the_epoll_set_even_when_shared() {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
-        // Stand-ins that stay ready forever, as a reaped pidfd and a hung-up
-        // report socket do: an eventfd with a count, and a socket whose peer
-        // is closed.
-        let pidfd = sys::eventfd().unwrap();
-        sys::eventfd_add(pidfd.as_fd(), 1).unwrap();
+        // A stand-in that stays ready forever, as a hung-up report socket
+        // does: a socket whose peer is closed.
         let (report, peer) = sys::seqpacket_pair().unwrap();
         drop(peer);
         epoll::add(
             &epoll,
-            &pidfd,
-            epoll::EventData::new_u64(2),
-            epoll::EventFlags::IN,
-        )
-        .unwrap();
-        epoll::add(
-            &epoll,
             &report,
-            epoll::EventData::new_u64(3),
+            epoll::EventData::new_u64(REPORT + 1),
             epoll::EventFlags::RDHUP,
         )
         .unwrap();
-        let copies = (pidfd.try_clone().unwrap(), report.try_clone().unwrap());
+        let copy = report.try_clone().unwrap();
         let ready = |epoll: &OwnedFd| {
             let mut events = Vec::with_capacity(4);
             let timeout = rustix::time::Timespec {
@@ -529,12 +557,10 @@ mod tests {
             .unwrap();
             events.len()
         };
-        assert_eq!(ready(&epoll), 2, "both stand-ins are ready");
+        assert_eq!(ready(&epoll), 1, "the stand-in is ready");
         retire(
             &epoll,
             Child {
-                pid: rustix::process::getpid(),
-                pidfd,
                 report: Some(report),
                 mailbox: None,
             },
@@ -544,6 +570,6 @@ mod tests {
             0,
             "nothing of a retired child stays registered"
         );
-        drop(copies);
+        drop(copy);
     }
 }
