@@ -41,10 +41,14 @@ use crate::error::{Error, ErrorKind};
 use crate::ring::Ring;
 use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
-use crate::worker::{self, ArgSource, Job};
+use crate::worker::{self, ArgSource};
 
 /// Largest argument sent inline in a spawn request; larger ones go in a memfd.
 pub(crate) const INLINE_ARG_MAX: usize = 32 * 1024;
+
+/// Largest inline argument that the zygote hands a worker on its own stack
+/// (see [`Zygote::prepare`]); a larger one goes through the request buffer.
+const SMALL_ARG: usize = 256;
 
 /// What the parent keeps of a running zygote.
 pub(crate) struct ZygoteProcess {
@@ -241,6 +245,17 @@ impl Zygote<'_> {
         let exits = sys::sigchld_fd()?;
         add(exits.as_fd(), CHILD_EXITED, epoll::EventFlags::IN)?;
         let mut children: HashMap<Pid, Child> = HashMap::new();
+        // Requests arrive here, in memory no worker inherits (`MADV_DONTFORK`):
+        // receiving into it never takes a copy-on-write fault, and what it
+        // holds never reaches a worker, so it needs no scrubbing.
+        let mut rx = memmap2::MmapMut::map_anon(wire::REQUEST_HEADER + INLINE_ARG_MAX)
+            .map_err(|e| SysError::new("mmap", e))?;
+        rx.advise(memmap2::Advice::DontFork)
+            .map_err(|e| SysError::new("madvise", e))?;
+        // Where a worker finds its inline argument: a small one on this
+        // stack, whose page the loop writes anyway; a larger one in `buf`,
+        // which parked workers also receive their jobs into.
+        let mut small = [0u8; SMALL_ARG];
         let mut buf = vec![0u8; wire::REQUEST_HEADER + INLINE_ARG_MAX];
         // Never used here: each worker takes its copy (see RESULT_BUFFER).
         let mut result_buf = Vec::with_capacity(worker::RESULT_BUFFER);
@@ -268,15 +283,25 @@ impl Zygote<'_> {
             for event in ready.iter() {
                 match event.data.u64() {
                     COMMAND => loop {
-                        match sys::recv_frame(self.command, &mut buf) {
+                        match sys::recv_frame(self.command, &mut rx) {
                             Ok(Some(frame)) => {
-                                let len = frame.len;
-                                let spawned = self.spawn(&buf, &mut result_buf, frame);
-                                // Scrub the request, whatever became of it:
-                                // later workers are forked from this memory
-                                // and must not find this task's argument in it.
-                                buf[..len].fill(0);
-                                std::hint::black_box(&buf[..len]);
+                                // No reference into `rx` may live across the
+                                // fork: a worker does not have that memory.
+                                let Some(job) = self.prepare(&rx, frame, &mut small, &mut buf)
+                                else {
+                                    continue;
+                                };
+                                let copied = job.copied();
+                                let spawned = self.spawn(job, &small, &buf, &mut result_buf);
+                                // Scrub the argument's copy: later workers are
+                                // forked from this memory and must not find
+                                // this task's argument in it.
+                                let copy = match copied {
+                                    Copied::Small(n) => &mut small[..n],
+                                    Copied::Large(n) => &mut buf[..n],
+                                };
+                                copy.fill(0);
+                                std::hint::black_box(copy);
                                 if let Some((pid, child)) = spawned {
                                     if let Some(report) = &child.report {
                                         add(
@@ -358,44 +383,72 @@ impl Zygote<'_> {
         Ok(())
     }
 
-    /// Handles one spawn request, received into `buf`: forks the worker and
-    /// reports it. The caller scrubs `buf` afterwards.
-    fn spawn(
+    /// Checks a spawn request received into `rx` and copies its inline
+    /// argument where the worker will find it: into `small` if it fits, else
+    /// into `buf`. `None` if the request was refused (and reported so).
+    fn prepare(
         &self,
-        buf: &[u8],
-        result_buf: &mut Vec<u8>,
+        rx: &[u8],
         frame: sys::Received,
-    ) -> Option<(Pid, Child)> {
+        small: &mut [u8; SMALL_ARG],
+        buf: &mut [u8],
+    ) -> Option<Job> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
-        // A final report, so it hands the socket's far end back (see `run`).
-        let fail = |errno: i32| {
-            let frame = Report::SpawnFailed { errno }.encode();
-            let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
-        };
         let decoded = if frame.truncated {
             None
         } else {
-            Request::decode(
-                &buf[..frame.len],
-                self.ring.slots(),
-                self.limits.max_payload,
-            )
-            .ok()
+            Request::decode(&rx[..frame.len], self.ring.slots(), self.limits.max_payload).ok()
         };
         let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
-            fail(libc::EINVAL);
+            refuse(&report, libc::EINVAL);
             return None;
         };
         let arg = match request.arg {
-            ArgPlace::Inline(_) => ArgSource::Inline(inline),
+            ArgPlace::Inline(_) if inline.len() <= SMALL_ARG => {
+                small[..inline.len()].copy_from_slice(inline);
+                JobArg::Copied(Copied::Small(inline.len()))
+            }
+            ArgPlace::Inline(_) => {
+                buf[..inline.len()].copy_from_slice(inline);
+                JobArg::Copied(Copied::Large(inline.len()))
+            }
             ArgPlace::Memfd(len) => match fds.next() {
-                Some(fd) => ArgSource::Memfd(fd, len),
+                Some(fd) => JobArg::Memfd(fd, len),
                 None => {
-                    fail(libc::EINVAL);
+                    refuse(&report, libc::EINVAL);
                     return None;
                 }
             },
+        };
+        Some(Job {
+            request,
+            report,
+            doorbell,
+            arg,
+        })
+    }
+
+    /// Forks the worker for a prepared request and reports it; `small` and
+    /// `buf` hold its inline argument as [`Zygote::prepare`] left it. The
+    /// caller scrubs that copy afterwards.
+    fn spawn(
+        &self,
+        job: Job,
+        small: &[u8; SMALL_ARG],
+        buf: &[u8],
+        result_buf: &mut Vec<u8>,
+    ) -> Option<(Pid, Child)> {
+        let Job {
+            request,
+            report,
+            doorbell,
+            arg,
+        } = job;
+        let arg = match arg {
+            JobArg::Copied(Copied::Small(n)) => ArgSource::Inline(&small[..n]),
+            JobArg::Copied(Copied::Large(n)) => ArgSource::Inline(&buf[..n]),
+            JobArg::Memfd(fd, len) => ArgSource::Memfd(fd, len),
         };
         let zygote = self.pid;
         // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
@@ -404,7 +457,7 @@ impl Zygote<'_> {
         let forked = unsafe { sys::fork() };
         match forked {
             Ok(Forked::Child) => sys::contain_child(|| {
-                worker::run(Job {
+                worker::run(worker::Job {
                     ring: self.ring,
                     slot: request.slot,
                     generation: request.generation,
@@ -428,7 +481,7 @@ impl Zygote<'_> {
                         Ok(fd) => fd,
                         Err(e) => {
                             // `pidfd_open_child` killed and reaped the worker.
-                            fail(e.errno().unwrap_or(libc::EIO));
+                            refuse(&report, e.errno().unwrap_or(libc::EIO));
                             return None;
                         }
                     };
@@ -456,11 +509,50 @@ impl Zygote<'_> {
                 ))
             }
             Err(e) => {
-                fail(e.errno().unwrap_or(libc::EAGAIN));
+                refuse(&report, e.errno().unwrap_or(libc::EAGAIN));
                 None
             }
         }
     }
+}
+
+/// A checked spawn request, ready to fork for.
+struct Job {
+    request: Request,
+    report: OwnedFd,
+    doorbell: OwnedFd,
+    arg: JobArg,
+}
+
+enum JobArg {
+    /// Inline, copied by [`Zygote::prepare`].
+    Copied(Copied),
+    /// In a sealed memfd of this many bytes.
+    Memfd(OwnedFd, u64),
+}
+
+/// Where [`Zygote::prepare`] copied an inline argument, and its length.
+#[derive(Clone, Copy)]
+enum Copied {
+    Small(usize),
+    Large(usize),
+}
+
+impl Job {
+    /// The copy of the argument that the zygote must scrub after the fork.
+    fn copied(&self) -> Copied {
+        match self.arg {
+            JobArg::Copied(copied) => copied,
+            JobArg::Memfd(..) => Copied::Small(0),
+        }
+    }
+}
+
+/// Reports `SpawnFailed`: a final report, so it hands the report socket's far
+/// end back (see `reap_exited`).
+fn refuse(report: &OwnedFd, errno: i32) {
+    let frame = Report::SpawnFailed { errno }.encode();
+    let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
 }
 
 impl Zygote<'_> {

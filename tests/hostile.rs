@@ -26,6 +26,11 @@ fn main() {
         .max_in_flight(1)
         .start()
         .expect("start the one-slot zygote");
+    // Every task through the zygote, none to a parked worker.
+    let cold = Zygote::builder()
+        .parked(0)
+        .start()
+        .expect("start the zygote without parked workers");
 
     let args = common::harness_args();
     let mut trials = Vec::new();
@@ -44,11 +49,56 @@ fn main() {
         single,
         worker_killed_mid_write_never_delivers_a_torn_or_stale_record
     );
+    trial!(cold, no_worker_inherits_an_earlier_argument);
     libtest_mimic::run(&args, trials).exit();
 }
 
 // ---------------------------------------------------------------------------
 // Attack tools (they run in workers).
+
+/// The digest that [`find_in_own_memory`] looks for: a worker given it can
+/// search for 16 bytes without holding them.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x5eed, 0xfeed);
+    h.write(bytes);
+    h.finish()
+}
+
+/// Counts the places in this process's private writable memory (heap,
+/// stack, statics, anonymous mappings) where 16 bytes have digest `target`.
+fn find_in_own_memory(target: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    let mem = std::fs::File::open("/proc/self/mem").expect("mem");
+    let mut hits = 0;
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(perms)) = (fields.first(), fields.get(1)) else {
+            continue;
+        };
+        if *perms != "rw-p" {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let mut bytes = vec![0u8; (end - start) as usize];
+        if mem.read_exact_at(&mut bytes, start).is_err() {
+            continue;
+        }
+        hits += bytes.windows(16).filter(|w| digest(w) == target).count() as u64;
+    }
+    hits
+}
+
+fn byte_count(bytes: Vec<u8>) -> u64 {
+    bytes.len() as u64
+}
 
 /// The ring mapping in this process, found by the memfd's name.
 fn ring() -> &'static [AtomicU64] {
@@ -353,4 +403,28 @@ async fn worker_killed_mid_write_never_delivers_a_torn_or_stale_record(z: Zygote
     }
     eprintln!("    {values} delivered whole, {killed} killed before committing");
     ensure(values + killed == 150, "every task accounted for")
+}
+
+/// A task's argument passes through the zygote, whose memory every later
+/// worker inherits; the zygote must leave no copy of it there (SAFETY.md S3).
+/// Both of its paths: a small argument, handed over on its stack, and a
+/// larger one, in its request buffer.
+async fn no_worker_inherits_an_earlier_argument(z: Zygote) -> TestResult {
+    use std::io::Read;
+    for len in [64usize, 4096] {
+        let mut marker = vec![0u8; len];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut marker)?;
+        // Its last 16 bytes: the searching task's own argument, copied to
+        // the same place after it, is shorter than the marker.
+        let target = digest(&marker[len - 16..]);
+        ensure(z.run(byte_count, marker).await? == len as u64, "byte_count")?;
+        let hits = z.run(find_in_own_memory, target).await?;
+        ensure(
+            hits == 0,
+            format!(
+                "a later worker found an earlier {len}-byte argument in its memory {hits} times"
+            ),
+        )?;
+    }
+    Ok(())
 }
