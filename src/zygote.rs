@@ -31,7 +31,6 @@
 //! `PR_SET_PDEATHSIG` backs up the EOF: if the parent dies, the zygote gets
 //! `SIGKILL`, and every worker gets `SIGKILL` when the zygote dies.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::event::epoll;
@@ -185,6 +184,37 @@ struct Child {
     mailbox: Option<usize>,
 }
 
+/// The workers the zygote is watching: a short list, searched linearly.
+///
+/// Not a hash map: every page the zygote writes after a fork is a
+/// copy-on-write fault (the new worker shares it), and a hash map's insert
+/// and remove write its control bytes and its slots, often on two pages;
+/// this list writes one entry at its end, and one moved into a hole.
+struct Children(Vec<(Pid, Child)>);
+
+impl Children {
+    fn with_capacity(n: usize) -> Children {
+        Children(Vec::with_capacity(n))
+    }
+
+    fn insert(&mut self, pid: Pid, child: Child) {
+        self.0.push((pid, child));
+    }
+
+    fn get(&self, pid: &Pid) -> Option<&Child> {
+        self.0.iter().find(|(p, _)| p == pid).map(|(_, c)| c)
+    }
+
+    fn remove(&mut self, pid: &Pid) -> Option<Child> {
+        let i = self.0.iter().position(|(p, _)| p == pid)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.0.iter().map(|&(pid, _)| pid)
+    }
+}
+
 /// Forgets a reaped child: takes its report socket out of the epoll set,
 /// then closes it.
 ///
@@ -244,7 +274,8 @@ impl Zygote<'_> {
         add(self.command, COMMAND, epoll::EventFlags::IN)?;
         let exits = sys::sigchld_fd()?;
         add(exits.as_fd(), CHILD_EXITED, epoll::EventFlags::IN)?;
-        let mut children: HashMap<Pid, Child> = HashMap::new();
+        let mut children =
+            Children::with_capacity((self.limits.slots + self.limits.parked) as usize);
         // Requests arrive here, in memory no worker inherits (`MADV_DONTFORK`):
         // receiving into it never takes a copy-on-write fault, and what it
         // holds never reaches a worker, so it needs no scrubbing.
@@ -354,7 +385,7 @@ impl Zygote<'_> {
     fn reap_exited(
         &self,
         exits: &sys::SignalFd,
-        children: &mut HashMap<Pid, Child>,
+        children: &mut Children,
         empty: &mut Vec<usize>,
         epoll: &OwnedFd,
     ) -> Result<(), SysError> {
@@ -603,11 +634,11 @@ impl Zygote<'_> {
 }
 
 /// Kills and reaps every worker, then exits: the parent is gone.
-fn shutdown(children: HashMap<Pid, Child>) -> ! {
-    for &pid in children.keys() {
+fn shutdown(children: Children) -> ! {
+    for pid in children.pids() {
         let _ = sys::kill_child(pid);
     }
-    for &pid in children.keys() {
+    for pid in children.pids() {
         let _ = sys::kill_process_group(pid);
         let _ = sys::reap(pid);
     }
