@@ -67,6 +67,11 @@ impl Ring {
         ))
     }
 
+    /// See [`SharedWords::keep_from_forks`].
+    pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
+        self.mem.keep_from_forks()
+    }
+
     pub(crate) fn slots(&self) -> u32 {
         self.slots
     }

@@ -58,6 +58,16 @@ impl SharedWords {
         Ok((SharedWords { map, words }, file.into()))
     }
 
+    /// Keeps this mapping out of every later fork of this process
+    /// (`MADV_DONTFORK`): for the parent's view of a zygote's ring once that
+    /// zygote exists, so that a zygote started later, and every worker of
+    /// it, does not map this one's ring.
+    pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
+        self.map
+            .advise(memmap2::Advice::DontFork)
+            .map_err(|e| SysError::new("madvise", e))
+    }
+
     /// The mapping as atomic words. All cross-process access goes through this.
     pub(crate) fn words(&self) -> &[AtomicU64] {
         let ptr = self.map.as_ptr().cast::<AtomicU64>();

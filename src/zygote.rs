@@ -147,6 +147,12 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             drop(ring_fd);
             // Race-free: the zygote is our unreaped child (SAFETY.md P2).
             let pidfd = sys::pidfd_open_child(pid)?;
+            // The zygote has its mapping; no later fork of ours (another
+            // zygote) may have one: its workers could scribble on this ring,
+            // and every one of their forks and exits would pay for it. (It
+            // cannot fail on a live mapping; if it did, the zygote would
+            // still work, so it is not worth failing `start` for.)
+            let _ = ring.keep_from_forks();
             Ok(ZygoteProcess {
                 pid,
                 pidfd,

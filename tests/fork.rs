@@ -83,6 +83,11 @@ fn main() {
     trial!(job_for_a_killed_parked_worker_never_runs_elsewhere);
     let z = cold.clone();
     trials.push(Trial::test(
+        "a_worker_maps_only_its_own_zygotes_ring_cold",
+        move || checked(&z, a_worker_maps_only_its_own_zygotes_ring),
+    ));
+    let z = cold.clone();
+    trials.push(Trial::test(
         "report_sockets_are_reused_by_later_tasks_cold",
         move || checked(&z, report_sockets_are_reused_by_later_tasks),
     ));
@@ -794,4 +799,20 @@ async fn report_sockets_are_reused_by_later_tasks(z: Zygote) -> TestResult {
         sockets() == before,
         "wait_idle did not close the spare pair",
     )
+}
+
+/// How many result rings this process maps.
+fn rings_mapped(_: ()) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("maps")
+        .lines()
+        .filter(|l| l.contains("run-in-process-ring"))
+        .count()
+}
+
+/// `cold` was started after two other zygotes; its workers must map its ring
+/// only, not theirs (which they could scribble on).
+async fn a_worker_maps_only_its_own_zygotes_ring(z: Zygote) -> TestResult {
+    let rings = z.run(rings_mapped, ()).await?;
+    ensure(rings == 1, format!("a worker maps {rings} rings"))
 }
