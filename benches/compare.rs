@@ -262,7 +262,7 @@ fn main() {
     // two different machines. Each row reports its median round, and the
     // ratio is the median of the per-round ratios.
     let (mut parked8, mut cold8, mut raw8, mut ratios8) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..if quick { 2 } else { 5 } {
+    for _ in 0..if quick { 2 } else { 9 } {
         let (p, c, r) = (
             tput_on(&zygote, 8),
             tput_on(&cold_zygote, 8),
