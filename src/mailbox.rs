@@ -17,7 +17,6 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use crate::process::Inner;
 use crate::sys;
 use crate::wire::{Dismissal, REPORT_LEN, Report};
 use crate::zygote::Mailbox;
@@ -136,13 +135,18 @@ fn read_parked(mailbox: &Mailbox) -> State {
 
 /// Holds a claimed mailbox; dropping it makes the mailbox claimable again.
 /// Dropped only once the worker's `Exited` report has been read.
+///
+/// It holds the mailbox table, not the zygote's shared state: a task's
+/// reaper holds it, and must not keep the zygote alive after its last
+/// handle is dropped (that drop is what ends a worker that committed its
+/// result and never exits).
 pub(crate) struct MailboxGuard {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) mailboxes: Arc<Mailboxes>,
     pub(crate) index: usize,
 }
 
 impl Drop for MailboxGuard {
     fn drop(&mut self) {
-        self.inner.mailboxes.release(self.index);
+        self.mailboxes.release(self.index);
     }
 }

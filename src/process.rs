@@ -146,8 +146,8 @@ impl Builder {
             inner: Arc::new(Inner {
                 slots: Arc::new(Slots::new(limits.slots)),
                 spill: SpillReceiver::new(limits.slots as usize),
-                mailboxes: Mailboxes::new(limits.parked as usize),
-                report_pool: ReportPool::new(limits.slots as usize),
+                mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
+                report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
                 next_gen: AtomicU64::new(1),
                 limits,
                 process,
@@ -663,9 +663,9 @@ pub(crate) struct Inner {
     pub(crate) limits: Limits,
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: SpillReceiver,
-    pub(crate) mailboxes: Mailboxes,
+    pub(crate) mailboxes: Arc<Mailboxes>,
     /// Spare report socket pairs for tasks forked on demand.
-    pub(crate) report_pool: ReportPool,
+    pub(crate) report_pool: Arc<ReportPool>,
     next_gen: AtomicU64,
 }
 

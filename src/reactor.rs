@@ -35,7 +35,7 @@ use crate::error::Error;
 use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
 use crate::process::Inner;
-use crate::report_pool::SocketId;
+use crate::report_pool::Recycle;
 use crate::ring::Taken;
 use crate::shm::SealedBytes;
 use crate::slots::Lease;
@@ -74,9 +74,9 @@ pub(crate) struct TaskIo {
     /// back to the pool.
     report: Option<AsyncFd<OwnedFd>>,
     /// For a task forked on demand, whose report socket pair is pooled:
-    /// which socket its far end is, to recognise it when the zygote hands it
-    /// back. `None` once the pair cannot be reused (the task was cancelled).
-    recycle: Option<SocketId>,
+    /// where it goes back. `None` once the pair cannot be reused (the task
+    /// was cancelled).
+    recycle: Option<Recycle>,
     doorbell: AsyncFd<OwnedFd>,
     pub(crate) pid: Option<u32>,
     pidfd: Option<OwnedFd>,
@@ -166,7 +166,7 @@ impl TaskIo {
                 }
             };
             let guard = MailboxGuard {
-                inner: Arc::clone(&inner),
+                mailboxes: Arc::clone(&inner.mailboxes),
                 index: claim.index,
             };
             // The job socket is empty (the zygote drains it before parking a
@@ -193,7 +193,8 @@ impl TaskIo {
                 // so its death still ends the stream.
                 drop(with_report);
                 drop(pair.theirs);
-                (report, None, None, None, Some(pair.id))
+                let recycle = inner.report_pool.recycle(pair.id);
+                (report, None, None, None, Some(recycle))
             }
         };
         drop(fds);
@@ -388,17 +389,17 @@ impl TaskIo {
     /// the worker is reaped. `returned`: the fd the final report carried.
     fn release(&mut self, returned: Option<OwnedFd>) {
         self.inner.spill.forget(self.generation);
-        self.lease = None;
         if self.mailbox.take().is_some() {
             // The mailbox's report socket now belongs to its next claimer.
             self.report = None;
-        } else if let (Some(id), Some(returned)) = (self.recycle.take(), returned) {
-            // Nothing follows a final report: the pair can serve another task.
-            if let Some(report) = self.report.take() {
-                let ours = report.into_inner();
-                self.inner.report_pool.put_back(ours, returned, id);
-            }
+        } else if let (Some(recycle), Some(returned), Some(report)) =
+            (self.recycle.take(), returned, self.report.take())
+        {
+            recycle.put_back(report, returned);
         }
+        // Last: once the lease is gone, `wait_idle` may return and empty
+        // the pool, which must not miss this pair.
+        self.lease = None;
     }
 
     /// Keeps a decoded spilled result's mapping and memfd until the worker is
@@ -453,12 +454,14 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
             Ok(Some(frame)) => {
                 match Report::decode(&buf[..frame.len]) {
                     Ok(report) => {
-                        let last =
-                            matches!(report, Report::Exited { .. } | Report::SpawnFailed { .. });
-                        // A cut control message (no fd was free here) loses a
-                        // `Started` report's pidfd, which the task needs, but
-                        // only the pooled socket's far end of a final report:
-                        // that pair is not reused, and the report stands.
+                        let last = report.is_final();
+                        // `truncated` with data that decoded whole means the
+                        // control message was cut (no fd was free here, or
+                        // too many came): that loses a `Started` report's
+                        // pidfd, which the task needs, but only the pooled
+                        // socket's far end of a final report, whose pair is
+                        // then not reused while the report stands. (Cut data
+                        // never decodes: the buffer is one byte too long.)
                         if frame.truncated && !last {
                             return (out, Drained::Broken);
                         }
@@ -488,9 +491,7 @@ fn drain_reports(fd: std::os::fd::BorrowedFd<'_>) -> (Vec<(Report, Option<OwnedF
 /// True if a dropped task's reports say its worker is gone (reaped or never
 /// forked).
 fn reaped(reports: &[(Report, Option<OwnedFd>)]) -> bool {
-    reports
-        .iter()
-        .any(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
+    reports.iter().any(|(r, _)| r.is_final())
 }
 
 impl Drop for TaskIo {
@@ -517,7 +518,7 @@ impl Drop for TaskIo {
         // blocking: a small task on the current runtime waits for that.
         let reaper = Reaper {
             report: self.report.take(),
-            recycle: self.recycle.take().map(|id| (Arc::clone(&self.inner), id)),
+            recycle: self.recycle.take(),
             lease: self.lease.take(),
             mailbox: self.mailbox.take(),
             spent: self.spent.take(),
@@ -534,9 +535,11 @@ impl Drop for TaskIo {
 /// Waits for a dropped task's worker to be reaped, then frees its slot.
 struct Reaper {
     report: Option<AsyncFd<OwnedFd>>,
-    /// Where the report socket pair goes back, and which socket its far end
-    /// is (see `TaskIo::recycle`).
-    recycle: Option<(Arc<Inner>, SocketId)>,
+    /// Where the report socket pair goes back (see `TaskIo::recycle`). Not
+    /// the zygote's shared state: a reaper must not keep the zygote alive
+    /// after its last handle is dropped (that is what ends a worker that
+    /// committed its result and never exits).
+    recycle: Option<Recycle>,
     lease: Option<Lease>,
     mailbox: Option<MailboxGuard>,
     /// Released with the slot.
@@ -567,14 +570,12 @@ impl Reaper {
     fn recycle(&mut self, reports: Vec<(Report, Option<OwnedFd>)>) {
         let returned = reports
             .into_iter()
-            .find(|(r, _)| matches!(r, Report::Exited { .. } | Report::SpawnFailed { .. }))
+            .find(|(r, _)| r.is_final())
             .and_then(|(_, fd)| fd);
-        if let (Some(returned), Some((inner, id)), Some(report)) =
+        if let (Some(returned), Some(recycle), Some(report)) =
             (returned, self.recycle.take(), self.report.take())
         {
-            inner
-                .report_pool
-                .put_back(report.into_inner(), returned, id);
+            recycle.put_back(report, returned);
         }
     }
 

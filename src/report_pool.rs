@@ -21,15 +21,21 @@
 //! queued.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::unix::AsyncFd;
 
 use crate::error::Error;
 use crate::sys;
 
+/// Most pairs a pool keeps (two fds each). A burst of more tasks in flight
+/// than this creates the pairs beyond it for one task each.
+const MAX_KEPT: usize = 32;
+
 /// The parent's spare report socket pairs.
 pub(crate) struct ReportPool {
     idle: Mutex<Vec<Pair>>,
-    /// Most pairs kept: the most tasks that can be in flight at once.
+    /// Most pairs kept.
     cap: usize,
 }
 
@@ -52,17 +58,35 @@ pub(crate) struct SocketId {
 
 impl SocketId {
     /// The identity of the socket `fd` refers to.
-    pub(crate) fn of(fd: BorrowedFd<'_>) -> Option<SocketId> {
-        let stat = rustix::fs::fstat(fd).ok()?;
-        Some(SocketId {
+    pub(crate) fn of(fd: BorrowedFd<'_>) -> rustix::io::Result<SocketId> {
+        let stat = rustix::fs::fstat(fd)?;
+        Ok(SocketId {
             dev: stat.st_dev,
             ino: stat.st_ino,
         })
     }
 }
 
+/// A pooled pair lent to one task: where it goes back, and which socket its
+/// far end is, to recognise that end when the zygote hands it back.
+pub(crate) struct Recycle {
+    pool: Arc<ReportPool>,
+    id: SocketId,
+}
+
+impl Recycle {
+    /// Puts the pair back: the task's end, and the far end that its final
+    /// report carried. Nothing follows a final report, so the pair can serve
+    /// another task.
+    pub(crate) fn put_back(self, ours: AsyncFd<OwnedFd>, returned: OwnedFd) {
+        self.pool.put_back(ours.into_inner(), returned, self.id);
+    }
+}
+
 impl ReportPool {
-    pub(crate) fn new(cap: usize) -> ReportPool {
+    /// A pool that keeps at most `min(max_in_flight, MAX_KEPT)` pairs.
+    pub(crate) fn new(max_in_flight: usize) -> ReportPool {
+        let cap = max_in_flight.min(MAX_KEPT);
         ReportPool {
             idle: Mutex::new(Vec::with_capacity(cap)),
             cap,
@@ -75,15 +99,22 @@ impl ReportPool {
             return Ok(pair);
         }
         let (ours, theirs) = sys::seqpacket_pair()?;
-        let id = SocketId::of(theirs.as_fd())
-            .ok_or_else(|| Error::io("fstat", std::io::Error::last_os_error()))?;
+        let id = SocketId::of(theirs.as_fd()).map_err(|e| Error::io("fstat", e.into()))?;
         Ok(Pair { ours, theirs, id })
+    }
+
+    /// How to put back the pair `id` once its task is done with it.
+    pub(crate) fn recycle(self: &Arc<Self>, id: SocketId) -> Recycle {
+        Recycle {
+            pool: Arc::clone(self),
+            id,
+        }
     }
 
     /// Keeps `ours` and the far end the zygote handed back, if that is the
     /// socket `id` (the one sent with the task) and there is room.
     pub(crate) fn put_back(&self, ours: OwnedFd, returned: OwnedFd, id: SocketId) {
-        if SocketId::of(returned.as_fd()) != Some(id) {
+        if SocketId::of(returned.as_fd()).ok() != Some(id) {
             return;
         }
         let mut idle = self.lock();

@@ -310,6 +310,11 @@ impl Report {
         out
     }
 
+    /// The last report about a worker: nothing follows it on its socket.
+    pub(crate) fn is_final(&self) -> bool {
+        matches!(self, Report::Exited { .. } | Report::SpawnFailed { .. })
+    }
+
     pub(crate) fn decode(frame: &[u8]) -> Result<Report, WireError> {
         let mut r = check_fixed(frame, REPORT_LEN, REPORT_MAGIC)?;
         let kind = r.u16();

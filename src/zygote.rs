@@ -46,7 +46,7 @@ use crate::worker::{self, ArgSource};
 pub(crate) const INLINE_ARG_MAX: usize = 32 * 1024;
 
 /// Largest inline argument that the zygote hands a worker on its own stack
-/// (see [`Zygote::prepare`]); a larger one goes through the request buffer.
+/// (see [`Zygote::take_request`]); a larger one goes through the request buffer.
 const SMALL_ARG: usize = 256;
 
 /// What the parent keeps of a running zygote.
@@ -324,18 +324,19 @@ impl Zygote<'_> {
                             Ok(Some(frame)) => {
                                 // No reference into `rx` may live across the
                                 // fork: a worker does not have that memory.
-                                let Some(job) = self.prepare(&rx, frame, &mut small, &mut buf)
+                                let Some(job) = self.take_request(&rx, frame, &mut small, &mut buf)
                                 else {
                                     continue;
                                 };
                                 let copied = job.copied();
-                                let spawned = self.spawn(job, &small, &buf, &mut result_buf);
+                                let spawned = self.fork_worker(job, &small, &buf, &mut result_buf);
                                 // Scrub the argument's copy: later workers are
                                 // forked from this memory and must not find
                                 // this task's argument in it.
                                 let copy = match copied {
-                                    Copied::Small(n) => &mut small[..n],
-                                    Copied::Large(n) => &mut buf[..n],
+                                    Some(Copied::Small(n)) => &mut small[..n],
+                                    Some(Copied::Large(n)) => &mut buf[..n],
+                                    None => &mut [],
                                 };
                                 copy.fill(0);
                                 std::hint::black_box(copy);
@@ -406,9 +407,7 @@ impl Zygote<'_> {
             };
             let frame = Report::Exited { status: status.0 }.encode();
             if let Some(report) = &child.report {
-                // The socket's far end goes back with the final report, for
-                // the parent to reuse (`report_pool`); ours closes in `retire`.
-                let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
+                send_final(report, &frame);
             }
             if let Some(i) = child.mailbox {
                 let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
@@ -423,13 +422,13 @@ impl Zygote<'_> {
     /// Checks a spawn request received into `rx` and copies its inline
     /// argument where the worker will find it: into `small` if it fits, else
     /// into `buf`. `None` if the request was refused (and reported so).
-    fn prepare(
+    fn take_request(
         &self,
         rx: &[u8],
         frame: sys::Received,
         small: &mut [u8; SMALL_ARG],
         buf: &mut [u8],
-    ) -> Option<Job> {
+    ) -> Option<Prepared> {
         let mut fds = frame.fds.into_iter();
         let report = fds.next()?;
         let decoded = if frame.truncated {
@@ -458,7 +457,7 @@ impl Zygote<'_> {
                 }
             },
         };
-        Some(Job {
+        Some(Prepared {
             request,
             report,
             doorbell,
@@ -467,16 +466,16 @@ impl Zygote<'_> {
     }
 
     /// Forks the worker for a prepared request and reports it; `small` and
-    /// `buf` hold its inline argument as [`Zygote::prepare`] left it. The
+    /// `buf` hold its inline argument as [`Zygote::take_request`] left it. The
     /// caller scrubs that copy afterwards.
-    fn spawn(
+    fn fork_worker(
         &self,
-        job: Job,
+        job: Prepared,
         small: &[u8; SMALL_ARG],
         buf: &[u8],
         result_buf: &mut Vec<u8>,
     ) -> Option<(Pid, Child)> {
-        let Job {
+        let Prepared {
             request,
             report,
             doorbell,
@@ -554,7 +553,7 @@ impl Zygote<'_> {
 }
 
 /// A checked spawn request, ready to fork for.
-struct Job {
+struct Prepared {
     request: Request,
     report: OwnedFd,
     doorbell: OwnedFd,
@@ -562,34 +561,54 @@ struct Job {
 }
 
 enum JobArg {
-    /// Inline, copied by [`Zygote::prepare`].
+    /// Inline, copied by [`Zygote::take_request`].
     Copied(Copied),
     /// In a sealed memfd of this many bytes.
     Memfd(OwnedFd, u64),
 }
 
-/// Where [`Zygote::prepare`] copied an inline argument, and its length.
+/// Where [`Zygote::take_request`] copied an inline argument, and its length.
 #[derive(Clone, Copy)]
 enum Copied {
     Small(usize),
     Large(usize),
 }
 
-impl Job {
+impl Prepared {
     /// The copy of the argument that the zygote must scrub after the fork.
-    fn copied(&self) -> Copied {
+    fn copied(&self) -> Option<Copied> {
         match self.arg {
-            JobArg::Copied(copied) => copied,
-            JobArg::Memfd(..) => Copied::Small(0),
+            JobArg::Copied(copied) => Some(copied),
+            JobArg::Memfd(..) => None,
         }
     }
 }
 
-/// Reports `SpawnFailed`: a final report, so it hands the report socket's far
-/// end back (see `reap_exited`).
+/// Reports `SpawnFailed` (a final report, see [`send_final`]).
 fn refuse(report: &OwnedFd, errno: i32) {
-    let frame = Report::SpawnFailed { errno }.encode();
-    let _ = sys::send_frame(report.as_fd(), &frame, &[report.as_fd()]);
+    send_final(report, &Report::SpawnFailed { errno }.encode());
+}
+
+/// Sends a task's final report on its report socket, with the socket's own
+/// end attached, for the parent to reuse the pair (`report_pool`); the
+/// zygote's copy closes when the caller drops it.
+///
+/// Passing an fd can fail where a plain frame would not (`ETOOMANYREFS`,
+/// once the user has more fds in flight than `RLIMIT_NOFILE`; `ENOMEM`):
+/// then the report goes alone, since the exit status matters and the pair
+/// does not. Only a peer that is gone gets nothing.
+fn send_final(report: &OwnedFd, frame: &[u8]) {
+    match sys::send_frame(report.as_fd(), frame, &[report.as_fd()]) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.errno(),
+                Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+            ) => {}
+        Err(_) => {
+            let _ = sys::send_frame(report.as_fd(), frame, &[]);
+        }
+    }
 }
 
 impl Zygote<'_> {
@@ -603,7 +622,7 @@ impl Zygote<'_> {
         while let Ok(Some(_)) = sys::recv_frame(jobs, &mut scratch) {}
         let zygote = self.pid;
         // SAFETY: SAFETY.md F1. The zygote is single-threaded for its whole
-        // life (see `spawn`).
+        // life (see `fork_worker`).
         let forked = unsafe { sys::fork() };
         match forked {
             Ok(Forked::Child) => sys::contain_child(|| {

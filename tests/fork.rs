@@ -88,6 +88,16 @@ fn main() {
     ));
     let z = cold.clone();
     trials.push(Trial::test(
+        "report_socket_pairs_come_back_from_reapers_but_not_after_a_cancel_cold",
+        move || {
+            checked(
+                &z,
+                report_socket_pairs_come_back_from_reapers_but_not_after_a_cancel,
+            )
+        },
+    ));
+    let z = cold.clone();
+    trials.push(Trial::test(
         "report_sockets_are_reused_by_later_tasks_cold",
         move || checked(&z, report_sockets_are_reused_by_later_tasks),
     ));
@@ -766,12 +776,6 @@ async fn zygote_death_fails_tasks_cleanly(doomed: Zygote) -> TestResult {
 /// it back once its final report is read: after the first task, later ones
 /// open no socket of their own, and `wait_idle` closes the spare pair.
 async fn report_sockets_are_reused_by_later_tasks(z: Zygote) -> TestResult {
-    let sockets = || -> BTreeSet<String> {
-        common::open_fds()
-            .into_iter()
-            .filter(|fd| fd.contains("socket:"))
-            .collect()
-    };
     z.wait_idle().await;
     let before = sockets();
     let mut pooled = None;
@@ -798,6 +802,53 @@ async fn report_sockets_are_reused_by_later_tasks(z: Zygote) -> TestResult {
     ensure(
         sockets() == before,
         "wait_idle did not close the spare pair",
+    )
+}
+
+/// The sockets this process holds.
+fn sockets() -> BTreeSet<String> {
+    common::open_fds()
+        .into_iter()
+        .filter(|fd| fd.contains("socket:"))
+        .collect()
+}
+
+/// Waits until every task of `z` has released its slot (which a task does
+/// after it returns its report socket pair), without emptying the pool as
+/// `wait_idle` does.
+async fn until_released(z: &Zygote) -> TestResult {
+    let deadline = tokio::time::Instant::now() + common::HANG;
+    while z.workers() != 0 {
+        ensure(tokio::time::Instant::now() < deadline, "slots not released")?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// A `run` returns on its result, before the exit is reported, so its
+/// reaper (or the task itself) puts the pair back once the exit report
+/// arrives; a cancelled task's pair was shut down and must not come back.
+async fn report_socket_pairs_come_back_from_reapers_but_not_after_a_cancel(
+    z: Zygote,
+) -> TestResult {
+    z.wait_idle().await;
+    let before = sockets().len();
+    for x in 0..5u64 {
+        ensure(z.run(square, x).await? == x * x, "square")?;
+    }
+    until_released(&z).await?;
+    let after_runs = sockets().len();
+    ensure(
+        after_runs > before,
+        format!("no pair came back from 5 runs: {after_runs} sockets, {before} before"),
+    )?;
+    // Takes one of the pooled pairs; dropping it cancels the task.
+    drop(z.open(sleep_forever, ()).await?);
+    until_released(&z).await?;
+    let after_cancel = sockets().len();
+    ensure(
+        after_cancel + 2 == after_runs,
+        format!("the cancelled task's pair: {after_cancel} sockets, {after_runs} before it"),
     )
 }
 

@@ -31,6 +31,17 @@ fn main() {
         .parked(0)
         .start()
         .expect("start the zygote without parked workers");
+    // Dropped by their one trial each, with a task still running: forked on
+    // demand, and parked.
+    let disposable = |parked| {
+        Zygote::builder()
+            .parked(parked)
+            .max_in_flight(2)
+            .slot_size(64)
+            .start()
+            .expect("start a disposable zygote")
+    };
+    let (disposable_cold, disposable_parked) = (disposable(0), disposable(1));
 
     let args = common::harness_args();
     let mut trials = Vec::new();
@@ -50,6 +61,14 @@ fn main() {
         worker_killed_mid_write_never_delivers_a_torn_or_stale_record
     );
     trial!(cold, no_worker_inherits_an_earlier_argument);
+    trials.push(Trial::test(
+        "dropping_the_last_handle_ends_a_worker_made_to_look_finished_cold",
+        move || dropping_the_last_handle_ends_a_worker_made_to_look_finished(disposable_cold),
+    ));
+    trials.push(Trial::test(
+        "dropping_the_last_handle_ends_a_parked_worker_made_to_look_finished",
+        move || dropping_the_last_handle_ends_a_worker_made_to_look_finished(disposable_parked),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -94,6 +113,38 @@ fn find_in_own_memory(target: u64) -> u64 {
         hits += bytes.windows(16).filter(|w| digest(w) == target).count() as u64;
     }
     hits
+}
+
+/// The positive control of [`find_in_own_memory`]: it must find 16 bytes
+/// this very task holds on its heap (if it could read nothing, it would
+/// find nothing anywhere).
+fn find_own_bytes(seed: u64) -> u64 {
+    let bytes: Vec<u8> = (1..=64u64)
+        .map(|i| (seed.wrapping_mul(i) >> 17) as u8)
+        .collect();
+    let target = digest(&bytes[48..]);
+    std::hint::black_box(&bytes);
+    find_in_own_memory(target)
+}
+
+/// Stores `generation` into the commit word of each of the ring's first
+/// `slots` slots, which are `stride` words apart: to a task of that
+/// generation in one of them, its slot now looks committed. Returns the
+/// number of slots marked.
+fn mark_committed(args: (usize, usize, u64)) -> u64 {
+    let (stride, slots, generation) = args;
+    let mut marked = 0;
+    for slot in ring().chunks(stride).take(slots) {
+        slot[0].store(generation, Ordering::Release);
+        marked += 1;
+    }
+    marked
+}
+
+fn sleep_forever(_: ()) -> u64 {
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
 }
 
 fn byte_count(bytes: Vec<u8>) -> u64 {
@@ -411,6 +462,12 @@ async fn worker_killed_mid_write_never_delivers_a_torn_or_stale_record(z: Zygote
 /// larger one, in its request buffer.
 async fn no_worker_inherits_an_earlier_argument(z: Zygote) -> TestResult {
     use std::io::Read;
+    let seed = 0x9e37_79b9_7f4a_7c15;
+    let found = z.run(find_own_bytes, seed).await?;
+    ensure(
+        found >= 1,
+        "the search cannot even find the task's own bytes",
+    )?;
     for len in [64usize, 4096] {
         let mut marker = vec![0u8; len];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut marker)?;
@@ -427,4 +484,39 @@ async fn no_worker_inherits_an_earlier_argument(z: Zygote) -> TestResult {
         )?;
     }
     Ok(())
+}
+
+/// A neighbour can make a running task look finished (its commit word holds
+/// the task's generation), so dropping the task neither kills its worker
+/// nor hangs up; the task's reaper then waits for an exit that never comes.
+/// Dropping the last `Zygote` handle must still end that worker: the
+/// zygote's shared state, whose drop shuts the zygote down, must not be
+/// kept alive by the reaper.
+fn dropping_the_last_handle_ends_a_worker_made_to_look_finished(z: Zygote) -> TestResult {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        // The zygote's first task: generation 1. Its two slots of 64 bytes
+        // are 16 words apart.
+        let victim = z.open(sleep_forever, ()).await?;
+        let pid = victim.pid();
+        ensure(
+            z.run(mark_committed, (16, 2, 1)).await? == 2,
+            "mark_committed",
+        )?;
+        ensure(
+            victim.state() == run_in_process::State::Finished,
+            "the victim does not look finished",
+        )?;
+        drop(victim);
+        drop(z);
+        let deadline = tokio::time::Instant::now() + common::HANG;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            ensure(
+                tokio::time::Instant::now() < deadline,
+                "the worker outlived its zygote's last handle",
+            )?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    })
 }

@@ -498,6 +498,10 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
         format!("the exit status was lost: {text:?}"),
     )?;
     ensure(
+        line("fds kept after the task:") == "0",
+        format!("the task left an fd open: {text:?}"),
+    )?;
+    ensure(
         line("next task:") == "Ok(9)",
         format!("the zygote did not serve the next task: {text:?}"),
     )?;
@@ -734,6 +738,10 @@ fn final_report_ctrunc_child() {
         set_fd_limit(limit);
         println!("status: {status:?}");
         drop(p);
+        // Not pooled: no pair can be kept without the far end that did not
+        // arrive, and the task's own end closed with it.
+        let kept = common::open_fds().difference(&before).count();
+        println!("fds kept after the task: {kept}");
         println!("next task: {:?}", z.run(square, 3).await);
         z.wait_idle().await;
         println!("workers after: {}", z.workers());
