@@ -517,13 +517,14 @@ pub(crate) fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
     rustix::process::pidfd_open(pid, PidfdFlags::empty()).call("pidfd_open")
 }
 
-/// [`pidfd_open`] on a child forked a moment ago; if that fails, kills and
-/// reaps the child at once, since without a pidfd nobody could watch or reap
-/// it race-free later.
+/// [`pidfd_open`] on a child forked a moment ago, for a caller that cannot
+/// go on without the pidfd (the parent's view of its zygote, a worker whose
+/// pidfd the parent asked for); if that fails, kills and reaps the child at
+/// once, so that nothing is left running that nobody will use.
 pub(crate) fn pidfd_open_child(pid: Pid) -> SysResult<OwnedFd> {
     pidfd_open(pid).inspect_err(|_| {
-        let _ = rustix::process::kill_process(pid, Signal::KILL);
-        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        let _ = kill_child(pid);
+        let _ = reap(pid);
     })
 }
 
@@ -600,8 +601,7 @@ pub(crate) fn waitid_pidfd(pidfd: BorrowedFd<'_>) -> SysResult<WaitStatus> {
 /// about 10 µs per task). Workers inherit the blocked mask and unblock it
 /// first thing ([`unblock_sigchld`]).
 pub(crate) fn sigchld_fd() -> SysResult<SignalFd> {
-    let mut set = SigSet::empty();
-    set.add(NixSignal::SIGCHLD);
+    let set = sigchld_set();
     set.thread_block()
         .map_err(|e| SysError::new("pthread_sigmask", e))?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -648,10 +648,16 @@ pub(crate) fn unblock_sigchld() -> SysResult<()> {
 /// Unblocks `SIGCHLD`; see the 64-bit version.
 #[cfg(not(all(target_pointer_width = "64", not(target_arch = "mips64"))))]
 pub(crate) fn unblock_sigchld() -> SysResult<()> {
+    sigchld_set()
+        .thread_unblock()
+        .map_err(|e| SysError::new("pthread_sigmask", e))
+}
+
+/// The signal set of `SIGCHLD` alone.
+fn sigchld_set() -> SigSet {
     let mut set = SigSet::empty();
     set.add(NixSignal::SIGCHLD);
-    set.thread_unblock()
-        .map_err(|e| SysError::new("pthread_sigmask", e))
+    set
 }
 
 /// `waitid(P_ALL, 0, WEXITED | WNOHANG | WNOWAIT)`: the pid of a child that

@@ -207,12 +207,12 @@ impl Children {
         self.0.push((pid, child));
     }
 
-    fn get(&self, pid: &Pid) -> Option<&Child> {
-        self.0.iter().find(|(p, _)| p == pid).map(|(_, c)| c)
+    fn get(&self, pid: Pid) -> Option<&Child> {
+        self.0.iter().find(|&&(p, _)| p == pid).map(|(_, c)| c)
     }
 
-    fn remove(&mut self, pid: &Pid) -> Option<Child> {
-        let i = self.0.iter().position(|(p, _)| p == pid)?;
+    fn remove(&mut self, pid: Pid) -> Option<Child> {
+        let i = self.0.iter().position(|&(p, _)| p == pid)?;
         Some(self.0.swap_remove(i).1)
     }
 
@@ -369,7 +369,7 @@ impl Zygote<'_> {
                         let Some(pid) = Pid::from_raw((token - REPORT) as i32) else {
                             continue;
                         };
-                        if let Some(child) = children.get(&pid) {
+                        if let Some(child) = children.get(pid) {
                             let _ = sys::kill_child(pid);
                             if let Some(report) = &child.report {
                                 let _ = epoll::delete(&epoll, report);
@@ -402,7 +402,7 @@ impl Zygote<'_> {
         while let Some(pid) = sys::exited_child()? {
             let _ = sys::kill_process_group(pid);
             let status = sys::reap(pid)?;
-            let Some(child) = children.remove(&pid) else {
+            let Some(child) = children.remove(pid) else {
                 continue;
             };
             let frame = Report::Exited { status: status.0 }.encode();
