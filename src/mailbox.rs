@@ -99,7 +99,8 @@ impl Mailboxes {
 /// it in: a `Started` is only good if no `Exited` (of that worker) follows it.
 /// Taking the first `Started` alone would send a job to a worker that already
 /// died; the job names its worker, so the replacement would not run it, but
-/// the task would fail for nothing.
+/// the task would fail for nothing. The one exception: it stops at a worker
+/// it dismisses (see below).
 fn read_parked(mailbox: &Mailbox) -> State {
     let mut buf = [0u8; REPORT_LEN + 1];
     let mut state = State::Empty;
@@ -115,11 +116,15 @@ fn read_parked(mailbox: &Mailbox) -> State {
                         // dropped, so it gets no task; and it must not stay
                         // parked for nothing. Dismissed, it exits, and the
                         // zygote parks a replacement, whose `Started` follows
-                        // its `Exited`.
+                        // its `Exited`. That is left queued for the next
+                        // claim: read now, while fds are still short, the
+                        // replacement would be dismissed too, and so would
+                        // its own, for as long as the zygote kept up with
+                        // this loop.
                         _ => {
                             let dismissal = Dismissal { worker: pid }.encode();
                             let _ = sys::send_frame(mailbox.jobs.as_fd(), &dismissal, &[]);
-                            state = State::Empty;
+                            return State::Empty;
                         }
                     }
                 }

@@ -83,6 +83,10 @@ fn main() {
         a_parked_worker_whose_pidfd_is_lost_is_replaced,
     ));
     trials.push(Trial::test(
+        "an_fd_shortage_dismisses_only_the_worker_whose_pidfd_was_lost",
+        an_fd_shortage_dismisses_only_the_worker_whose_pidfd_was_lost,
+    ));
+    trials.push(Trial::test(
         "a_final_report_whose_fd_cannot_be_received_still_counts",
         a_final_report_whose_fd_cannot_be_received_still_counts,
     ));
@@ -442,13 +446,20 @@ fn worker_signal_state_is_reset() -> TestResult {
 }
 
 fn running_out_of_fds_fails_the_task_and_loses_nothing() -> TestResult {
-    let text = child_stdout("emfile")?;
+    failed_then_served_by_the_parked_worker("emfile", "the parked worker was lost")
+}
+
+/// The checks of a child mode that ends in `served_by_parked`: its task
+/// failed for want of fds, the worker parked then served the next task, and
+/// nothing was left. `lost` says what it means if that worker did not.
+fn failed_then_served_by_the_parked_worker(mode: &str, lost: &str) -> TestResult {
+    let text = child_stdout(mode)?;
     let line = |key: &str| line_of(&text, key);
     ensure(line("error:") == "Io", format!("output {text:?}"))?;
     let served = parse_pids(&line("parked, then served by:"));
     ensure(
         served.len() == 2 && served[0] == served[1],
-        format!("the parked worker was lost: {text:?}"),
+        format!("{lost}: {text:?}"),
     )?;
     nothing_left(&text)
 }
@@ -490,6 +501,18 @@ fn a_parked_worker_whose_pidfd_is_lost_is_replaced() -> TestResult {
         format!("the replacement did not serve the next task: {text:?}"),
     )?;
     nothing_left(&text)
+}
+
+/// A parked worker's `Started` report whose pidfd was cut gets that worker
+/// dismissed, and the claim stops there: the reports queued after it, here a
+/// replacement's `Started`, whose pidfd would be cut as well while fds are
+/// still short, wait for the next claim. Read at once, they dismissed the
+/// replacement too, and so on while the zygote kept up.
+fn an_fd_shortage_dismisses_only_the_worker_whose_pidfd_was_lost() -> TestResult {
+    failed_then_served_by_the_parked_worker(
+        "ctrunc-queued",
+        "the replacement was dismissed as well",
+    )
 }
 
 /// A cold task's final report hands back the far end of its pooled report
@@ -545,6 +568,7 @@ fn child_mode(mode: &str) {
         "emfile" => emfile_child(),
         "ctrunc" => ctrunc_child(),
         "final-report-ctrunc" => final_report_ctrunc_child(),
+        "ctrunc-queued" => ctrunc_queued_child(),
         "result-then-zygote" => result_then_zygote_child(),
         other => panic!("unknown child mode {other}"),
     }
@@ -674,11 +698,14 @@ fn signals_child() {
 /// must fail with `Io`, and afterwards no slot, fd or parked worker may be
 /// missing.
 fn emfile_child() {
-    short_of_fds_child(2, |z, parked| async move {
-        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
-        println!("parked, then served by: {parked} {}", p.pid());
-        p.result().await.expect("result after");
-    });
+    short_of_fds_child(2, |_, parked| parked, served_by_parked);
+}
+
+/// Runs a task on the parked worker `parked` (or not) and says which served it.
+async fn served_by_parked(z: Zygote, parked: u32) {
+    let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
+    println!("parked, then served by: {parked} {}", p.pid());
+    p.result().await.expect("result after");
 }
 
 /// Runs a task while the process can open only one more fd: enough for the
@@ -687,32 +714,55 @@ fn emfile_child() {
 /// killed if its task were dropped, so it must not get a task; it must not
 /// stay parked for nothing either: it has to leave and be replaced.
 fn ctrunc_child() {
-    short_of_fds_child(1, |z, parked| async move {
-        let replacement = wait_for_parked(z.pid(), Some(parked));
-        let kept = if replacement.is_some() {
-            "gone"
-        } else {
-            "kept"
-        };
-        println!("old parked worker: {kept}");
-        let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
-        let replacement = replacement.unwrap_or(0);
-        println!("replaced by, then served by: {replacement} {}", p.pid());
-        p.result().await.expect("result after");
-    });
+    short_of_fds_child(
+        1,
+        |_, parked| parked,
+        |z, parked| async move {
+            let replacement = wait_for_parked(z.pid(), Some(parked));
+            let kept = if replacement.is_some() {
+                "gone"
+            } else {
+                "kept"
+            };
+            println!("old parked worker: {kept}");
+            let p = z.open(reverse_bytes, vec![3]).await.expect("open after");
+            let replacement = replacement.unwrap_or(0);
+            println!("replaced by, then served by: {replacement} {}", p.pid());
+            p.result().await.expect("result after");
+        },
+    );
 }
 
-/// The shared frame of the fd-shortage modes. With one worker parked, runs a
-/// task while the process can open only `free` more fds, and prints the
-/// task's error kind and the slots still held once it is reaped. Then runs
-/// `after` with the zygote and the parked worker's pid, and prints the fds
-/// left open that were not open before.
-fn short_of_fds_child<F: Future<Output = ()>>(free: usize, after: impl FnOnce(Zygote, u32) -> F) {
+/// Kills the parked worker before a task claims it, so that its `Started`,
+/// its `Exited` and its replacement's `Started` are all queued when the task
+/// claims the mailbox while one fd is free.
+fn ctrunc_queued_child() {
+    let kill_parked = |zygote, first: u32| {
+        // SAFETY: kill(2) with a plain pid and signal. The worker is parked,
+        // so alive and not reaped: the pid is still its own.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        wait_for_parked(zygote, Some(first)).expect("the zygote did not park a replacement")
+    };
+    short_of_fds_child(1, kill_parked, served_by_parked);
+}
+
+/// The shared frame of the fd-shortage modes. With one worker parked, and
+/// after `prepare` (given the zygote's and that worker's pids, it returns the
+/// pid of the worker parked now), runs a task while the process can open only
+/// `free` more fds, and prints the task's error kind and the slots still held
+/// once it is reaped. Then runs `after` with the zygote and the pid `prepare`
+/// returned, and prints the fds left open that were not open before.
+fn short_of_fds_child<F: Future<Output = ()>>(
+    free: usize,
+    prepare: impl FnOnce(u32, u32) -> u32,
+    after: impl FnOnce(Zygote, u32) -> F,
+) {
     on_small_zygote(1, |z| async move {
         z.run(reverse_bytes, vec![1]).await.expect("first task");
         z.wait_idle().await;
         // The replacement parked worker, with its `Started` report queued.
         let parked = wait_for_parked(z.pid(), None).expect("the zygote did not park a worker");
+        let parked = prepare(z.pid(), parked);
         let before = common::open_fds();
         let free_fds = lowest_free_fds(free);
         let limit = set_fd_limit(free_fds[free - 1] as u64 + 1);
