@@ -91,11 +91,8 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
 /// `vm.max_map_count`); and the last drop pays the `munmap` and the freeing
 /// of the pages (about 15 ms for 64 MiB on a small VM). The memfd is sealed,
 /// so nobody, including the worker that wrote it, can change or truncate the
-/// bytes while they are visible. The parent's mapping of a result is not
-/// inherited by a process it forks later, such as a second zygote, so the
-/// child of a plain (`unsafe`) `fork` must not read a mapped `Blob` of the
-/// parent's: its bytes are not mapped there, and the read would crash.
-/// [`Blob::into_vec`] copies the bytes out when an owned `Vec` is wanted.
+/// bytes while they are visible. [`Blob::into_vec`] copies them out when an
+/// owned `Vec` is wanted.
 ///
 /// Otherwise a `Blob` is an ordinary owned buffer: made from a `Vec`, decoded
 /// from a small result or with another serde format, it holds its bytes on

@@ -644,10 +644,6 @@ impl<R: DeserializeOwned> Process<R> {
                 let bytes =
                     SealedBytes::open(fd.as_fd(), taken.len, self.io.inner.limits.max_payload)
                         .map_err(|e| Error::codec(format!("spilled result refused: {e}")))?;
-                // Not for a zygote started later (see `keep_from_forks`). It
-                // cannot fail on a live mapping, and the value would be good
-                // even if it did, so that is not worth failing the task for.
-                let _ = bytes.keep_from_forks();
                 // A `Blob` in the result borrows the mapping instead of copying.
                 let value = blob::decoding_from(&bytes, || codec::decode(bytes.bytes(), limit))
                     .map_err(|e| Error::codec(format!("cannot decode the result: {e}")));

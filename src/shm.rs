@@ -175,20 +175,6 @@ impl SealedBytes {
         })
     }
 
-    /// Keeps the mapping out of every later fork of this process
-    /// (`MADV_DONTFORK`). For a result the parent maps: a zygote started
-    /// later would otherwise map it too, hand it to each of its workers, and
-    /// keep the memfd's pages alive for its whole life, long after the
-    /// parent has dropped the value.
-    pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
-        match self {
-            SealedBytes::Empty => Ok(()),
-            SealedBytes::Mapped { map, .. } => map
-                .advise(memmap2::Advice::DontFork)
-                .map_err(|e| SysError::new("madvise", e)),
-        }
-    }
-
     /// The payload, without the padding.
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {

@@ -90,10 +90,6 @@ fn main() {
         "a_final_report_whose_fd_cannot_be_received_still_counts",
         a_final_report_whose_fd_cannot_be_received_still_counts,
     ));
-    trials.push(Trial::test(
-        "a_zygote_started_later_does_not_map_an_earlier_result",
-        a_zygote_started_later_does_not_map_an_earlier_result,
-    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -107,10 +103,6 @@ fn reverse_bytes(mut v: Vec<u8>) -> Vec<u8> {
 
 fn make_bytes(len: u64) -> Vec<u8> {
     vec![0xab; len as usize]
-}
-
-fn make_blob(len: u64) -> run_in_process::Blob {
-    vec![0xcd; len as usize].into()
 }
 
 /// The link targets of this process's fds above 2.
@@ -538,24 +530,6 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
     nothing_left(&text)
 }
 
-/// A large result is a sealed memfd that the parent maps. A zygote started
-/// while the parent holds it must not inherit that mapping: its workers could
-/// read another zygote's result, and it would keep the memfd's memory alive
-/// for its whole life after the parent dropped the value.
-fn a_zygote_started_later_does_not_map_an_earlier_result() -> TestResult {
-    let text = child_stdout("result-then-zygote")?;
-    let line = |key: &str| line_of(&text, key);
-    // The control: the search finds the mapping where it is.
-    ensure(
-        line("the parent maps the result:") == "1",
-        format!("output {text:?}"),
-    )?;
-    ensure(
-        line("the later zygote maps it:") == "0",
-        format!("a later zygote inherited the parent's result: {text:?}"),
-    )
-}
-
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -569,7 +543,6 @@ fn child_mode(mode: &str) {
         "ctrunc" => ctrunc_child(),
         "final-report-ctrunc" => final_report_ctrunc_child(),
         "ctrunc-queued" => ctrunc_queued_child(),
-        "result-then-zygote" => result_then_zygote_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -817,40 +790,6 @@ fn final_report_ctrunc_child() {
         let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
         println!("fds leaked: {leaked:?}");
     });
-}
-
-/// Takes a mapped `Blob` result from one zygote, then starts another while
-/// holding it, and prints how many mappings of result memfds each has.
-fn result_then_zygote_child() {
-    let z = Zygote::builder().parked(0).start().expect("start zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let blob = rt
-        .block_on(z.run(make_blob, 1 << 20))
-        .expect("a large result");
-    assert!(blob.is_mapped(), "a result this large is mapped");
-    // A current-thread runtime: once it is gone, this process has one thread
-    // again, as `start` requires.
-    drop(rt);
-    let later = Zygote::builder()
-        .parked(0)
-        .start()
-        .expect("start a second zygote");
-    let results_mapped = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/maps"))
-            .expect("read maps")
-            .lines()
-            .filter(|l| l.contains("memfd:run-in-process-result"))
-            .count()
-    };
-    println!(
-        "the parent maps the result: {}",
-        results_mapped(std::process::id())
-    );
-    println!("the later zygote maps it: {}", results_mapped(later.pid()));
-    drop(blob);
 }
 
 /// The zygote's one child, if it is not `other_than`, once the zygote has
