@@ -72,6 +72,11 @@ impl Ring {
         self.mem.keep_from_forks()
     }
 
+    /// See [`SharedWords::adopt`].
+    pub(crate) fn adopt(&mut self) {
+        self.mem.adopt();
+    }
+
     pub(crate) fn slots(&self) -> u32 {
         self.slots
     }

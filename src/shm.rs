@@ -17,17 +17,42 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
 
 use crate::sys::{self, SysError, SysResult};
 
+/// Which generation of zygotes this process belongs to: 0 in the parent,
+/// one more in each zygote, which bumps it first thing after its fork
+/// ([`enter_zygote`]), and the zygote's value in its workers.
+///
+/// A `SharedWords` is only used in the epoch it was made or adopted in. The
+/// parent keeps each ring out of later forks (`MADV_DONTFORK`), but a zygote
+/// started later, and every worker of it, still inherits the parent's
+/// `SharedWords` value wherever user code can reach it (a `Process` in a
+/// static, say): there it must neither read the range, which may be
+/// unmapped or mapped to something else, nor unmap it.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Marks this process, a zygote just forked, as a new epoch: every
+/// `SharedWords` it inherited becomes inert, except the one it adopts.
+pub(crate) fn enter_zygote() {
+    EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+fn epoch() -> u64 {
+    EPOCH.load(Ordering::Relaxed)
+}
+
 /// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
 pub(crate) struct SharedWords {
-    map: MmapRaw,
+    /// `None` only while a `SharedWords` of another epoch is dropped.
+    map: Option<MmapRaw>,
     words: usize,
+    /// The epoch in which `map` is this process's own mapping.
+    epoch: u64,
 }
 
 impl SharedWords {
@@ -55,7 +80,19 @@ impl SharedWords {
             .len(len)
             .map_raw(&file)
             .map_err(|e| SysError::new("mmap", e))?;
-        Ok((SharedWords { map, words }, file.into()))
+        let words = SharedWords {
+            map: Some(map),
+            words,
+            epoch: epoch(),
+        };
+        Ok((words, file.into()))
+    }
+
+    /// Takes this mapping, inherited from the parent, as this process's own:
+    /// for a zygote, right after [`enter_zygote`], and only for its own ring,
+    /// which the parent keeps out of forks only after this one.
+    pub(crate) fn adopt(&mut self) {
+        self.epoch = epoch();
     }
 
     /// Keeps this mapping out of every later fork of this process
@@ -63,24 +100,44 @@ impl SharedWords {
     /// zygote exists, so that a zygote started later, and every worker of
     /// it, does not map this one's ring.
     pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
-        self.map
-            .advise(memmap2::Advice::DontFork)
-            .map_err(|e| SysError::new("madvise", e))
+        match &self.map {
+            Some(map) => map
+                .advise(memmap2::Advice::DontFork)
+                .map_err(|e| SysError::new("madvise", e)),
+            None => Ok(()),
+        }
     }
 
-    /// The mapping as atomic words. All cross-process access goes through this.
+    /// The mapping as atomic words. All cross-process access goes through
+    /// this. Empty in a process of a later epoch (see [`EPOCH`]).
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        let ptr = self.map.as_ptr().cast::<AtomicU64>();
-        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
-        // SAFETY: SAFETY.md S1. The pointer comes from a live mapping of
-        // exactly `words * 8` bytes owned by `self`, so it is valid for the
-        // returned lifetime; mmap returns page-aligned memory, which satisfies
-        // AtomicU64's alignment; AtomicU64 has the same size as u64 and every
-        // bit pattern is a valid value; the memfd's size is sealed, so the
-        // pages cannot disappear under us (no SIGBUS). Other processes may
-        // write these words at any time, which `&[AtomicU64]` permits: we only
-        // ever access them through atomic operations.
+        let Some(map) = self.map.as_ref().filter(|_| self.epoch == epoch()) else {
+            return &[];
+        };
+        let ptr = map.as_ptr().cast::<AtomicU64>();
+        debug_assert!(ptr.is_aligned() && map.len() == self.words * 8);
+        // SAFETY: SAFETY.md S1. The pointer comes from a mapping of exactly
+        // `words * 8` bytes owned by `self` and live in this process: it was
+        // made in this epoch or adopted by this zygote (see `EPOCH`), so it
+        // is valid for the returned lifetime; mmap returns page-aligned
+        // memory, which satisfies AtomicU64's alignment; AtomicU64 has the
+        // same size as u64 and every bit pattern is a valid value; the
+        // memfd's size is sealed, so the pages cannot disappear under us (no
+        // SIGBUS). Other processes may write these words at any time, which
+        // `&[AtomicU64]` permits: we only ever access them through atomic
+        // operations.
         unsafe { std::slice::from_raw_parts(ptr, self.words) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        if self.epoch != epoch() {
+            // Not this process's mapping: the range may hold another one
+            // by now, which `munmap` would destroy. The process is a fork
+            // that leaves through `_exit`; its address space goes with it.
+            std::mem::forget(self.map.take());
+        }
     }
 }
 

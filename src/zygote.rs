@@ -38,6 +38,7 @@ use rustix::process::Pid;
 
 use crate::error::{Error, ErrorKind};
 use crate::ring::Ring;
+use crate::shm;
 use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource};
@@ -95,7 +96,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             ),
         ));
     }
-    let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
+    let (mut ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
     let mut mailboxes = Vec::new();
@@ -120,6 +121,10 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     let forked = unsafe { sys::fork() };
     if let Ok(Forked::Child) = forked {
         sys::contain_child(|| {
+            // Every ring this process inherited but its own is inert here
+            // (the parent keeps them out of this fork, see `shm::EPOCH`).
+            shm::enter_zygote();
+            ring.adopt();
             sys::reset_signals();
             worker::install_hooks();
             let zygote = Zygote {

@@ -13,13 +13,13 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{TestResult, checked, ensure};
 use libtest_mimic::Trial;
-use run_in_process::{ErrorKind, Zygote};
+use run_in_process::{Blob, ErrorKind, Process, Zygote};
 
 const CHILD_MODE: &str = "RIP_LIFECYCLE_CHILD";
 
@@ -90,6 +90,10 @@ fn main() {
         "a_final_report_whose_fd_cannot_be_received_still_counts",
         a_final_report_whose_fd_cannot_be_received_still_counts,
     ));
+    trials.push(Trial::test(
+        "a_later_zygotes_workers_can_touch_what_the_parent_held",
+        a_later_zygotes_workers_can_touch_what_the_parent_held,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -103,6 +107,27 @@ fn reverse_bytes(mut v: Vec<u8>) -> Vec<u8> {
 
 fn make_bytes(len: u64) -> Vec<u8> {
     vec![0xab; len as usize]
+}
+
+fn make_blob(len: u64) -> Blob {
+    vec![0xcd; len as usize].into()
+}
+
+/// A large result and a running task of another zygote, held where any
+/// code of this program can reach them, workers included.
+static HELD: Mutex<Option<(Blob, Process<u64>)>> = Mutex::new(None);
+
+/// Sums the bytes of the held `Blob`.
+fn sum_of_held_blob(_: ()) -> u64 {
+    let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    held.as_ref()
+        .map_or(0, |(blob, _)| blob.iter().map(|&b| b as u64).sum())
+}
+
+/// Asks the held task where it is in its life (which reads its ring slot).
+fn state_of_held_task(_: ()) -> String {
+    let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    format!("{:?}", held.as_ref().map(|(_, task)| task.state()))
 }
 
 /// The link targets of this process's fds above 2.
@@ -530,6 +555,25 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
     nothing_left(&text)
 }
 
+/// A zygote started later is a fork of the parent, as are its workers: they
+/// inherit whatever the parent's statics hold, here a mapped `Blob` result
+/// and a running task of an earlier zygote, and safe code in a task may use
+/// them. The `Blob`'s bytes must be there; the task, whose ring the parent
+/// keeps out of later forks, must answer without touching memory that is
+/// not mapped (a worker would die of `SIGSEGV`).
+fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
+    let text = child_stdout("held-by-the-parent")?;
+    let line = |key: &str| line_of(&text, key);
+    ensure(
+        line("the held blob, summed in a later worker:") == format!("Ok({})", 0xcd * (1 << 20)),
+        format!("output {text:?}"),
+    )?;
+    ensure(
+        line("the held task, asked in a later worker:") == "Ok(\"Some(Running)\")",
+        format!("output {text:?}"),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -543,6 +587,7 @@ fn child_mode(mode: &str) {
         "ctrunc" => ctrunc_child(),
         "final-report-ctrunc" => final_report_ctrunc_child(),
         "ctrunc-queued" => ctrunc_queued_child(),
+        "held-by-the-parent" => held_by_the_parent_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -789,6 +834,46 @@ fn final_report_ctrunc_child() {
         println!("workers after: {}", z.workers());
         let leaked: Vec<_> = common::open_fds().difference(&before).cloned().collect();
         println!("fds leaked: {leaked:?}");
+    });
+}
+
+/// Holds a mapped `Blob` result and a running task of one zygote in `HELD`,
+/// starts a second zygote, and prints what two of its tasks make of them.
+fn held_by_the_parent_child() {
+    let first = Zygote::builder().parked(0).start().expect("start zygote");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (blob, task) = rt.block_on(async {
+        let blob = first.run(make_blob, 1 << 20).await.expect("a large result");
+        let task = first.open(sleep_forever, ()).await.expect("open");
+        (blob, task)
+    });
+    assert!(blob.is_mapped(), "a result this large is mapped");
+    *HELD.lock().expect("lock") = Some((blob, task));
+    // A current-thread runtime: once it is gone, this process has one thread
+    // again, as `start` requires.
+    drop(rt);
+    let later = Zygote::builder()
+        .parked(0)
+        .start()
+        .expect("start a second zygote");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let sum = later.run(sum_of_held_blob, ()).await.map_err(|e| e.kind());
+        println!("the held blob, summed in a later worker: {sum:?}");
+        let state = later
+            .run(state_of_held_task, ())
+            .await
+            .map_err(|e| e.kind());
+        println!("the held task, asked in a later worker: {state:?}");
+        // Dropped here, on a runtime: the held task's worker is killed.
+        drop(HELD.lock().expect("lock").take());
+        first.wait_idle().await;
     });
 }
 
