@@ -35,6 +35,12 @@ pub enum ErrorKind {
     /// A global function such as [`run_in_process`](crate::run_in_process) was
     /// called before [`init`](crate::init).
     NotInitialized,
+    /// A [`Zygote`](crate::Zygote) was used in a process other than the one
+    /// that started it: typically in a task, through a static or the global
+    /// zygote, since a worker is a fork of that process and inherits its
+    /// memory but not its file descriptors. A task that needs a process of
+    /// its own can start a zygote itself.
+    WrongProcess,
 }
 
 /// The error returned by every fallible operation of this crate.

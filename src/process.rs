@@ -24,7 +24,7 @@ use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Record, TaskIo};
 use crate::report_pool::ReportPool;
 use crate::ring::Ring;
-use crate::shm::SealedBytes;
+use crate::shm::{self, SealedBytes};
 use crate::slots::Slots;
 use crate::spill::SpillReceiver;
 use crate::sys::{self, WaitStatus};
@@ -144,6 +144,7 @@ impl Builder {
         let process = zygote::spawn(limits)?;
         Ok(Zygote {
             inner: Arc::new(Inner {
+                epoch: shm::epoch(),
                 slots: Arc::new(Slots::new(limits.slots)),
                 spill: SpillReceiver::new(limits.slots as usize),
                 mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
@@ -200,7 +201,8 @@ impl Zygote {
     /// if the task panicked, crashed or exited; [`ErrorKind::Codec`] if `arg`
     /// cannot be encoded (reported before any process is forked) or the result
     /// cannot be encoded or decoded; [`ErrorKind::ZygoteDied`] if the zygote is
-    /// gone; [`ErrorKind::Io`] if a system call fails.
+    /// gone; [`ErrorKind::Io`] if a system call fails;
+    /// [`ErrorKind::WrongProcess`] in a worker, through a handle it inherited.
     ///
     /// # Cancel safety
     ///
@@ -298,12 +300,16 @@ impl Zygote {
     /// Waits until the worker of every task started so far has exited and
     /// been reaped, then closes the spare report sockets kept for reuse by
     /// later tasks: after it returns, no task holds a file descriptor. Idle
-    /// parked workers stay.
+    /// parked workers stay. In a process other than the one that started
+    /// the zygote (see [`ErrorKind::WrongProcess`]) it returns at once.
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: it only observes until it returns.
     pub async fn wait_idle(&self) {
+        if self.inner.check_process().is_err() {
+            return;
+        }
         self.inner.slots.wait_idle().await;
         self.inner.report_pool.clear();
     }
@@ -503,7 +509,8 @@ impl<R: DeserializeOwned> Process<R> {
     /// # Errors
     ///
     /// [`ErrorKind::Io`] if `sig` is not a valid signal number or the call
-    /// fails.
+    /// fails; [`ErrorKind::WrongProcess`] in a worker, through a `Process` it
+    /// inherited.
     pub fn send_signal(&self, sig: i32) -> Result<()> {
         let sig = sys::signal_from_raw(sig).ok_or_else(|| {
             Error::io(
@@ -515,6 +522,7 @@ impl<R: DeserializeOwned> Process<R> {
     }
 
     fn send(&self, sig: Signal) -> Result<()> {
+        self.io.inner.check_process()?;
         // `open` returns only once the pidfd has arrived, so it is there.
         self.io.send_now(sig).map(drop)
     }
@@ -527,7 +535,8 @@ impl<R: DeserializeOwned> Process<R> {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`] if the signal cannot be sent.
+    /// [`ErrorKind::Io`] if the signal cannot be sent;
+    /// [`ErrorKind::WrongProcess`] as for [`send_signal`](Process::send_signal).
     pub fn terminate(&self) -> Result<()> {
         *self
             .stop_requested
@@ -540,7 +549,8 @@ impl<R: DeserializeOwned> Process<R> {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Io`] if the signal cannot be sent.
+    /// [`ErrorKind::Io`] if the signal cannot be sent;
+    /// [`ErrorKind::WrongProcess`] as for [`send_signal`](Process::send_signal).
     pub fn kill(&self) -> Result<()> {
         self.send(Signal::KILL)
     }
@@ -563,13 +573,15 @@ impl<R: DeserializeOwned> Process<R> {
     /// # Errors
     ///
     /// [`ErrorKind::ZygoteDied`] if the zygote died first, so the status is
-    /// unknown; [`ErrorKind::Io`] if the worker was never forked.
+    /// unknown; [`ErrorKind::Io`] if the worker was never forked;
+    /// [`ErrorKind::WrongProcess`] as for [`send_signal`](Process::send_signal).
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future loses nothing, and the worker keeps
     /// running until the `Process` itself is dropped.
     pub async fn wait(&mut self) -> Result<ExitStatus> {
+        self.io.inner.check_process()?;
         loop {
             self.sync_stop_request();
             if let Some(status) = self.io.exit {
@@ -595,6 +607,7 @@ impl<R: DeserializeOwned> Process<R> {
     ///
     /// Dropping the future drops the `Process`, which kills the worker.
     pub async fn result(mut self) -> Result<R> {
+        self.io.inner.check_process()?;
         loop {
             self.sync_stop_request();
             if let Some(record) = self.io.record.take() {
@@ -667,9 +680,28 @@ pub(crate) struct Inner {
     /// Spare report socket pairs for tasks forked on demand.
     pub(crate) report_pool: Arc<ReportPool>,
     next_gen: AtomicU64,
+    /// The epoch of the process that started the zygote (`shm::EPOCH`):
+    /// the only one whose fds these are.
+    epoch: u64,
 }
 
 impl Inner {
+    /// Refuses use in any process but the one that started the zygote. A
+    /// worker inherits a handle held in a static, but not its fds: their
+    /// numbers are closed there, or reused by fds of the task's own.
+    pub(crate) fn check_process(&self) -> Result<()> {
+        if self.epoch == shm::epoch() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::WrongProcess,
+            format!(
+                "this zygote (pid {}) belongs to the process that started it, not to this worker",
+                self.process.pid.as_raw_nonzero()
+            ),
+        ))
+    }
+
     pub(crate) fn ring(&self) -> &Ring {
         &self.process.ring
     }

@@ -109,6 +109,7 @@ impl TaskIo {
         deadlines: Deadlines,
         want_started: bool,
     ) -> Result<TaskIo, Error> {
+        inner.check_process()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
                 "epoll_ctl",

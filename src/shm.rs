@@ -42,7 +42,8 @@ pub(crate) fn enter_zygote() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
-fn epoch() -> u64 {
+/// This process's epoch (see [`EPOCH`]).
+pub(crate) fn epoch() -> u64 {
     EPOCH.load(Ordering::Relaxed)
 }
 

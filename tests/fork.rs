@@ -33,6 +33,11 @@ fn main() {
         .start()
         .expect("start the zygote without parked workers");
     run_in_process::init().expect("start the global zygote");
+    // Started after `init`: its workers inherit the global zygote's handle.
+    let after_init = Zygote::builder()
+        .parked(0)
+        .start()
+        .expect("start the zygote that sees the global one");
 
     let args = common::harness_args();
 
@@ -77,6 +82,11 @@ fn main() {
     trial!(large_argument_and_result_round_trip, cold);
     trial!(large_blobs_cross_without_a_copy_and_outlive_the_task, cold);
     trial!(global_init_and_run_in_process);
+    let z = after_init.clone();
+    trials.push(Trial::test(
+        "a_task_cannot_use_the_parents_zygote",
+        move || checked(&z, a_task_cannot_use_the_parents_zygote),
+    ));
     trial!(start_from_multithreaded_process_is_refused);
     trial!(open_reports_running_then_finished);
     trial!(parked_worker_runs_the_task_and_is_replaced);
@@ -595,6 +605,24 @@ async fn large_blobs_cross_without_a_copy_and_outlive_the_task(z: Zygote) -> Tes
     ensure(back == pattern(2 << 20, 9), "argument bytes")?;
     let (mapped, _) = z.run(inspect_blob, Blob::from(pattern(64, 9))).await?;
     ensure(!mapped, "a small argument is inline")
+}
+
+/// Runs a task on the global zygote from inside a task of a zygote started
+/// after it, which is a fork of the parent: the handle is there, its fds are
+/// not.
+async fn run_on_the_global_zygote(_: ()) -> String {
+    match run_in_process::run_in_process(square, 3).await {
+        Ok(n) => format!("Ok({n})"),
+        Err(e) => format!("{:?}", e.kind()),
+    }
+}
+
+async fn a_task_cannot_use_the_parents_zygote(z: Zygote) -> TestResult {
+    let got = z.run_async(run_on_the_global_zygote, ()).await?;
+    ensure(
+        got == "WrongProcess",
+        format!("a worker used the parent's zygote: {got}"),
+    )
 }
 
 async fn global_init_and_run_in_process(_: Zygote) -> TestResult {

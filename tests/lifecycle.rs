@@ -130,6 +130,16 @@ fn state_of_held_task(_: ()) -> String {
     format!("{:?}", held.as_ref().map(|(_, task)| task.state()))
 }
 
+/// Tries to kill the held task (through its pidfd, in the parent).
+fn kill_held_task(_: ()) -> String {
+    let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    format!(
+        "{:?}",
+        held.as_ref()
+            .map(|(_, task)| task.kill().map_err(|e| e.kind()))
+    )
+}
+
 /// The link targets of this process's fds above 2.
 fn own_fds(_: Vec<u8>) -> Vec<String> {
     let dir = std::fs::read_dir("/proc/self/fd").expect("list fds");
@@ -571,6 +581,16 @@ fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     ensure(
         line("the held task, asked in a later worker:") == "Ok(\"Some(Running)\")",
         format!("output {text:?}"),
+    )?;
+    // Its pidfd is the parent's: in the worker that fd number is closed, or
+    // is another fd of the task's.
+    ensure(
+        line("the held task, killed in a later worker:") == "Ok(\"Some(Err(WrongProcess))\")",
+        format!("output {text:?}"),
+    )?;
+    ensure(
+        line("the held task after that:") == "Running",
+        format!("output {text:?}"),
     )
 }
 
@@ -871,6 +891,14 @@ fn held_by_the_parent_child() {
             .await
             .map_err(|e| e.kind());
         println!("the held task, asked in a later worker: {state:?}");
+        let killed = later.run(kill_held_task, ()).await.map_err(|e| e.kind());
+        println!("the held task, killed in a later worker: {killed:?}");
+        let state = HELD
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|(_, task)| task.state());
+        println!("the held task after that: {:?}", state.expect("held"));
         // Dropped here, on a runtime: the held task's worker is killed.
         drop(HELD.lock().expect("lock").take());
         first.wait_idle().await;
