@@ -146,12 +146,12 @@ impl Builder {
             inner: Arc::new(Inner {
                 epoch: shm::epoch(),
                 slots: Arc::new(Slots::new(limits.slots)),
-                spill: SpillReceiver::new(limits.slots as usize),
+                spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
                 mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
                 report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
                 next_gen: AtomicU64::new(1),
                 limits,
-                process,
+                process: Arc::new(process),
             }),
         })
     }
@@ -672,10 +672,12 @@ impl<R: DeserializeOwned> Process<R> {
 
 /// The parent's shared state for one zygote.
 pub(crate) struct Inner {
-    pub(crate) process: ZygoteProcess,
+    /// The parts of `Inner` that own fds are behind `Arc`s, so that `Drop`
+    /// can leak them in another process (see `check_process`).
+    pub(crate) process: Arc<ZygoteProcess>,
     pub(crate) limits: Limits,
     pub(crate) slots: Arc<Slots>,
-    pub(crate) spill: SpillReceiver,
+    pub(crate) spill: Arc<SpillReceiver>,
     pub(crate) mailboxes: Arc<Mailboxes>,
     /// Spare report socket pairs for tasks forked on demand.
     pub(crate) report_pool: Arc<ReportPool>,
@@ -752,6 +754,19 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.check_process().is_err() {
+            // A copy in a worker (see `check_process`): the fd numbers are
+            // not ours here, so neither shut down, wait on, nor close them.
+            // The process leaves through `_exit`, which releases it all.
+            std::mem::forget(Arc::clone(&self.process));
+            std::mem::forget(Arc::clone(&self.spill));
+            std::mem::forget(Arc::clone(&self.report_pool));
+            // Parked workers' pidfds, and the slots' waiters (see TaskIo's
+            // `Drop`).
+            std::mem::forget(Arc::clone(&self.mailboxes));
+            std::mem::forget(Arc::clone(&self.slots));
+            return;
+        }
         // End-of-stream on the command socket tells the zygote to kill its
         // workers and exit; then reap it. Bounded: a zygote that does not exit
         // within a second is killed.

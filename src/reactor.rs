@@ -77,7 +77,8 @@ pub(crate) struct TaskIo {
     /// where it goes back. `None` once the pair cannot be reused (the task
     /// was cancelled).
     recycle: Option<Recycle>,
-    doorbell: AsyncFd<OwnedFd>,
+    /// `Some` until `Drop`, which leaks it in another process.
+    doorbell: Option<AsyncFd<OwnedFd>>,
     pub(crate) pid: Option<u32>,
     pidfd: Option<OwnedFd>,
     pub(crate) record: Option<Record>,
@@ -207,7 +208,7 @@ impl TaskIo {
             key: None,
             report: Some(report),
             recycle,
-            doorbell,
+            doorbell: Some(doorbell),
             pid,
             pidfd,
             record: None,
@@ -240,15 +241,17 @@ impl TaskIo {
         } = self.deadlines;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let report = self.report.as_ref();
+        let doorbell = self.doorbell.as_ref();
         tokio::select! {
             biased;
-            ready = self.doorbell.readable(), if self.record.is_none() => match ready {
-                Ok(mut guard) => {
+            ready = async { doorbell?.readable().await.ok() },
+                if self.record.is_none() && doorbell.is_some() => match ready {
+                Some(mut guard) => {
                     guard.clear_ready();
                     drop(guard);
                     self.check_record();
                 }
-                Err(_) => self.zygote_gone = true,
+                None => self.zygote_gone = true,
             },
             ready = async { report?.readable().await.ok() }, if report.is_some() => match ready {
                 Some(mut guard) => {
@@ -313,7 +316,10 @@ impl TaskIo {
             return;
         }
         if self.key.is_none() {
-            match sys::eventfd_drain(self.doorbell.get_ref().as_fd()) {
+            let Some(doorbell) = &self.doorbell else {
+                return;
+            };
+            match sys::eventfd_drain(doorbell.get_ref().as_fd()) {
                 Ok(0) | Err(_) => return,
                 Ok(key) => self.key = Some(key),
             }
@@ -497,6 +503,21 @@ fn reaped(reports: &[(Report, Option<OwnedFd>)]) -> bool {
 
 impl Drop for TaskIo {
     fn drop(&mut self) {
+        if self.inner.check_process().is_err() {
+            // A copy in a worker (see `Inner::check_process`): these fd
+            // numbers, and the runtime the fds are registered with, are not
+            // ours here, and a released lease would wake tasks of that
+            // runtime, whose waker writes to an fd number of its own. Leak
+            // it all; the worker leaves through `_exit`.
+            std::mem::forget(self.doorbell.take());
+            std::mem::forget(self.report.take());
+            std::mem::forget(self.pidfd.take());
+            std::mem::forget(self.spent.take());
+            std::mem::forget(self.lease.take());
+            std::mem::forget(self.mailbox.take());
+            std::mem::forget(self.recycle.take());
+            return;
+        }
         if self.lease.is_none() || self.ended() {
             return;
         }

@@ -113,21 +113,39 @@ fn make_blob(len: u64) -> Blob {
     vec![0xcd; len as usize].into()
 }
 
-/// A large result and a running task of another zygote, held where any
-/// code of this program can reach them, workers included.
-static HELD: Mutex<Option<(Blob, Process<u64>)>> = Mutex::new(None);
+/// A large result, a running task and the only handle of another zygote,
+/// held where any code of this program can reach them, workers included.
+static HELD: Mutex<Option<(Blob, Process<u64>, Zygote)>> = Mutex::new(None);
 
 /// Sums the bytes of the held `Blob`.
 fn sum_of_held_blob(_: ()) -> u64 {
     let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     held.as_ref()
-        .map_or(0, |(blob, _)| blob.iter().map(|&b| b as u64).sum())
+        .map_or(0, |(blob, ..)| blob.iter().map(|&b| b as u64).sum())
 }
 
 /// Asks the held task where it is in its life (which reads its ring slot).
 fn state_of_held_task(_: ()) -> String {
     let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    format!("{:?}", held.as_ref().map(|(_, task)| task.state()))
+    format!("{:?}", held.as_ref().map(|(_, task, _)| task.state()))
+}
+
+/// Takes the 64 lowest free fd numbers, where the parent's fds were, drops
+/// what the parent held, and returns those of its fds that the drop closed.
+fn drop_what_is_held(_: ()) -> Vec<i32> {
+    // SAFETY: eventfd(2) with valid flags; each fd is closed below, once.
+    let mine: Vec<i32> = (0..64)
+        .map(|_| unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })
+        .collect();
+    drop(HELD.lock().unwrap_or_else(|p| p.into_inner()).take());
+    // SAFETY: fcntl(F_GETFD) only asks about a plain fd number.
+    let open = |fd: i32| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+    let (still, closed): (Vec<i32>, Vec<i32>) = mine.into_iter().partition(|&fd| open(fd));
+    for fd in still {
+        // SAFETY: one of the eventfds made above, still open, closed once.
+        unsafe { libc::close(fd) };
+    }
+    closed
 }
 
 /// Tries to kill the held task (through its pidfd, in the parent).
@@ -136,7 +154,7 @@ fn kill_held_task(_: ()) -> String {
     format!(
         "{:?}",
         held.as_ref()
-            .map(|(_, task)| task.kill().map_err(|e| e.kind()))
+            .map(|(_, task, _)| task.kill().map_err(|e| e.kind()))
     )
 }
 
@@ -591,6 +609,16 @@ fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     ensure(
         line("the held task after that:") == "Running",
         format!("output {text:?}"),
+    )?;
+    // Dropped there, they must leave the fds that now have their numbers
+    // alone, and the zygote and its task running.
+    ensure(
+        line("fds of a later worker that dropping them closed:") == "Ok([])",
+        format!("output {text:?}"),
+    )?;
+    ensure(
+        line("the held task after that drop:") == "Running",
+        format!("output {text:?}"),
     )
 }
 
@@ -871,7 +899,7 @@ fn held_by_the_parent_child() {
         (blob, task)
     });
     assert!(blob.is_mapped(), "a result this large is mapped");
-    *HELD.lock().expect("lock") = Some((blob, task));
+    *HELD.lock().expect("lock") = Some((blob, task, first));
     // A current-thread runtime: once it is gone, this process has one thread
     // again, as `start` requires.
     drop(rt);
@@ -893,15 +921,20 @@ fn held_by_the_parent_child() {
         println!("the held task, asked in a later worker: {state:?}");
         let killed = later.run(kill_held_task, ()).await.map_err(|e| e.kind());
         println!("the held task, killed in a later worker: {killed:?}");
-        let state = HELD
-            .lock()
-            .expect("lock")
-            .as_ref()
-            .map(|(_, task)| task.state());
-        println!("the held task after that: {:?}", state.expect("held"));
-        // Dropped here, on a runtime: the held task's worker is killed.
+        let state = || {
+            HELD.lock()
+                .expect("lock")
+                .as_ref()
+                .map(|(_, task, _)| task.state())
+                .expect("held")
+        };
+        println!("the held task after that: {:?}", state());
+        let closed = later.run(drop_what_is_held, ()).await.map_err(|e| e.kind());
+        println!("fds of a later worker that dropping them closed: {closed:?}");
+        println!("the held task after that drop: {:?}", state());
+        // Dropped here, on a runtime, by their owner: the held task's worker
+        // is killed and the first zygote exits.
         drop(HELD.lock().expect("lock").take());
-        first.wait_idle().await;
     });
 }
 
