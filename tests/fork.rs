@@ -87,6 +87,7 @@ fn main() {
         "a_task_cannot_use_the_parents_zygote",
         move || checked(&z, a_task_cannot_use_the_parents_zygote),
     ));
+    trial!(a_task_can_start_a_zygote_of_its_own, cold);
     trial!(start_from_multithreaded_process_is_refused);
     trial!(open_reports_running_then_finished);
     trial!(parked_worker_runs_the_task_and_is_replaced);
@@ -622,6 +623,47 @@ async fn a_task_cannot_use_the_parents_zygote(z: Zygote) -> TestResult {
     ensure(
         got == "WrongProcess",
         format!("a worker used the parent's zygote: {got}"),
+    )
+}
+
+/// Starts zygotes inside a task (a worker has one thread) and runs a task on
+/// each, parked and cold; returns the results and the pids involved.
+fn square_in_a_zygote_of_its_own(x: u64) -> (u64, u64, u32, u32, u32) {
+    let me = std::process::id();
+    let nested = Zygote::builder()
+        .max_in_flight(2)
+        .parked(1)
+        .start()
+        .expect("start a zygote in a task");
+    let cold = Zygote::builder()
+        .max_in_flight(2)
+        .parked(0)
+        .start()
+        .expect("start another");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (parked, forked, worker) = rt.block_on(async {
+        let parked = nested.run(square, x).await.expect("parked task");
+        let forked = cold.run(square, x + 1).await.expect("cold task");
+        let worker = nested.run(my_pid, ()).await.expect("pid task");
+        nested.wait_idle().await;
+        cold.wait_idle().await;
+        (parked, forked, worker)
+    });
+    (parked, forked, me, nested.pid(), worker)
+}
+
+async fn a_task_can_start_a_zygote_of_its_own(z: Zygote) -> TestResult {
+    let (parked, forked, task, nested, worker) = z.run(square_in_a_zygote_of_its_own, 6).await?;
+    ensure(
+        parked == 36 && forked == 49,
+        format!("results {parked} and {forked}"),
+    )?;
+    ensure(
+        ![task, nested].contains(&worker) && task != nested,
+        format!("task {task}, its zygote {nested}, that zygote's worker {worker}"),
     )
 }
 
