@@ -73,7 +73,7 @@ impl Ring {
     }
 
     /// See [`SharedWords::adopt`].
-    pub(crate) fn adopt(&mut self) {
+    pub(crate) fn adopt(&self) {
         self.mem.adopt();
     }
 

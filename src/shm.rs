@@ -16,30 +16,42 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
 
 use crate::sys::{self, SysError, SysResult};
 
-/// Which generation of zygotes this process belongs to: 0 in the parent,
-/// one more in each zygote, which bumps it first thing after its fork
-/// ([`enter_zygote`]), and the zygote's value in its workers.
+/// Which process this is, as far as mappings are concerned: 0 in the
+/// process that first started a zygote, and bumped in the child of every
+/// `fork` after that ([`watch_forks`]), be it a zygote, a worker, a fork of
+/// the user's or of another copy of this crate.
 ///
 /// A `SharedWords` is only used in the epoch it was made or adopted in. The
-/// parent keeps each ring out of later forks (`MADV_DONTFORK`), but a zygote
-/// started later, and every worker of it, still inherits the parent's
-/// `SharedWords` value wherever user code can reach it (a `Process` in a
-/// static, say): there it must neither read the range, which may be
-/// unmapped or mapped to something else, nor unmap it.
+/// parent keeps each ring out of later forks (`MADV_DONTFORK`), but every
+/// later fork still inherits the parent's `SharedWords` value wherever user
+/// code can reach it (a `Process` in a static, say): there it must neither
+/// read the range, which may be unmapped or mapped to something else, nor
+/// unmap it. A zygote and its workers adopt their own ring.
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 
-/// Marks this process, a zygote just forked, as a new epoch: every
-/// `SharedWords` it inherited becomes inert, except the one it adopts.
-pub(crate) fn enter_zygote() {
+/// The `pthread_atfork` child handler: a new process, a new epoch. One
+/// atomic add, which is async-signal-safe.
+extern "C" fn forked() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Makes every later `fork` of this process start a new epoch (once per
+/// process; it is inherited across `fork`).
+pub(crate) fn watch_forks() -> SysResult<()> {
+    // The errno of a failed registration, kept so every later call fails too.
+    static WATCHING: OnceLock<Result<(), i32>> = OnceLock::new();
+    let registered = WATCHING
+        .get_or_init(|| sys::atfork_child(forked).map_err(|e| e.errno().unwrap_or(libc::ENOMEM)));
+    registered
+        .map_err(|errno| SysError::new("pthread_atfork", std::io::Error::from_raw_os_error(errno)))
 }
 
 /// This process's epoch (see [`EPOCH`]).
@@ -53,7 +65,7 @@ pub(crate) struct SharedWords {
     map: Option<MmapRaw>,
     words: usize,
     /// The epoch in which `map` is this process's own mapping.
-    epoch: u64,
+    epoch: AtomicU64,
 }
 
 impl SharedWords {
@@ -84,16 +96,21 @@ impl SharedWords {
         let words = SharedWords {
             map: Some(map),
             words,
-            epoch: epoch(),
+            epoch: AtomicU64::new(epoch()),
         };
         Ok((words, file.into()))
     }
 
-    /// Takes this mapping, inherited from the parent, as this process's own:
-    /// for a zygote, right after [`enter_zygote`], and only for its own ring,
-    /// which the parent keeps out of forks only after this one.
-    pub(crate) fn adopt(&mut self) {
-        self.epoch = epoch();
+    /// Takes this mapping, inherited across a fork, as this process's own:
+    /// for a zygote and each of its workers, right after the fork, and only
+    /// for their own ring, which the parent keeps out of forks only after
+    /// the zygote's.
+    pub(crate) fn adopt(&self) {
+        self.epoch.store(epoch(), Ordering::Relaxed);
+    }
+
+    fn is_own(&self) -> bool {
+        self.epoch.load(Ordering::Relaxed) == epoch()
     }
 
     /// Keeps this mapping out of every later fork of this process
@@ -112,7 +129,7 @@ impl SharedWords {
     /// The mapping as atomic words. All cross-process access goes through
     /// this. Empty in a process of a later epoch (see [`EPOCH`]).
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        let Some(map) = self.map.as_ref().filter(|_| self.epoch == epoch()) else {
+        let Some(map) = self.map.as_ref().filter(|_| self.is_own()) else {
             return &[];
         };
         let ptr = map.as_ptr().cast::<AtomicU64>();
@@ -133,7 +150,7 @@ impl SharedWords {
 
 impl Drop for SharedWords {
     fn drop(&mut self) {
-        if self.epoch != epoch() {
+        if !self.is_own() {
             // Not this process's mapping: the range may hold another one
             // by now, which `munmap` would destroy. The process is a fork
             // that leaves through `_exit`; its address space goes with it.

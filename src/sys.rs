@@ -103,6 +103,27 @@ pub(crate) unsafe fn fork() -> SysResult<Forked> {
     }
 }
 
+/// `pthread_atfork(NULL, NULL, child)`: runs `child` in the child of every
+/// later `fork` of this process (libc's, which is what `fork` above and
+/// the `fork` of most other code call).
+///
+/// `child` must be async-signal-safe: it runs in a child that may have been
+/// forked from a multi-threaded process.
+pub(crate) fn atfork_child(child: extern "C" fn()) -> SysResult<()> {
+    // SAFETY: SAFETY.md S1. `pthread_atfork` only records the function
+    // pointers it is given; `child` is a plain `extern "C" fn` that lives for
+    // the whole program, and the caller passes one that is async-signal-safe
+    // (`shm::forked` does one atomic add), as the child of a threaded
+    // process requires.
+    match unsafe { libc::pthread_atfork(None, None, Some(child)) } {
+        0 => Ok(()),
+        errno => Err(SysError::new(
+            "pthread_atfork",
+            io::Error::from_raw_os_error(errno),
+        )),
+    }
+}
+
 /// `_exit(code)`—ends the process at once, without atexit handlers, stdio
 /// flushing or destructors; see `_exit(2)`.
 ///

@@ -142,6 +142,8 @@ pub fn stop_requested() -> bool {
 /// Runs one task in the calling process, a worker just forked by the zygote,
 /// and exits.
 pub(crate) fn run(job: Job<'_>) -> ! {
+    // This fork started a new epoch; the zygote's ring is ours too.
+    job.ring.adopt();
     let arg_fd = match &job.arg {
         ArgSource::Memfd(fd, _) => sys::raw(fd),
         // Not an fd: `close_fds_except` ignores it.
@@ -195,6 +197,8 @@ pub(crate) fn park(
     mut result_buf: Vec<u8>,
     limit: u64,
 ) -> ! {
+    // This fork started a new epoch; the zygote's ring is ours too.
+    ring.adopt();
     prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();

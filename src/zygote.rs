@@ -96,7 +96,10 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             ),
         ));
     }
-    let (mut ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
+    // Every later fork of this process starts a new epoch, in which the
+    // rings (and zygote handles) it inherits are inert (`shm::EPOCH`).
+    shm::watch_forks()?;
+    let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
     let mut mailboxes = Vec::new();
@@ -123,7 +126,6 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
         sys::contain_child(|| {
             // Every ring this process inherited but its own is inert here
             // (the parent keeps them out of this fork, see `shm::EPOCH`).
-            shm::enter_zygote();
             ring.adopt();
             sys::reset_signals();
             worker::install_hooks();

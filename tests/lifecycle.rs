@@ -94,6 +94,10 @@ fn main() {
         "a_later_zygotes_workers_can_touch_what_the_parent_held",
         a_later_zygotes_workers_can_touch_what_the_parent_held,
     ));
+    trials.push(Trial::test(
+        "a_plain_fork_can_touch_a_process_handle",
+        a_plain_fork_can_touch_a_process_handle,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -622,6 +626,21 @@ fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     )
 }
 
+/// The same for a `fork` of the user's own (through libc, as most code
+/// forks): every fork starts a new epoch, not only a zygote's, so a handle
+/// that crossed it is inert there too.
+fn a_plain_fork_can_touch_a_process_handle() -> TestResult {
+    let text = child_stdout("plain-fork")?;
+    ensure(
+        line_of(&text, "in a plain fork:") == "Running Err(WrongProcess)",
+        format!("output {text:?}"),
+    )?;
+    ensure(
+        line_of(&text, "the plain fork exited:") == "Some(0)",
+        format!("output {text:?}"),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Child modes.
 
@@ -636,6 +655,7 @@ fn child_mode(mode: &str) {
         "final-report-ctrunc" => final_report_ctrunc_child(),
         "ctrunc-queued" => ctrunc_queued_child(),
         "held-by-the-parent" => held_by_the_parent_child(),
+        "plain-fork" => plain_fork_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -935,6 +955,31 @@ fn held_by_the_parent_child() {
         // Dropped here, on a runtime, by their owner: the held task's worker
         // is killed and the first zygote exits.
         drop(HELD.lock().expect("lock").take());
+    });
+}
+
+/// Opens a task, forks this process with libc's `fork`, and has the child
+/// ask the task's state and try to kill it.
+fn plain_fork_child() {
+    on_small_zygote(0, |z| async move {
+        let task = z.open(sleep_forever, ()).await.expect("open");
+        // SAFETY: this process has one thread (a current-thread runtime), so
+        // the child may run ordinary code; it leaves through `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let killed = task.kill().map_err(|e| e.kind());
+            println!("in a plain fork: {:?} {killed:?}", task.state());
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            // SAFETY: `_exit` has no preconditions.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, into a valid int.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let status = std::process::ExitStatus::from_raw(status);
+        println!("the plain fork exited: {:?}", status.code());
+        drop(task);
+        z.wait_idle().await;
     });
 }
 
