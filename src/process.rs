@@ -24,7 +24,7 @@ use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Record, TaskIo};
 use crate::report_pool::ReportPool;
 use crate::ring::Ring;
-use crate::shm::{self, SealedBytes};
+use crate::shm::SealedBytes;
 use crate::slots::Slots;
 use crate::spill::SpillReceiver;
 use crate::sys::{self, WaitStatus};
@@ -144,7 +144,6 @@ impl Builder {
         let process = zygote::spawn(limits)?;
         Ok(Zygote {
             inner: Arc::new(Inner {
-                epoch: shm::epoch(),
                 slots: Arc::new(Slots::new(limits.slots)),
                 spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
                 mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
@@ -682,23 +681,21 @@ pub(crate) struct Inner {
     /// Spare report socket pairs for tasks forked on demand.
     pub(crate) report_pool: Arc<ReportPool>,
     next_gen: AtomicU64,
-    /// The epoch of the process that started the zygote (`shm::EPOCH`):
-    /// the only one whose fds these are.
-    epoch: u64,
 }
 
 impl Inner {
-    /// Refuses use in any process but the one that started the zygote. A
-    /// worker inherits a handle held in a static, but not its fds: their
-    /// numbers are closed there, or reused by fds of the task's own.
+    /// Refuses use in any process but the one that started the zygote, the
+    /// one whose epoch the ring belongs to (`shm::EPOCH`). A worker, or any
+    /// other fork, inherits a handle held in a static, but not its fds: their
+    /// numbers are closed there, or reused by fds of its own.
     pub(crate) fn check_process(&self) -> Result<()> {
-        if self.epoch == shm::epoch() {
+        if self.process.ring.is_own() {
             return Ok(());
         }
         Err(Error::new(
             ErrorKind::WrongProcess,
             format!(
-                "this zygote (pid {}) belongs to the process that started it, not to this worker",
+                "this zygote (pid {}) belongs to the process that started it, not to this one",
                 self.process.pid.as_raw_nonzero()
             ),
         ))
@@ -761,10 +758,8 @@ impl Drop for Inner {
             std::mem::forget(Arc::clone(&self.process));
             std::mem::forget(Arc::clone(&self.spill));
             std::mem::forget(Arc::clone(&self.report_pool));
-            // Parked workers' pidfds, and the slots' waiters (see TaskIo's
-            // `Drop`).
+            // Parked workers' pidfds.
             std::mem::forget(Arc::clone(&self.mailboxes));
-            std::mem::forget(Arc::clone(&self.slots));
             return;
         }
         // End-of-stream on the command socket tells the zygote to kill its

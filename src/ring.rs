@@ -77,6 +77,11 @@ impl Ring {
         self.mem.adopt();
     }
 
+    /// See [`SharedWords::is_own`].
+    pub(crate) fn is_own(&self) -> bool {
+        self.mem.is_own()
+    }
+
     pub(crate) fn slots(&self) -> u32 {
         self.slots
     }

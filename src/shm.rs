@@ -55,7 +55,7 @@ pub(crate) fn watch_forks() -> SysResult<()> {
 }
 
 /// This process's epoch (see [`EPOCH`]).
-pub(crate) fn epoch() -> u64 {
+fn epoch() -> u64 {
     EPOCH.load(Ordering::Relaxed)
 }
 
@@ -109,7 +109,8 @@ impl SharedWords {
         self.epoch.store(epoch(), Ordering::Relaxed);
     }
 
-    fn is_own(&self) -> bool {
+    /// Is this the mapping of this process's epoch (made or adopted here)?
+    pub(crate) fn is_own(&self) -> bool {
         self.epoch.load(Ordering::Relaxed) == epoch()
     }
 
