@@ -595,34 +595,27 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
 /// not mapped (a worker would die of `SIGSEGV`).
 fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     let text = child_stdout("held-by-the-parent")?;
-    let line = |key: &str| line_of(&text, key);
-    ensure(
-        line("the held blob, summed in a later worker:") == format!("Ok({})", 0xcd * (1 << 20)),
-        format!("output {text:?}"),
-    )?;
-    ensure(
-        line("the held task, asked in a later worker:") == "Ok(\"Some(Running)\")",
-        format!("output {text:?}"),
-    )?;
-    // Its pidfd is the parent's: in the worker that fd number is closed, or
-    // is another fd of the task's.
-    ensure(
-        line("the held task, killed in a later worker:") == "Ok(\"Some(Err(WrongProcess))\")",
-        format!("output {text:?}"),
-    )?;
-    ensure(
-        line("the held task after that:") == "Running",
-        format!("output {text:?}"),
-    )?;
-    // Dropped there, they must leave the fds that now have their numbers
-    // alone, and the zygote and its task running.
-    ensure(
-        line("fds of a later worker that dropping them closed:") == "Ok([])",
-        format!("output {text:?}"),
-    )?;
-    ensure(
-        line("the held task after that drop:") == "Running",
-        format!("output {text:?}"),
+    let blob_sum = format!("Ok({})", 0xcd * (1 << 20));
+    lines_say(
+        &text,
+        &[
+            ("the held blob, summed in a later worker:", &blob_sum),
+            (
+                "the held task, asked in a later worker:",
+                "Ok(\"Some(Running)\")",
+            ),
+            // Its pidfd is the parent's: in the worker that fd number is
+            // closed, or is another fd of the task's.
+            (
+                "the held task, killed in a later worker:",
+                "Ok(\"Some(Err(WrongProcess))\")",
+            ),
+            ("the held task after that:", "Running"),
+            // Dropped there, they must leave the fds that now have their
+            // numbers alone, and the zygote and its task running.
+            ("fds of a later worker that dropping them closed:", "Ok([])"),
+            ("the held task after that drop:", "Running"),
+        ],
     )
 }
 
@@ -631,14 +624,26 @@ fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
 /// that crossed it is inert there too.
 fn a_plain_fork_can_touch_a_process_handle() -> TestResult {
     let text = child_stdout("plain-fork")?;
-    ensure(
-        line_of(&text, "in a plain fork:") == "Running Err(WrongProcess)",
-        format!("output {text:?}"),
-    )?;
-    ensure(
-        line_of(&text, "the plain fork exited:") == "Some(0)",
-        format!("output {text:?}"),
+    lines_say(
+        &text,
+        &[
+            ("in a plain fork:", "Running Err(WrongProcess)"),
+            ("the plain fork exited:", "Some(0)"),
+        ],
     )
+}
+
+/// Checks that each line of `text` that starts with a key says what it
+/// should after the key.
+fn lines_say(text: &str, expected: &[(&str, &str)]) -> TestResult {
+    for &(key, want) in expected {
+        let got = line_of(text, key);
+        ensure(
+            got == want,
+            format!("{key:?} says {got:?}, not {want:?}; output {text:?}"),
+        )?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
