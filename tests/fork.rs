@@ -626,8 +626,9 @@ async fn a_task_cannot_use_the_parents_zygote(z: Zygote) -> TestResult {
     )
 }
 
-/// Starts zygotes inside a task (a worker has one thread) and runs a task on
-/// each, parked and cold; returns the results and the pids involved.
+/// Starts two zygotes inside a task (a worker has one thread), one that
+/// parks a worker and one that does not, and runs a task on each; returns
+/// the results and the pids involved.
 fn square_in_a_zygote_of_its_own(x: u64) -> (u64, u64, u32, u32, u32) {
     let me = std::process::id();
     let nested = Zygote::builder()
@@ -645,8 +646,8 @@ fn square_in_a_zygote_of_its_own(x: u64) -> (u64, u64, u32, u32, u32) {
         .build()
         .expect("runtime");
     let (parked, forked, worker) = rt.block_on(async {
-        let parked = nested.run(square, x).await.expect("parked task");
-        let forked = cold.run(square, x + 1).await.expect("cold task");
+        let parked = nested.run(square, x).await.expect("task of the first");
+        let forked = cold.run(square, x + 1).await.expect("task of the second");
         let worker = nested.run(my_pid, ()).await.expect("pid task");
         nested.wait_idle().await;
         cold.wait_idle().await;
