@@ -28,7 +28,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::codec::ByteSink;
-use crate::shm;
+use crate::shm::{self, EpochFd};
 use crate::sys::{self, SysError};
 
 /// Writes to the memfd go out in chunks of at least this many bytes.
@@ -43,8 +43,9 @@ const _: () = assert!(ALIGN as u64 - 1 == shm::PAD_MAX);
 pub(crate) enum Payload {
     /// Short enough for its inline room.
     Inline(Vec<u8>),
-    /// In a memfd sealed against writes, growth and shrinking.
-    Sealed { fd: OwnedFd, len: u64 },
+    /// In a memfd sealed against writes, growth and shrinking. An argument's
+    /// may be dropped in a fork that inherited it, hence the `EpochFd`.
+    Sealed { fd: EpochFd, len: u64 },
 }
 
 impl Payload {
@@ -217,7 +218,10 @@ impl PayloadWriter {
         let len = self.flushed + self.buf.len() as u64;
         let fd = OwnedFd::from(file);
         shm::seal(fd.as_fd()).map_err(PayloadError::Sys)?;
-        Ok(Payload::Sealed { fd, len })
+        Ok(Payload::Sealed {
+            fd: EpochFd::new(fd),
+            len,
+        })
     }
 }
 

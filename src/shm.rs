@@ -59,6 +59,42 @@ fn epoch() -> u64 {
     EPOCH.load(Ordering::Relaxed)
 }
 
+/// An fd that belongs to the process (the epoch) that opened it.
+///
+/// A value holding it can reach a later fork through a static (an unstarted
+/// [`Task`](crate::Task), say), but the fd number means something else
+/// there: a worker closes every fd it inherits and reuses the numbers
+/// (SAFETY.md F3). Dropped in another epoch, it closes nothing.
+pub(crate) struct EpochFd {
+    /// `None` only while an `EpochFd` of another epoch is dropped.
+    fd: Option<OwnedFd>,
+    epoch: u64,
+}
+
+impl EpochFd {
+    pub(crate) fn new(fd: OwnedFd) -> EpochFd {
+        EpochFd {
+            fd: Some(fd),
+            epoch: epoch(),
+        }
+    }
+}
+
+impl AsFd for EpochFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("taken only in drop").as_fd()
+    }
+}
+
+impl Drop for EpochFd {
+    fn drop(&mut self) {
+        if self.epoch != epoch() {
+            // Not ours to close: the number is free here, or another fd's.
+            std::mem::forget(self.fd.take());
+        }
+    }
+}
+
 /// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
 pub(crate) struct SharedWords {
     /// `None` only while a `SharedWords` of another epoch is dropped.

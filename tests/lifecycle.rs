@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestResult, checked, ensure};
 use libtest_mimic::Trial;
-use run_in_process::{Blob, ErrorKind, Process, Zygote};
+use run_in_process::{Blob, ErrorKind, Process, Task, Zygote};
 
 const CHILD_MODE: &str = "RIP_LIFECYCLE_CHILD";
 
@@ -117,21 +117,36 @@ fn make_blob(len: u64) -> Blob {
     vec![0xcd; len as usize].into()
 }
 
-/// A large result, a running task and the only handle of another zygote,
-/// held where any code of this program can reach them, workers included.
-static HELD: Mutex<Option<(Blob, Process<u64>, Zygote)>> = Mutex::new(None);
+fn sum_bytes(v: Blob) -> u64 {
+    v.iter().map(|&b| b as u64).sum()
+}
+
+/// What the parent holds where any code of this program can reach it,
+/// workers included: each item owns a mapping or fds of the parent.
+struct Held {
+    /// A large result, mapped.
+    blob: Blob,
+    /// A running task.
+    task: Process<u64>,
+    /// A task not yet started, whose argument is in a sealed memfd.
+    unstarted: Task<u64>,
+    /// The only handle of the zygote the others belong to.
+    zygote: Zygote,
+}
+
+static HELD: Mutex<Option<Held>> = Mutex::new(None);
 
 /// Sums the bytes of the held `Blob`.
 fn sum_of_held_blob(_: ()) -> u64 {
     let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     held.as_ref()
-        .map_or(0, |(blob, ..)| blob.iter().map(|&b| b as u64).sum())
+        .map_or(0, |held| held.blob.iter().map(|&b| b as u64).sum())
 }
 
 /// Asks the held task where it is in its life (which reads its ring slot).
 fn state_of_held_task(_: ()) -> String {
     let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    format!("{:?}", held.as_ref().map(|(_, task, _)| task.state()))
+    format!("{:?}", held.as_ref().map(|held| held.task.state()))
 }
 
 /// Takes the 64 lowest free fd numbers, where the parent's fds were, drops
@@ -158,7 +173,7 @@ fn kill_held_task(_: ()) -> String {
     format!(
         "{:?}",
         held.as_ref()
-            .map(|(_, task, _)| task.kill().map_err(|e| e.kind()))
+            .map(|held| held.task.kill().map_err(|e| e.kind()))
     )
 }
 
@@ -588,14 +603,16 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
 }
 
 /// A zygote started later is a fork of the parent, as are its workers: they
-/// inherit whatever the parent's statics hold, here a mapped `Blob` result
-/// and a running task of an earlier zygote, and safe code in a task may use
-/// them. The `Blob`'s bytes must be there; the task, whose ring the parent
-/// keeps out of later forks, must answer without touching memory that is
-/// not mapped (a worker would die of `SIGSEGV`).
+/// inherit whatever the parent's statics hold, here a mapped `Blob` result,
+/// a running task and an unstarted one of an earlier zygote, and safe code in
+/// a task may use them. The `Blob`'s bytes must be there; the running task,
+/// whose ring the parent keeps out of later forks, must answer without
+/// touching memory that is not mapped (a worker would die of `SIGSEGV`); and
+/// dropping them there must close no fd but the worker's own.
 fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     let text = child_stdout("held-by-the-parent")?;
     let blob_sum = format!("Ok({})", 0xcd * (1 << 20));
+    let unstarted_sum = format!("Ok({})", 0xef * (1 << 20));
     lines_say(
         &text,
         &[
@@ -615,6 +632,7 @@ fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
             // numbers alone, and the zygote and its task running.
             ("fds of a later worker that dropping them closed:", "Ok([])"),
             ("the held task after that drop:", "Running"),
+            ("the held unstarted task, run by its owner:", &unstarted_sum),
         ],
     )
 }
@@ -924,7 +942,14 @@ fn held_by_the_parent_child() {
         (blob, task)
     });
     assert!(blob.is_mapped(), "a result this large is mapped");
-    *HELD.lock().expect("lock") = Some((blob, task, first));
+    // An argument this large goes in a sealed memfd, made when the task is.
+    let unstarted = first.task(sum_bytes, Blob::from(vec![0xef; 1 << 20]));
+    *HELD.lock().expect("lock") = Some(Held {
+        blob,
+        task,
+        unstarted,
+        zygote: first,
+    });
     // A current-thread runtime: once it is gone, this process has one thread
     // again, as `start` requires.
     drop(rt);
@@ -950,16 +975,22 @@ fn held_by_the_parent_child() {
             HELD.lock()
                 .expect("lock")
                 .as_ref()
-                .map(|(_, task, _)| task.state())
+                .map(|held| held.task.state())
                 .expect("held")
         };
         println!("the held task after that: {:?}", state());
         let closed = later.run(drop_what_is_held, ()).await.map_err(|e| e.kind());
         println!("fds of a later worker that dropping them closed: {closed:?}");
         println!("the held task after that drop: {:?}", state());
+        let Held {
+            unstarted, zygote, ..
+        } = HELD.lock().expect("lock").take().expect("held");
+        // Its memfd is the parent's, untouched by the drop in the worker.
+        let sum = unstarted.run().await.map_err(|e| e.kind());
+        println!("the held unstarted task, run by its owner: {sum:?}");
         // Dropped here, on a runtime, by their owner: the held task's worker
         // is killed and the first zygote exits.
-        drop(HELD.lock().expect("lock").take());
+        drop(zygote);
     });
 }
 
