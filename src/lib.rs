@@ -77,6 +77,7 @@
 mod blob;
 mod budget;
 mod codec;
+mod epoch;
 mod error;
 mod mailbox;
 mod payload;

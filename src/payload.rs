@@ -28,7 +28,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::codec::ByteSink;
-use crate::shm::{self, EpochFd};
+use crate::epoch::ForkLocal;
+use crate::shm;
 use crate::sys::{self, SysError};
 
 /// Writes to the memfd go out in chunks of at least this many bytes.
@@ -44,8 +45,9 @@ pub(crate) enum Payload {
     /// Short enough for its inline room.
     Inline(Vec<u8>),
     /// In a memfd sealed against writes, growth and shrinking. An argument's
-    /// may be dropped in a fork that inherited it, hence the `EpochFd`.
-    Sealed { fd: EpochFd, len: u64 },
+    /// may be dropped in a fork that inherited it (an unstarted `Task` in a
+    /// static), where its fd number is not its own.
+    Sealed { fd: ForkLocal<OwnedFd>, len: u64 },
 }
 
 impl Payload {
@@ -219,7 +221,7 @@ impl PayloadWriter {
         let fd = OwnedFd::from(file);
         shm::seal(fd.as_fd()).map_err(PayloadError::Sys)?;
         Ok(Payload::Sealed {
-            fd: EpochFd::new(fd),
+            fd: ForkLocal::new(fd),
             len,
         })
     }
@@ -302,7 +304,7 @@ mod tests {
             else {
                 panic!("a large value spills")
             };
-            let size = rustix::fs::fstat(&fd).unwrap().st_size as usize;
+            let size = rustix::fs::fstat(&*fd).unwrap().st_size as usize;
             let pad = size - len as usize;
             let header = expected.len() - value.len();
             assert_eq!(
@@ -317,7 +319,7 @@ mod tests {
         else {
             panic!("a large value spills")
         };
-        assert_eq!(rustix::fs::fstat(&fd).unwrap().st_size as u64, len);
+        assert_eq!(rustix::fs::fstat(&*fd).unwrap().st_size as u64, len);
     }
 
     #[test]

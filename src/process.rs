@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::blob;
 use crate::codec;
+use crate::epoch::ForkLocal;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
 use crate::payload::{Payload, PayloadError};
@@ -685,7 +686,7 @@ pub(crate) struct Inner {
 
 impl Inner {
     /// Refuses use in any process but the one that started the zygote, the
-    /// one whose epoch the ring belongs to (`shm::EPOCH`). A worker, or any
+    /// one whose epoch the ring belongs to (`crate::epoch`). A worker, or any
     /// other fork, inherits a handle held in a static, but not its fds: their
     /// numbers are closed there, or reused by fds of its own.
     pub(crate) fn check_process(&self) -> Result<()> {
@@ -729,7 +730,8 @@ impl Inner {
                         .command
                         .try_clone()
                         .map_err(|e| Error::io("dup", e))?;
-                    let fd = crate::reactor::register(dup, Interest::WRITABLE)?;
+                    // Held across the await: see `TaskIo::start`.
+                    let fd = ForkLocal::new(crate::reactor::register(dup, Interest::WRITABLE)?);
                     let _ = fd
                         .writable()
                         .await

@@ -31,6 +31,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
+use crate::epoch::{self, ForkLocal};
 use crate::error::Error;
 use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
@@ -119,12 +120,16 @@ impl TaskIo {
                 ),
             ));
         }
-        let lease = inner.slots.acquire().await;
+        // Until they are in the `TaskIo`, what this future holds across its
+        // one later await (the cold path's send) is `ForkLocal`: the future
+        // may be dropped in a fork that inherited it (held in a static),
+        // where the fd numbers and the wakers a lease would call are not ours.
+        let lease = ForkLocal::new(inner.slots.acquire().await);
         let generation = inner.next_gen();
         // Everything that can fail happens before the request is sent: once
         // a worker may be running, nothing but this `TaskIo` (and its reaper)
         // may release the lease.
-        let doorbell = register(sys::eventfd()?, Interest::READABLE)?;
+        let doorbell = ForkLocal::new(register(sys::eventfd()?, Interest::READABLE)?);
         let (place, inline, arg_fd) = match arg {
             Payload::Inline(bytes) => (wire::ArgPlace::Inline(arg.len()), &bytes[..], None),
             Payload::Sealed { fd, len } => (wire::ArgPlace::Memfd(*len), &[][..], Some(fd.as_fd())),
@@ -187,28 +192,29 @@ impl TaskIo {
             None => {
                 let frame = frame(0);
                 let pair = inner.report_pool.take()?;
-                let report = register(pair.ours, Interest::READABLE)?;
-                let mut with_report = vec![pair.theirs.as_fd()];
+                let report = ForkLocal::new(register(pair.ours, Interest::READABLE)?);
+                let theirs = ForkLocal::new(pair.theirs);
+                let mut with_report = vec![theirs.as_fd()];
                 with_report.extend_from_slice(&fds);
                 inner.send_request(&frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
                 drop(with_report);
-                drop(pair.theirs);
+                drop(theirs);
                 let recycle = inner.report_pool.recycle(pair.id);
-                (report, None, None, None, Some(recycle))
+                (report.into_inner(), None, None, None, Some(recycle))
             }
         };
         drop(fds);
         Ok(TaskIo {
             inner,
-            lease: Some(lease),
+            lease: Some(lease.into_inner()),
             mailbox,
             generation,
             key: None,
             report: Some(report),
             recycle,
-            doorbell: Some(doorbell),
+            doorbell: Some(doorbell.into_inner()),
             pid,
             pidfd,
             record: None,
@@ -539,6 +545,7 @@ impl Drop for TaskIo {
         // Keep the slot until the zygote reports the worker reaped, without
         // blocking: a small task on the current runtime waits for that.
         let reaper = Reaper {
+            epoch: epoch::current(),
             report: self.report.take(),
             recycle: self.recycle.take(),
             lease: self.lease.take(),
@@ -556,6 +563,9 @@ impl Drop for TaskIo {
 
 /// Waits for a dropped task's worker to be reaped, then frees its slot.
 struct Reaper {
+    /// The process's epoch (`crate::epoch`): a reaper dropped in another
+    /// (a fork that inherited a runtime held in a static) owns nothing there.
+    epoch: u64,
     report: Option<AsyncFd<OwnedFd>>,
     /// Where the report socket pair goes back (see `TaskIo::recycle`). Not
     /// the zygote's shared state: a reaper must not keep the zygote alive
@@ -631,10 +641,21 @@ impl Reaper {
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        if self.epoch != epoch::current() {
+            // As in `TaskIo`'s drop: these fds, and the tasks the lease
+            // would wake, are not ours here.
+            std::mem::forget(self.report.take());
+            std::mem::forget(self.recycle.take());
+            std::mem::forget(self.lease.take());
+            std::mem::forget(self.mailbox.take());
+            std::mem::forget(self.spent.take());
+            return;
+        }
         // A reaper task dropped unfinished (its runtime shut down): finish the
         // wait synchronously so the slot is not lost.
         if self.lease.is_some() && self.report.is_some() {
             Reaper {
+                epoch: self.epoch,
                 report: self.report.take(),
                 recycle: None,
                 lease: self.lease.take(),

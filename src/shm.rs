@@ -16,86 +16,23 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
 
+use crate::epoch;
 use crate::sys::{self, SysError, SysResult};
 
-/// Which process this is, as far as mappings are concerned: 0 in the
-/// process that first started a zygote, and bumped in the child of every
-/// `fork` after that ([`watch_forks`]), be it a zygote, a worker, a fork of
-/// the user's or of another copy of this crate.
+/// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
 ///
-/// A `SharedWords` is only used in the epoch it was made or adopted in. The
+/// Used only in the epoch (`crate::epoch`) it was made or adopted in. The
 /// parent keeps each ring out of later forks (`MADV_DONTFORK`), but every
 /// later fork still inherits the parent's `SharedWords` value wherever user
 /// code can reach it (a `Process` in a static, say): there it must neither
 /// read the range, which may be unmapped or mapped to something else, nor
 /// unmap it. A zygote and its workers adopt their own ring.
-static EPOCH: AtomicU64 = AtomicU64::new(0);
-
-/// The `pthread_atfork` child handler: a new process, a new epoch. One
-/// atomic add, which is async-signal-safe.
-extern "C" fn forked() {
-    EPOCH.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Makes every later `fork` of this process start a new epoch (once per
-/// process; it is inherited across `fork`).
-pub(crate) fn watch_forks() -> SysResult<()> {
-    // The errno of a failed registration, kept so every later call fails too.
-    static WATCHING: OnceLock<Result<(), i32>> = OnceLock::new();
-    let registered = WATCHING
-        .get_or_init(|| sys::atfork_child(forked).map_err(|e| e.errno().unwrap_or(libc::ENOMEM)));
-    registered
-        .map_err(|errno| SysError::new("pthread_atfork", std::io::Error::from_raw_os_error(errno)))
-}
-
-/// This process's epoch (see [`EPOCH`]).
-fn epoch() -> u64 {
-    EPOCH.load(Ordering::Relaxed)
-}
-
-/// An fd that belongs to the process (the epoch) that opened it.
-///
-/// A value holding it can reach a later fork through a static (an unstarted
-/// [`Task`](crate::Task), say), but the fd number means something else
-/// there: a worker closes every fd it inherits and reuses the numbers
-/// (SAFETY.md F3). Dropped in another epoch, it closes nothing.
-pub(crate) struct EpochFd {
-    /// `None` only while an `EpochFd` of another epoch is dropped.
-    fd: Option<OwnedFd>,
-    epoch: u64,
-}
-
-impl EpochFd {
-    pub(crate) fn new(fd: OwnedFd) -> EpochFd {
-        EpochFd {
-            fd: Some(fd),
-            epoch: epoch(),
-        }
-    }
-}
-
-impl AsFd for EpochFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_ref().expect("taken only in drop").as_fd()
-    }
-}
-
-impl Drop for EpochFd {
-    fn drop(&mut self) {
-        if self.epoch != epoch() {
-            // Not ours to close: the number is free here, or another fd's.
-            std::mem::forget(self.fd.take());
-        }
-    }
-}
-
-/// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
 pub(crate) struct SharedWords {
     /// `None` only while a `SharedWords` of another epoch is dropped.
     map: Option<MmapRaw>,
@@ -132,7 +69,7 @@ impl SharedWords {
         let words = SharedWords {
             map: Some(map),
             words,
-            epoch: AtomicU64::new(epoch()),
+            epoch: AtomicU64::new(epoch::current()),
         };
         Ok((words, file.into()))
     }
@@ -142,12 +79,12 @@ impl SharedWords {
     /// for their own ring, which the parent keeps out of forks only after
     /// the zygote's.
     pub(crate) fn adopt(&self) {
-        self.epoch.store(epoch(), Ordering::Relaxed);
+        self.epoch.store(epoch::current(), Ordering::Relaxed);
     }
 
     /// Is this the mapping of this process's epoch (made or adopted here)?
     pub(crate) fn is_own(&self) -> bool {
-        self.epoch.load(Ordering::Relaxed) == epoch()
+        self.epoch.load(Ordering::Relaxed) == epoch::current()
     }
 
     /// Keeps this mapping out of every later fork of this process
@@ -164,7 +101,7 @@ impl SharedWords {
     }
 
     /// The mapping as atomic words. All cross-process access goes through
-    /// this. Empty in a process of a later epoch (see [`EPOCH`]).
+    /// this. Empty in a process of another epoch (see `crate::epoch`).
     pub(crate) fn words(&self) -> &[AtomicU64] {
         let Some(map) = self.map.as_ref().filter(|_| self.is_own()) else {
             return &[];
@@ -173,7 +110,7 @@ impl SharedWords {
         debug_assert!(ptr.is_aligned() && map.len() == self.words * 8);
         // SAFETY: SAFETY.md S1. The pointer comes from a mapping of exactly
         // `words * 8` bytes owned by `self` and live in this process: it was
-        // made in this epoch or adopted by this zygote (see `EPOCH`), so it
+        // made in this epoch or adopted by this zygote (`crate::epoch`), so it
         // is valid for the returned lifetime; mmap returns page-aligned
         // memory, which satisfies AtomicU64's alignment; AtomicU64 has the
         // same size as u64 and every bit pattern is a valid value; the

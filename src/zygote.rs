@@ -36,9 +36,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::event::epoll;
 use rustix::process::Pid;
 
+use crate::epoch;
 use crate::error::{Error, ErrorKind};
 use crate::ring::Ring;
-use crate::shm;
 use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource};
@@ -97,8 +97,8 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
         ));
     }
     // Every later fork of this process starts a new epoch, in which the
-    // rings (and zygote handles) it inherits are inert (`shm::EPOCH`).
-    shm::watch_forks()?;
+    // rings (and zygote handles) it inherits are inert (`crate::epoch`).
+    epoch::watch_forks()?;
     let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
@@ -125,7 +125,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     if let Ok(Forked::Child) = forked {
         sys::contain_child(|| {
             // Every ring this process inherited but its own is inert here
-            // (the parent keeps them out of this fork, see `shm::EPOCH`).
+            // (the parent keeps them out of this fork, see `crate::epoch`).
             ring.adopt();
             sys::reset_signals();
             worker::install_hooks();

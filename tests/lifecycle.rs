@@ -9,12 +9,15 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::{TestResult, checked, ensure};
@@ -98,6 +101,14 @@ fn main() {
         "a_plain_fork_can_touch_a_process_handle",
         a_plain_fork_can_touch_a_process_handle,
     ));
+    trials.push(Trial::test(
+        "a_later_worker_can_drop_a_run_paused_in_sending",
+        a_later_worker_can_drop_a_run_paused_in_sending,
+    ));
+    trials.push(Trial::test(
+        "a_later_worker_can_drop_a_runtime_with_a_reaper",
+        a_later_worker_can_drop_a_runtime_with_a_reaper,
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -152,11 +163,20 @@ fn state_of_held_task(_: ()) -> String {
 /// Takes the 64 lowest free fd numbers, where the parent's fds were, drops
 /// what the parent held, and returns those of its fds that the drop closed.
 fn drop_what_is_held(_: ()) -> Vec<i32> {
+    fds_closed_by(64, || {
+        drop(HELD.lock().unwrap_or_else(|p| p.into_inner()).take());
+    })
+}
+
+/// Takes the `count` lowest free fd numbers (as eventfds), runs `f`, and
+/// returns those of them that `f` closed.
+fn fds_closed_by(count: usize, f: impl FnOnce()) -> Vec<i32> {
     // SAFETY: eventfd(2) with valid flags; each fd is closed below, once.
-    let mine: Vec<i32> = (0..64)
+    let mine: Vec<i32> = (0..count)
         .map(|_| unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })
         .collect();
-    drop(HELD.lock().unwrap_or_else(|p| p.into_inner()).take());
+    assert!(!mine.contains(&-1), "eventfd failed");
+    f();
     // SAFETY: fcntl(F_GETFD) only asks about a plain fd number.
     let open = |fd: i32| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
     let (still, closed): (Vec<i32>, Vec<i32>) = mine.into_iter().partition(|&fd| open(fd));
@@ -165,6 +185,40 @@ fn drop_what_is_held(_: ()) -> Vec<i32> {
         unsafe { libc::close(fd) };
     }
     closed
+}
+
+/// A `run` future of the parent's, paused while it sends its request, held
+/// where a later zygote's workers can reach it.
+type HeldRun = Pin<Box<dyn Future<Output = run_in_process::Result<u64>> + Send>>;
+static PAUSED: Mutex<Option<HeldRun>> = Mutex::new(None);
+
+/// A runtime of the parent's with a reaper task on it, held where a later
+/// zygote's workers can reach it.
+static RUNTIME: Mutex<Option<tokio::runtime::Runtime>> = Mutex::new(None);
+
+/// Takes every fd number up to the highest of `reaper` (the fds the reaper
+/// held in the parent), drops the held runtime, and returns those of the
+/// reaper's numbers that the drop closed. (Dropping the runtime also closes
+/// the numbers of its own fds, which is tokio's business, not ours.)
+fn drop_held_runtime(reaper: Vec<i32>) -> Vec<i32> {
+    let highest = reaper.iter().copied().max().unwrap_or(0);
+    let closed = fds_closed_by(highest as usize + 1, || {
+        drop(RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).take());
+    });
+    closed
+        .into_iter()
+        .filter(|fd| reaper.contains(fd))
+        .collect()
+}
+
+/// Takes every fd number up to the highest of `owned` (the fds the paused
+/// future held in the parent), drops the paused future, and returns those
+/// of its fds that the drop closed.
+fn drop_paused_run(owned: Vec<i32>) -> Vec<i32> {
+    let highest = owned.iter().copied().max().unwrap_or(0);
+    fds_closed_by(highest as usize + 1, || {
+        drop(PAUSED.lock().unwrap_or_else(|p| p.into_inner()).take());
+    })
 }
 
 /// Tries to kill the held task (through its pidfd, in the parent).
@@ -608,7 +662,7 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
 /// a task may use them. The `Blob`'s bytes must be there; the running task,
 /// whose ring the parent keeps out of later forks, must answer without
 /// touching memory that is not mapped (a worker would die of `SIGSEGV`); and
-/// dropping them there must close no fd but the worker's own.
+/// dropping them there must leave the worker's own fds open.
 fn a_later_zygotes_workers_can_touch_what_the_parent_held() -> TestResult {
     let text = child_stdout("held-by-the-parent")?;
     let blob_sum = format!("Ok({})", 0xcd * (1 << 20));
@@ -651,6 +705,55 @@ fn a_plain_fork_can_touch_a_process_handle() -> TestResult {
     )
 }
 
+/// A `run` future that found the command socket full (the zygote stopped)
+/// waits with the fds of its request in hand. Held in a static and dropped
+/// in a later zygote's worker, it must close none of the worker's fds that
+/// have those numbers; back in the parent, it and the runs sent before it
+/// finish once the zygote goes on.
+fn a_later_worker_can_drop_a_run_paused_in_sending() -> TestResult {
+    let text = child_stdout("paused-send")?;
+    ensure(
+        line_of(&text, "runs sent before the socket filled:")
+            .parse::<usize>()
+            .is_ok_and(|n| n > 0),
+        format!("no run was sent before the socket filled; output {text:?}"),
+    )?;
+    lines_say(
+        &text,
+        &[
+            (
+                "fds of a later worker that dropping the paused run closed:",
+                "Ok([])",
+            ),
+            ("the paused run, finished by its owner:", "Ok(9)"),
+            ("runs sent before it that failed:", "0"),
+        ],
+    )
+}
+
+/// A dropped task's reaper waits on the runtime for its worker's exit. A
+/// runtime held in a static with a reaper on it, dropped in a later zygote's
+/// worker, drops the reaper there, which must close none of the worker's
+/// fds that have the numbers of its own; in the parent the reaper still
+/// frees the task's slot.
+fn a_later_worker_can_drop_a_runtime_with_a_reaper() -> TestResult {
+    let text = child_stdout("held-runtime")?;
+    ensure(
+        line_of(&text, "fds the reaper holds:") != "[]",
+        format!("no reaper fds seen; output {text:?}"),
+    )?;
+    lines_say(
+        &text,
+        &[
+            (
+                "of them, fds of a later worker that dropping the runtime closed:",
+                "Ok([])",
+            ),
+            ("workers after the parent dropped the runtime:", "0"),
+        ],
+    )
+}
+
 /// Checks that each line of `text` that starts with a key says what it
 /// should after the key.
 fn lines_say(text: &str, expected: &[(&str, &str)]) -> TestResult {
@@ -679,6 +782,8 @@ fn child_mode(mode: &str) {
         "ctrunc-queued" => ctrunc_queued_child(),
         "held-by-the-parent" => held_by_the_parent_child(),
         "plain-fork" => plain_fork_child(),
+        "paused-send" => paused_send_child(),
+        "held-runtime" => held_runtime_child(),
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -896,10 +1001,7 @@ fn on_small_zygote<F: Future<Output = ()>>(parked: u32, body: impl FnOnce(Zygote
         .max_in_flight(2)
         .start()
         .expect("start zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = current_thread();
     rt.block_on(body(z));
 }
 
@@ -932,10 +1034,7 @@ fn final_report_ctrunc_child() {
 /// starts a second zygote, and prints what two of its tasks make of them.
 fn held_by_the_parent_child() {
     let first = Zygote::builder().parked(0).start().expect("start zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = current_thread();
     let (blob, task) = rt.block_on(async {
         let blob = first.run(make_blob, 1 << 20).await.expect("a large result");
         let task = first.open(sleep_forever, ()).await.expect("open");
@@ -953,14 +1052,8 @@ fn held_by_the_parent_child() {
     // A current-thread runtime: once it is gone, this process has one thread
     // again, as `start` requires.
     drop(rt);
-    let later = Zygote::builder()
-        .parked(0)
-        .start()
-        .expect("start a second zygote");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let later = cold_zygote();
+    let rt = current_thread();
     rt.block_on(async {
         let sum = later.run(sum_of_held_blob, ()).await.map_err(|e| e.kind());
         println!("the held blob, summed in a later worker: {sum:?}");
@@ -992,6 +1085,139 @@ fn held_by_the_parent_child() {
         // is killed and the first zygote exits.
         drop(zygote);
     });
+}
+
+/// Stops a zygote with room for 4,096 tasks and starts runs on it, polling
+/// each once, until one is paused in sending its request (it holds more
+/// fds than the doorbell and report socket of a sent one); holds that one in
+/// `PAUSED`, has a later zygote's worker drop it, then lets the first zygote
+/// go on and finishes every run.
+fn paused_send_child() {
+    let first = Zygote::builder()
+        .max_in_flight(4096)
+        .parked(0)
+        .start()
+        .expect("start zygote");
+    let zygote_pid = first.pid() as libc::pid_t;
+    // SAFETY: kill(2) on our own child, which is not reaped until `first`
+    // is dropped.
+    unsafe { libc::kill(zygote_pid, libc::SIGSTOP) };
+    let rt = current_thread();
+    // Unconstrained: tokio's cooperative budget would otherwise make every
+    // poll after the first 128 or so pend before it does anything.
+    let found = rt.block_on(tokio::task::unconstrained(async {
+        let mut sent = Vec::new();
+        for _ in 0..4000 {
+            let mut run: HeldRun = Box::pin(first.task(square, 3).run());
+            let before = fd_numbers();
+            let polled = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+            if let Poll::Ready(result) = polled {
+                return Err(format!("a run on a stopped zygote finished: {result:?}"));
+            }
+            // A run whose request went out holds its doorbell and its report
+            // socket; one paused in sending also holds the socket's far end
+            // and a duplicate of the command socket.
+            let owned: Vec<i32> = fd_numbers().difference(&before).copied().collect();
+            match owned.len() {
+                2 => sent.push(run),
+                4 => {
+                    *PAUSED.lock().expect("lock") = Some(run);
+                    return Ok((sent, owned));
+                }
+                n => return Err(format!("a pending run holds {n} new fds")),
+            }
+        }
+        Err("the command socket never filled".to_string())
+    }));
+    let (sent, owned) = found.unwrap_or_else(|e| {
+        // SAFETY: as above. Killed first, so that the runs dropped while
+        // unwinding see its end at once instead of waiting on it.
+        unsafe { libc::kill(zygote_pid, libc::SIGKILL) };
+        panic!("{e}")
+    });
+    println!("runs sent before the socket filled: {}", sent.len());
+    // A current-thread runtime runs no thread, so this process still has
+    // one, as `start` requires.
+    let later = cold_zygote();
+    rt.block_on(async {
+        let closed = later
+            .run(drop_paused_run, owned)
+            .await
+            .map_err(|e| e.kind());
+        println!("fds of a later worker that dropping the paused run closed: {closed:?}");
+        // SAFETY: as above.
+        unsafe { libc::kill(zygote_pid, libc::SIGCONT) };
+        let paused = PAUSED.lock().expect("lock").take().expect("held");
+        let finished = paused.await.map_err(|e| e.kind());
+        println!("the paused run, finished by its owner: {finished:?}");
+        let mut failed = 0;
+        for run in sent {
+            if run.await.ok() != Some(9) {
+                failed += 1;
+            }
+        }
+        println!("runs sent before it that failed: {failed}");
+    });
+}
+
+/// Drops a task of a stopped zygote on a runtime, which leaves a reaper
+/// waiting there for the worker's exit; holds that runtime in `RUNTIME` and
+/// has a later zygote's worker drop it; then lets the zygote go on and drops
+/// the runtime in the parent, whose reaper then frees the task's slot.
+fn held_runtime_child() {
+    let first = Zygote::builder().parked(0).start().expect("start zygote");
+    let zygote_pid = first.pid() as libc::pid_t;
+    let rt = current_thread();
+    let reaper: Vec<i32> = rt.block_on(async {
+        let before = fd_numbers();
+        let task = first.open(sleep_forever, ()).await.expect("open");
+        // Stopped, the zygote reports no exit, so the reaper keeps waiting
+        // (it is not even polled: this future returns first).
+        // SAFETY: kill(2) on our own child, not reaped until `first` drops.
+        unsafe { libc::kill(zygote_pid, libc::SIGSTOP) };
+        drop(task);
+        // What the task opened and its drop left open is its reaper's.
+        fd_numbers().difference(&before).copied().collect()
+    });
+    println!("fds the reaper holds: {reaper:?}");
+    *RUNTIME.lock().expect("lock") = Some(rt);
+    // A current-thread runtime runs no thread, so this process still has
+    // one, as `start` requires.
+    let later = cold_zygote();
+    let rt = current_thread();
+    let closed = rt
+        .block_on(later.run(drop_held_runtime, reaper))
+        .map_err(|e| e.kind());
+    println!("of them, fds of a later worker that dropping the runtime closed: {closed:?}");
+    // SAFETY: as above.
+    unsafe { libc::kill(zygote_pid, libc::SIGCONT) };
+    drop(RUNTIME.lock().expect("lock").take());
+    println!(
+        "workers after the parent dropped the runtime: {}",
+        first.workers()
+    );
+}
+
+/// A current-thread runtime: it runs no thread of its own, so a zygote can
+/// still be started while it exists.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A zygote without parked workers.
+fn cold_zygote() -> Zygote {
+    Zygote::builder().parked(0).start().expect("start zygote")
+}
+
+/// The numbers of this process's open fds.
+fn fd_numbers() -> BTreeSet<i32> {
+    common::open_fds()
+        .iter()
+        .filter_map(|fd| fd.split("->").next()?.parse().ok())
+        .collect()
 }
 
 /// Opens a task, forks this process with libc's `fork`, and has the child
