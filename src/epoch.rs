@@ -9,7 +9,7 @@
 //! keeps each ring out of later forks (SAFETY.md S1), so the same fd number
 //! or address means something else in the child.
 
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -48,7 +48,8 @@ pub(crate) fn current() -> u64 {
 /// value owns there goes when the process exits.
 ///
 /// For fds and registrations that a value user code can reach (an unstarted
-/// [`Task`](crate::Task), a future paused while it sends a request) holds.
+/// [`Task`](crate::Task), a future paused while it sends a request, a
+/// runtime's reaper task) holds.
 pub(crate) struct ForkLocal<T> {
     /// `None` only after `into_inner`, or while dropped in another epoch.
     value: Option<T>,
@@ -74,6 +75,12 @@ impl<T> Deref for ForkLocal<T> {
 
     fn deref(&self) -> &T {
         self.value.as_ref().expect("present until taken")
+    }
+}
+
+impl<T> DerefMut for ForkLocal<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("present until taken")
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
-use crate::epoch::{self, ForkLocal};
+use crate::epoch::ForkLocal;
 use crate::error::Error;
 use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
@@ -545,7 +545,6 @@ impl Drop for TaskIo {
         // Keep the slot until the zygote reports the worker reaped, without
         // blocking: a small task on the current runtime waits for that.
         let reaper = Reaper {
-            epoch: epoch::current(),
             report: self.report.take(),
             recycle: self.recycle.take(),
             lease: self.lease.take(),
@@ -554,7 +553,11 @@ impl Drop for TaskIo {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(reaper.run());
+                // Fork-local: a runtime held in a static and dropped in a
+                // fork drops this task there, where what the reaper owns is
+                // not ours (as in this drop's first branch).
+                let mut reaper = ForkLocal::new(reaper);
+                handle.spawn(async move { reaper.run().await });
             }
             Err(_) => reaper.block(),
         }
@@ -563,9 +566,6 @@ impl Drop for TaskIo {
 
 /// Waits for a dropped task's worker to be reaped, then frees its slot.
 struct Reaper {
-    /// The process's epoch (`crate::epoch`): a reaper dropped in another
-    /// (a fork that inherited a runtime held in a static) owns nothing there.
-    epoch: u64,
     report: Option<AsyncFd<OwnedFd>>,
     /// Where the report socket pair goes back (see `TaskIo::recycle`). Not
     /// the zygote's shared state: a reaper must not keep the zygote alive
@@ -579,7 +579,7 @@ struct Reaper {
 }
 
 impl Reaper {
-    async fn run(mut self) {
+    async fn run(&mut self) {
         if let Some(report) = &self.report {
             loop {
                 let Ok(mut guard) = report.readable().await else {
@@ -641,21 +641,10 @@ impl Reaper {
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        if self.epoch != epoch::current() {
-            // As in `TaskIo`'s drop: these fds, and the tasks the lease
-            // would wake, are not ours here.
-            std::mem::forget(self.report.take());
-            std::mem::forget(self.recycle.take());
-            std::mem::forget(self.lease.take());
-            std::mem::forget(self.mailbox.take());
-            std::mem::forget(self.spent.take());
-            return;
-        }
         // A reaper task dropped unfinished (its runtime shut down): finish the
         // wait synchronously so the slot is not lost.
         if self.lease.is_some() && self.report.is_some() {
             Reaper {
-                epoch: self.epoch,
                 report: self.report.take(),
                 recycle: None,
                 lease: self.lease.take(),

@@ -113,7 +113,7 @@ pub(crate) fn atfork_child(child: extern "C" fn()) -> SysResult<()> {
     // SAFETY: SAFETY.md S1. `pthread_atfork` only records the function
     // pointers it is given; `child` is a plain `extern "C" fn` that lives for
     // the whole program, and the caller passes one that is async-signal-safe
-    // (`shm::forked` does one atomic add), as the child of a threaded
+    // (`epoch::forked` does one atomic add), as the child of a threaded
     // process requires.
     match unsafe { libc::pthread_atfork(None, None, Some(child)) } {
         0 => Ok(()),
