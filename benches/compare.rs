@@ -9,8 +9,11 @@
 //! vCPU placement on a VM; ratios measured side by side do not.
 //!
 //! Order matters: `procspawn::init()` must come first (procspawn re-executes
-//! this binary for every spawn), and every fork from this process (the echo
-//! child, the raw fork server, the zygote) happens before any thread exists.
+//! this binary for every spawn), and every fork from this process (the floor
+//! server, the echo child, the raw fork server, the zygotes) happens before
+//! any thread exists. The peers start threads (tokio's blocking pool,
+//! procspawn's), so the fork floors are timed in the floor server, a
+//! single-threaded child forked at start-up like the zygote.
 
 use std::hint::black_box;
 use std::io::Write;
@@ -115,6 +118,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 200 } else { 2000 };
 
+    let mut floors = FloorServer::fork();
     let echo = Echo::fork();
     let raw = RawForkServer::fork();
     let zygote = Zygote::start().expect("start the zygote");
@@ -135,7 +139,6 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let efd = eventfd();
     rt.block_on(async {
         assert_eq!(
             zygote.run(noop, 7).await.expect("run"),
@@ -151,33 +154,26 @@ fn main() {
         warm_up(&cold_zygote).await;
     });
 
-    // Floors and this crate's noop runs, measured in alternating rounds: this
-    // VM's fork cost drifts by 2x within minutes, and interleaving makes the
-    // drift hit numerators and denominators alike. No thread exists yet (the
-    // runtime is current-thread), so the floors fork from a single-threaded
-    // process, as the zygote does.
+    // Floors, this crate's noop runs and the peers, measured in alternating
+    // rounds: this VM's speed drifts by 2x within minutes, and interleaving
+    // makes the drift hit numerators and denominators alike (peers timed a
+    // minute after the crate once came out 0.26x to 1.83x its speed in five
+    // runs of one morning).
     const ROUNDS: usize = 10;
     let per = n / ROUNDS;
     let (mut fork_wait, mut fork_wake) = (Vec::new(), Vec::new());
     let (mut ping_same, mut ping_cross) = (Vec::new(), Vec::new());
     let (mut cold, mut warm, mut warm_paced) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut spawn_blocking, mut true_cmd) = (Vec::new(), Vec::new());
+    let (mut procspawn_spawn, mut procspawn_pool) = (Vec::new(), Vec::new());
+    let pool = procspawn::Pool::new(2).expect("procspawn pool");
     for _ in 0..ROUNDS {
-        fork_wait.extend(measure(per, || {
-            let pid = fork_then(|| ());
-            reap(pid);
-        }));
-        fork_wake.extend(measure(per, || {
-            let pid = fork_then(|| write_u64(efd.as_raw_fd(), 1));
-            read_u64(efd.as_raw_fd());
-            // The reap is not on the caller's path in the crate either, but
-            // it must happen before the next fork so children never pile up.
-            let t = Instant::now();
-            reap(pid);
-            black_box(t.elapsed());
-        }));
+        fork_wait.extend(floors.times(Floor::ForkWait, per));
+        fork_wake.extend(floors.times(Floor::ForkWake, per));
         // Pinned both ways: unpinned, the scheduler puts a long-lived echo
         // child on the parent's CPU or the other one by luck, and the round
-        // trip is 10x apart between the two.
+        // trip is 10x apart between the two. (`pin(0, ..)` pins the calling
+        // thread, the only one that runs this loop.)
         pin(0, 0);
         pin(echo.pid, 0);
         ping_same.extend(measure(per, || echo.round_trip()));
@@ -191,8 +187,33 @@ fn main() {
             // A pause before each task lets the zygote park a replacement,
             // so every task meets a parked worker.
             warm_paced.extend(runs(&zygote, per, Duration::from_millis(2)).await);
+            spawn_blocking.extend(
+                measure_async(per, || async {
+                    black_box(tokio::task::spawn_blocking(|| noop(1)).await.expect("join"))
+                })
+                .await,
+            );
+            true_cmd.extend(
+                measure_async(per / 5, || async {
+                    let s = tokio::process::Command::new("/bin/true")
+                        .status()
+                        .await
+                        .expect("/bin/true");
+                    assert!(s.success());
+                })
+                .await,
+            );
         });
+        procspawn_spawn.extend(measure(per / 10, || {
+            let h = procspawn::spawn(1u64, noop);
+            assert_eq!(h.join().expect("procspawn join"), 1);
+        }));
+        procspawn_pool.extend(measure(per / 2, || {
+            let h = pool.spawn(1u64, noop);
+            assert_eq!(h.join().expect("procspawn pool join"), 1);
+        }));
     }
+    pool.shutdown();
     let (fork_wait, fork_wake) = (Stats::of(fork_wait), Stats::of(fork_wake));
     let (ping_same, ping) = (Stats::of(ping_same), Stats::of(ping_cross));
     let (cold, warm, warm_paced) = (Stats::of(cold), Stats::of(warm), Stats::of(warm_paced));
@@ -360,37 +381,8 @@ fn main() {
         Stats::of(fresh_copy),
     );
 
-    // Peers.
-    let spawn_blocking = rt.block_on(async {
-        Stats::of(
-            measure_async(n, || async {
-                black_box(tokio::task::spawn_blocking(|| noop(1)).await.expect("join"))
-            })
-            .await,
-        )
-    });
-    let true_cmd = rt.block_on(async {
-        Stats::of(
-            measure_async(n / 5, || async {
-                let s = tokio::process::Command::new("/bin/true")
-                    .status()
-                    .await
-                    .expect("/bin/true");
-                assert!(s.success());
-            })
-            .await,
-        )
-    });
-    let procspawn_spawn = Stats::of(measure(n / 10, || {
-        let h = procspawn::spawn(1u64, noop);
-        assert_eq!(h.join().expect("procspawn join"), 1);
-    }));
-    let pool = procspawn::Pool::new(2).expect("procspawn pool");
-    let procspawn_pool = Stats::of(measure(n / 2, || {
-        let h = pool.spawn(1u64, noop);
-        assert_eq!(h.join().expect("procspawn pool join"), 1);
-    }));
-    pool.shutdown();
+    let (spawn_blocking, true_cmd) = (Stats::of(spawn_blocking), Stats::of(true_cmd));
+    let (procspawn_spawn, procspawn_pool) = (Stats::of(procspawn_spawn), Stats::of(procspawn_pool));
     rows.push(Row::new(
         "peer: tokio spawn_blocking (no process)",
         spawn_blocking,
@@ -438,6 +430,7 @@ fn main() {
     drop(zygote);
     drop(cold_zygote);
     drop(blob_zygote);
+    floors.stop();
     echo.stop();
     raw.stop();
 
@@ -779,10 +772,12 @@ fn read_u64(fd: RawFd) -> u64 {
 }
 
 /// Forks a child that runs `f` and `_exit`s. Only for a single-threaded
-/// process, and `f` must only make async-signal-safe calls.
+/// process: the bench process before it starts any thread, and the children
+/// it forks then, which never start one.
 fn fork_then(f: impl FnOnce()) -> libc::pid_t {
-    // SAFETY: this benchmark forks only while it has one thread (see `main`),
-    // and the child only runs `f` (a write to an eventfd) and `_exit`.
+    // SAFETY: this benchmark forks only from processes that have one thread
+    // (see `main` and `FloorServer`), so the child may run any code; it
+    // leaves through `_exit`, running no destructor of the parent's.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
@@ -831,6 +826,96 @@ fn unpin(pid: libc::pid_t) {
     }
     // SAFETY: a valid set of the size we pass; this affects scheduling only.
     unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+}
+
+/// A fork floor to time in the floor server.
+#[derive(Clone, Copy)]
+enum Floor {
+    /// `fork` + `_exit` + `waitpid`.
+    ForkWait = 1,
+    /// `fork`, the child writes an eventfd, the server wakes on it.
+    ForkWake = 2,
+}
+
+/// A single-threaded child, forked at start-up as the zygote is, that times
+/// the fork floors on request: the bench process itself has threads once
+/// the peers have run, and a fork from it would then neither be allowed to
+/// run Rust code nor cost what a fork from the zygote costs.
+struct FloorServer {
+    pid: libc::pid_t,
+    stream: std::os::unix::net::UnixStream,
+}
+
+/// The floor server's request to exit.
+const STOP: u64 = 0;
+
+impl FloorServer {
+    fn fork() -> FloorServer {
+        let (stream, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let pid = fork_then(move || {
+            use std::io::Read;
+            let mut theirs = theirs;
+            let efd = eventfd();
+            let mut request = [0u8; 16];
+            while theirs.read_exact(&mut request).is_ok() {
+                let [kind, n] = [&request[..8], &request[8..]]
+                    .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
+                let times = if kind == STOP {
+                    return;
+                } else if kind == Floor::ForkWait as u64 {
+                    measure(n as usize, || reap(fork_then(|| ())))
+                } else {
+                    measure(n as usize, || {
+                        let pid = fork_then(|| write_u64(efd.as_raw_fd(), 1));
+                        read_u64(efd.as_raw_fd());
+                        // The reap is not on the caller's path in the crate
+                        // either, but it must happen before the next fork so
+                        // children never pile up.
+                        let t = Instant::now();
+                        reap(pid);
+                        black_box(t.elapsed());
+                    })
+                };
+                let bytes: Vec<u8> = times
+                    .iter()
+                    .flat_map(|t| (t.as_nanos() as u64).to_ne_bytes())
+                    .collect();
+                if theirs.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+        });
+        FloorServer { pid, stream }
+    }
+
+    /// `n` timings of `floor`, after `n / 10` untimed ones.
+    fn times(&mut self, floor: Floor, n: usize) -> Vec<Duration> {
+        use std::io::Read;
+        let mut request = [0u8; 16];
+        request[..8].copy_from_slice(&(floor as u64).to_ne_bytes());
+        request[8..].copy_from_slice(&(n as u64).to_ne_bytes());
+        self.stream
+            .write_all(&request)
+            .expect("ask the floor server");
+        let mut bytes = vec![0u8; n * 8];
+        self.stream
+            .read_exact(&mut bytes)
+            .expect("read the floor server's timings");
+        bytes
+            .chunks_exact(8)
+            .map(|b| Duration::from_nanos(u64::from_ne_bytes(b.try_into().expect("8 bytes"))))
+            .collect()
+    }
+
+    fn stop(mut self) {
+        // Not end-of-stream: the children forked after it hold our end too.
+        let mut request = [0u8; 16];
+        request[..8].copy_from_slice(&STOP.to_ne_bytes());
+        self.stream
+            .write_all(&request)
+            .expect("stop the floor server");
+        reap(self.pid);
+    }
 }
 
 /// A child that answers each eventfd write with one of its own.
