@@ -49,19 +49,33 @@ pub(crate) fn current() -> u64 {
 ///
 /// For fds and registrations that a value user code can reach (an unstarted
 /// [`Task`](crate::Task), a future paused while it sends a request, a
-/// runtime's reaper task) holds.
+/// runtime's reaper task) holds, and for a ring's mapping, which the zygote
+/// and its workers [`adopt`](ForkLocal::adopt).
 pub(crate) struct ForkLocal<T> {
     /// `None` only after `into_inner`, or while dropped in another epoch.
     value: Option<T>,
-    epoch: u64,
+    /// The epoch the value belongs to; atomic so that a shared value can be
+    /// adopted.
+    epoch: AtomicU64,
 }
 
 impl<T> ForkLocal<T> {
     pub(crate) fn new(value: T) -> ForkLocal<T> {
         ForkLocal {
             value: Some(value),
-            epoch: current(),
+            epoch: AtomicU64::new(current()),
         }
+    }
+
+    /// Takes the value, inherited across a fork, as this process's own: for
+    /// what a fork keeps using, as a zygote and its workers do their ring.
+    pub(crate) fn adopt(&self) {
+        self.epoch.store(current(), Ordering::Relaxed);
+    }
+
+    /// Does the value belong to this process (made or adopted here)?
+    pub(crate) fn is_own(&self) -> bool {
+        self.epoch.load(Ordering::Relaxed) == current()
     }
 
     /// The value, to be owned by something that handles other epochs itself.
@@ -86,7 +100,7 @@ impl<T> DerefMut for ForkLocal<T> {
 
 impl<T> Drop for ForkLocal<T> {
     fn drop(&mut self) {
-        if self.epoch != current() {
+        if !self.is_own() {
             std::mem::forget(self.value.take());
         }
     }

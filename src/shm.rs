@@ -17,12 +17,12 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
 
-use crate::epoch;
+use crate::epoch::ForkLocal;
 use crate::sys::{self, SysError, SysResult};
 
 /// A `MAP_SHARED` mapping of a sealed memfd, viewed as 64-bit atomic words.
@@ -32,13 +32,11 @@ use crate::sys::{self, SysError, SysResult};
 /// later fork still inherits the parent's `SharedWords` value wherever user
 /// code can reach it (a `Process` in a static, say): there it must neither
 /// read the range, which may be unmapped or mapped to something else, nor
-/// unmap it. A zygote and its workers adopt their own ring.
+/// unmap it (`ForkLocal` forgets it there). A zygote and its workers adopt
+/// their own ring.
 pub(crate) struct SharedWords {
-    /// `None` only while a `SharedWords` of another epoch is dropped.
-    map: Option<MmapRaw>,
+    map: ForkLocal<MmapRaw>,
     words: usize,
-    /// The epoch in which `map` is this process's own mapping.
-    epoch: AtomicU64,
 }
 
 impl SharedWords {
@@ -67,9 +65,8 @@ impl SharedWords {
             .map_raw(&file)
             .map_err(|e| SysError::new("mmap", e))?;
         let words = SharedWords {
-            map: Some(map),
+            map: ForkLocal::new(map),
             words,
-            epoch: AtomicU64::new(epoch::current()),
         };
         Ok((words, file.into()))
     }
@@ -79,12 +76,12 @@ impl SharedWords {
     /// for their own ring, which the parent keeps out of forks only after
     /// the zygote's.
     pub(crate) fn adopt(&self) {
-        self.epoch.store(epoch::current(), Ordering::Relaxed);
+        self.map.adopt();
     }
 
     /// Is this the mapping of this process's epoch (made or adopted here)?
     pub(crate) fn is_own(&self) -> bool {
-        self.epoch.load(Ordering::Relaxed) == epoch::current()
+        self.map.is_own()
     }
 
     /// Keeps this mapping out of every later fork of this process
@@ -92,22 +89,19 @@ impl SharedWords {
     /// zygote exists, so that a zygote started later, and every worker of
     /// it, does not map this one's ring.
     pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
-        match &self.map {
-            Some(map) => map
-                .advise(memmap2::Advice::DontFork)
-                .map_err(|e| SysError::new("madvise", e)),
-            None => Ok(()),
-        }
+        self.map
+            .advise(memmap2::Advice::DontFork)
+            .map_err(|e| SysError::new("madvise", e))
     }
 
     /// The mapping as atomic words. All cross-process access goes through
     /// this. Empty in a process of another epoch (see `crate::epoch`).
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        let Some(map) = self.map.as_ref().filter(|_| self.is_own()) else {
+        if !self.is_own() {
             return &[];
-        };
-        let ptr = map.as_ptr().cast::<AtomicU64>();
-        debug_assert!(ptr.is_aligned() && map.len() == self.words * 8);
+        }
+        let ptr = self.map.as_ptr().cast::<AtomicU64>();
+        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
         // SAFETY: SAFETY.md S1. The pointer comes from a mapping of exactly
         // `words * 8` bytes owned by `self` and live in this process: it was
         // made in this epoch or adopted by this zygote (`crate::epoch`), so it
@@ -119,17 +113,6 @@ impl SharedWords {
         // `&[AtomicU64]` permits: we only ever access them through atomic
         // operations.
         unsafe { std::slice::from_raw_parts(ptr, self.words) }
-    }
-}
-
-impl Drop for SharedWords {
-    fn drop(&mut self) {
-        if !self.is_own() {
-            // Not this process's mapping: the range may hold another one
-            // by now, which `munmap` would destroy. The process is a fork
-            // that leaves through `_exit`; its address space goes with it.
-            std::mem::forget(self.map.take());
-        }
     }
 }
 
