@@ -888,15 +888,20 @@ impl FloorServer {
         FloorServer { pid, stream }
     }
 
-    /// `n` timings of `floor`, after `n / 10` untimed ones.
-    fn times(&mut self, floor: Floor, n: usize) -> Vec<Duration> {
-        use std::io::Read;
+    /// Sends one request: `kind` (a `Floor`, or `STOP`) and a count.
+    fn ask(&mut self, kind: u64, n: usize) {
         let mut request = [0u8; 16];
-        request[..8].copy_from_slice(&(floor as u64).to_ne_bytes());
+        request[..8].copy_from_slice(&kind.to_ne_bytes());
         request[8..].copy_from_slice(&(n as u64).to_ne_bytes());
         self.stream
             .write_all(&request)
             .expect("ask the floor server");
+    }
+
+    /// `n` timings of `floor`, after `n / 10` untimed ones.
+    fn times(&mut self, floor: Floor, n: usize) -> Vec<Duration> {
+        use std::io::Read;
+        self.ask(floor as u64, n);
         let mut bytes = vec![0u8; n * 8];
         self.stream
             .read_exact(&mut bytes)
@@ -909,11 +914,7 @@ impl FloorServer {
 
     fn stop(mut self) {
         // Not end-of-stream: the children forked after it hold our end too.
-        let mut request = [0u8; 16];
-        request[..8].copy_from_slice(&STOP.to_ne_bytes());
-        self.stream
-            .write_all(&request)
-            .expect("stop the floor server");
+        self.ask(STOP, 0);
         reap(self.pid);
     }
 }
