@@ -85,6 +85,7 @@ mod process;
 mod reactor;
 mod report_pool;
 mod ring;
+mod shared;
 mod shm;
 mod slots;
 mod spill;

@@ -3,35 +3,28 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::Interest;
 use tokio::time::Instant;
 
 use crate::blob;
 use crate::codec;
-use crate::epoch::ForkLocal;
 use crate::error::{Error, ErrorKind, Result};
-use crate::mailbox::Mailboxes;
 use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Record, TaskIo};
-use crate::report_pool::ReportPool;
-use crate::ring::Ring;
+use crate::shared::Inner;
 use crate::shm::SealedBytes;
-use crate::slots::Slots;
-use crate::spill::SpillReceiver;
 use crate::sys::{self, WaitStatus};
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
-use crate::zygote::{self, Limits, ZygoteProcess};
+use crate::zygote::{self, Limits};
 
 /// Default number of tasks that may run at once.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
@@ -144,15 +137,7 @@ impl Builder {
         };
         let process = zygote::spawn(limits)?;
         Ok(Zygote {
-            inner: Arc::new(Inner {
-                slots: Arc::new(Slots::new(limits.slots)),
-                spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
-                mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
-                report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
-                next_gen: AtomicU64::new(1),
-                limits,
-                process: Arc::new(process),
-            }),
+            inner: Arc::new(Inner::new(process, limits)),
         })
     }
 }
@@ -667,115 +652,6 @@ impl<R: DeserializeOwned> Process<R> {
                 value
             }
         }
-    }
-}
-
-/// The parent's shared state for one zygote.
-pub(crate) struct Inner {
-    /// The parts of `Inner` that own fds are behind `Arc`s, so that `Drop`
-    /// can leak them in another process (see `check_process`).
-    pub(crate) process: Arc<ZygoteProcess>,
-    pub(crate) limits: Limits,
-    pub(crate) slots: Arc<Slots>,
-    pub(crate) spill: Arc<SpillReceiver>,
-    pub(crate) mailboxes: Arc<Mailboxes>,
-    /// Spare report socket pairs for tasks forked on demand.
-    pub(crate) report_pool: Arc<ReportPool>,
-    next_gen: AtomicU64,
-}
-
-impl Inner {
-    /// Refuses use in any process but the one that started the zygote, the
-    /// one whose epoch the ring belongs to (`crate::epoch`). A worker, or any
-    /// other fork, inherits a handle held in a static, but not its fds: their
-    /// numbers are closed there, or reused by fds of its own.
-    pub(crate) fn check_process(&self) -> Result<()> {
-        if self.process.ring.is_own() {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorKind::WrongProcess,
-            format!(
-                "this zygote (pid {}) belongs to the process that started it, not to this one",
-                self.process.pid.as_raw_nonzero()
-            ),
-        ))
-    }
-
-    pub(crate) fn ring(&self) -> &Ring {
-        &self.process.ring
-    }
-
-    /// A fresh task generation: unique for this zygote's life.
-    pub(crate) fn next_gen(&self) -> u64 {
-        self.next_gen.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Generations below this have been handed out.
-    pub(crate) fn issued(&self) -> u64 {
-        self.next_gen.load(Ordering::Relaxed)
-    }
-
-    /// Sends a spawn request, waiting for room in the socket if need be.
-    pub(crate) async fn send_request(&self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
-        loop {
-            match sys::send_frame(self.process.command.as_fd(), frame, fds) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_would_block() => {
-                    // Rare: the zygote is behind by a socket buffer's worth of
-                    // requests. Wait on a private duplicate of the fd, so that
-                    // concurrent waiters never share an epoll registration.
-                    let dup = self
-                        .process
-                        .command
-                        .try_clone()
-                        .map_err(|e| Error::io("dup", e))?;
-                    // Held across the await: see `TaskIo::start`.
-                    let fd = ForkLocal::new(crate::reactor::register(dup, Interest::WRITABLE)?);
-                    let _ = fd
-                        .writable()
-                        .await
-                        .map_err(|e| Error::io("epoll_wait", e))?;
-                }
-                Err(e)
-                    if matches!(
-                        e.errno(),
-                        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
-                    ) =>
-                {
-                    return Err(Error::zygote_died());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if self.check_process().is_err() {
-            // A copy in a worker (see `check_process`): the fd numbers are
-            // not ours here, so neither shut down, wait on, nor close them.
-            // The process leaves through `_exit`, which releases it all.
-            std::mem::forget(Arc::clone(&self.process));
-            std::mem::forget(Arc::clone(&self.spill));
-            std::mem::forget(Arc::clone(&self.report_pool));
-            // Parked workers' pidfds.
-            std::mem::forget(Arc::clone(&self.mailboxes));
-            return;
-        }
-        // End-of-stream on the command socket tells the zygote to kill its
-        // workers and exit; then reap it. Bounded: a zygote that does not exit
-        // within a second is killed.
-        let _ = rustix::net::shutdown(&self.process.command, rustix::net::Shutdown::Write);
-        let pidfd = self.process.pidfd.as_fd();
-        if !matches!(
-            sys::poll_readable(pidfd, Some(Duration::from_secs(1))),
-            Ok(true)
-        ) {
-            let _ = sys::pidfd_send_signal(pidfd, Signal::KILL);
-        }
-        let _ = sys::waitid_pidfd(pidfd);
     }
 }
 

@@ -22,7 +22,7 @@
 //! way no call in `Drop` blocks, and a small reaper task keeps the slot until
 //! the zygote reports the worker reaped.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,9 +35,9 @@ use crate::epoch::ForkLocal;
 use crate::error::Error;
 use crate::mailbox::MailboxGuard;
 use crate::payload::Payload;
-use crate::process::Inner;
 use crate::report_pool::Recycle;
 use crate::ring::Taken;
+use crate::shared::Inner;
 use crate::shm::SealedBytes;
 use crate::slots::Lease;
 use crate::sys::{self, WaitStatus};
@@ -196,7 +196,7 @@ impl TaskIo {
                 let theirs = ForkLocal::new(pair.theirs);
                 let mut with_report = vec![theirs.as_fd()];
                 with_report.extend_from_slice(&fds);
-                inner.send_request(&frame, &with_report).await?;
+                send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
                 drop(with_report);
@@ -431,6 +431,40 @@ impl TaskIo {
             tag,
             |g| g < issued,
         )
+    }
+}
+
+/// Sends a spawn request, waiting for room in the socket if need be.
+async fn send_request(inner: &Inner, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+    loop {
+        match sys::send_frame(inner.process.command.as_fd(), frame, fds) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_would_block() => {
+                // Rare: the zygote is behind by a socket buffer's worth of
+                // requests. Wait on a private duplicate of the fd, so that
+                // concurrent waiters never share an epoll registration.
+                let dup = inner
+                    .process
+                    .command
+                    .try_clone()
+                    .map_err(|e| Error::io("dup", e))?;
+                // Held across the await: see `TaskIo::start`.
+                let fd = ForkLocal::new(register(dup, Interest::WRITABLE)?);
+                let _ = fd
+                    .writable()
+                    .await
+                    .map_err(|e| Error::io("epoll_wait", e))?;
+            }
+            Err(e)
+                if matches!(
+                    e.errno(),
+                    Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                ) =>
+            {
+                return Err(Error::zygote_died());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -1,0 +1,107 @@
+//! The parent's shared state for one zygote: what every [`Zygote`] clone,
+//! task and reaper of it holds, and the zygote's shutdown when the last goes.
+//!
+//! [`Zygote`]: crate::Zygote
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustix::process::Signal;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::mailbox::Mailboxes;
+use crate::report_pool::ReportPool;
+use crate::ring::Ring;
+use crate::slots::Slots;
+use crate::spill::SpillReceiver;
+use crate::sys;
+use crate::zygote::{Limits, ZygoteProcess};
+
+/// The parent's shared state for one zygote.
+pub(crate) struct Inner {
+    /// The parts of `Inner` that own fds are behind `Arc`s, so that `Drop`
+    /// can leak them in another process (see `check_process`).
+    pub(crate) process: Arc<ZygoteProcess>,
+    pub(crate) limits: Limits,
+    pub(crate) slots: Arc<Slots>,
+    pub(crate) spill: Arc<SpillReceiver>,
+    pub(crate) mailboxes: Arc<Mailboxes>,
+    /// Spare report socket pairs for tasks forked on demand.
+    pub(crate) report_pool: Arc<ReportPool>,
+    next_gen: AtomicU64,
+}
+
+impl Inner {
+    pub(crate) fn new(process: ZygoteProcess, limits: Limits) -> Inner {
+        Inner {
+            slots: Arc::new(Slots::new(limits.slots)),
+            spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
+            mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
+            report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
+            next_gen: AtomicU64::new(1),
+            limits,
+            process: Arc::new(process),
+        }
+    }
+
+    /// Refuses use in any process but the one that started the zygote, the
+    /// one whose epoch the ring belongs to (`crate::epoch`). A worker, or any
+    /// other fork, inherits a handle held in a static, but not its fds: their
+    /// numbers are closed there, or reused by fds of its own.
+    pub(crate) fn check_process(&self) -> Result<()> {
+        if self.process.ring.is_own() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::WrongProcess,
+            format!(
+                "this zygote (pid {}) belongs to the process that started it, not to this one",
+                self.process.pid.as_raw_nonzero()
+            ),
+        ))
+    }
+
+    pub(crate) fn ring(&self) -> &Ring {
+        &self.process.ring
+    }
+
+    /// A fresh task generation: unique for this zygote's life.
+    pub(crate) fn next_gen(&self) -> u64 {
+        self.next_gen.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Generations below this have been handed out.
+    pub(crate) fn issued(&self) -> u64 {
+        self.next_gen.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.check_process().is_err() {
+            // A copy in a worker (see `check_process`): the fd numbers are
+            // not ours here, so neither shut down, wait on, nor close them.
+            // The process leaves through `_exit`, which releases it all.
+            std::mem::forget(Arc::clone(&self.process));
+            std::mem::forget(Arc::clone(&self.spill));
+            std::mem::forget(Arc::clone(&self.report_pool));
+            // Parked workers' pidfds.
+            std::mem::forget(Arc::clone(&self.mailboxes));
+            return;
+        }
+        // End-of-stream on the command socket tells the zygote to kill its
+        // workers and exit; then reap it. Bounded: a zygote that does not exit
+        // within a second is killed.
+        let _ = rustix::net::shutdown(&self.process.command, rustix::net::Shutdown::Write);
+        let pidfd = self.process.pidfd.as_fd();
+        if !matches!(
+            sys::poll_readable(pidfd, Some(Duration::from_secs(1))),
+            Ok(true)
+        ) {
+            let _ = sys::pidfd_send_signal(pidfd, Signal::KILL);
+        }
+        let _ = sys::waitid_pidfd(pidfd);
+    }
+}
