@@ -41,6 +41,10 @@ pub enum ErrorKind {
     /// memory but not its file descriptors. A task that needs a process of
     /// its own can start a zygote itself.
     WrongProcess,
+    /// An option or argument was refused before anything was started: for
+    /// example [`Builder::reuse(0)`](crate::Builder::reuse) or
+    /// [`Builder::zygotes(0)`](crate::Builder::zygotes). The message names it.
+    InvalidInput,
 }
 
 /// The error returned by every fallible operation of this crate.
@@ -145,6 +149,10 @@ impl Error {
         }
     }
 
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidInput, message)
+    }
+
     pub(crate) fn zygote_died() -> Error {
         Error::new(ErrorKind::ZygoteDied, "the zygote process died")
     }
@@ -198,6 +206,7 @@ impl From<Error> for io::Error {
         let kind = match e.kind {
             ErrorKind::TimedOut => io::ErrorKind::TimedOut,
             ErrorKind::Codec => io::ErrorKind::InvalidData,
+            ErrorKind::InvalidInput => io::ErrorKind::InvalidInput,
             ErrorKind::Io => match &e.repr {
                 Repr::Io(_, source) => source.kind(),
                 _ => io::ErrorKind::Other,

@@ -109,6 +109,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
         let req = Request {
             generation: 1 + i as u64,
             want_started: i % 2 == 0,
+            last: false,
             entry: 0x5555_5555_1000 + i as u64,
             slot: i as u32,
             arg: ArgPlace::Inline(arg.len() as u64),
@@ -119,6 +120,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
     let memfd = Request {
         generation: 9,
         want_started: true,
+        last: false,
         entry: 0x5555_5555_2000,
         slot: 3,
         arg: ArgPlace::Memfd(1 << 20),

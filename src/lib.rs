@@ -79,7 +79,9 @@ mod budget;
 mod codec;
 mod epoch;
 mod error;
+mod idle;
 mod mailbox;
+mod map;
 mod payload;
 mod process;
 mod reactor;
@@ -103,8 +105,8 @@ use serde::de::DeserializeOwned;
 pub use crate::blob::Blob;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::process::{
-    Builder, DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD, DEFAULT_PARKED,
-    DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
+    Builder, DEFAULT_GRACE, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD,
+    DEFAULT_PARKED, DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
 };
 pub use crate::worker::stop_requested;
 

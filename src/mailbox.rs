@@ -13,10 +13,19 @@
 //! A mailbox moves `Empty → Ready → Busy → Empty`. Only the task that made it
 //! `Busy` reads its report socket, and it stops right after the `Exited`
 //! report, so the next `Started` stays queued for the next claimer.
+//!
+//! In reuse mode a worker that returned a value and said it will wait for
+//! another task (`wire::KEY_CONTINUES`) goes `Busy → Ready` again, counting
+//! the tasks it has served; claiming it then takes the idle handshake
+//! (`crate::idle`), which it may lose to the worker's idle timeout.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use rustix::process::Signal;
+
+use crate::idle;
 use crate::sys;
 use crate::wire::{Dismissal, REPORT_LEN, Report};
 use crate::zygote::Mailbox;
@@ -29,8 +38,13 @@ pub(crate) struct Mailboxes {
 enum State {
     /// No worker known to be parked: read the report socket to find out.
     Empty,
-    /// A worker is parked; its pid and pidfd came with `Started`.
-    Ready { pid: u32, pidfd: OwnedFd },
+    /// A worker is parked; its pid and pidfd came with `Started`. `served`:
+    /// tasks it has run (0: fresh).
+    Ready {
+        pid: u32,
+        pidfd: OwnedFd,
+        served: u32,
+    },
     /// A task is using the worker; it owns the report socket until `Exited`.
     Busy,
     /// The report socket ended: the zygote is gone.
@@ -42,6 +56,8 @@ pub(crate) struct Claim {
     pub(crate) index: usize,
     pub(crate) pid: u32,
     pub(crate) pidfd: OwnedFd,
+    /// Tasks the worker has run before this one.
+    pub(crate) served: u32,
 }
 
 impl Mailboxes {
@@ -52,19 +68,53 @@ impl Mailboxes {
     }
 
     /// Claims a mailbox whose worker is parked, if there is one. Never blocks:
-    /// it only reads reports that are already queued.
-    pub(crate) fn claim(&self, boxes: &[Mailbox]) -> Option<Claim> {
+    /// it only reads reports that are already queued. `fresh`: only a worker
+    /// that has run no task yet will do. `idle`: the mailboxes' idle words.
+    pub(crate) fn claim(
+        &self,
+        boxes: &[Mailbox],
+        idle: &[AtomicU64],
+        fresh: bool,
+    ) -> Option<Claim> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        // A worker that has served tasks first: it is warm, and keeping the
+        // busy ones few lets the others reach their idle timeout.
+        let warm = !fresh
+            && states
+                .iter()
+                .any(|s| matches!(s, State::Ready { served, .. } if *served > 0));
         for (index, (state, mailbox)) in states.iter_mut().zip(boxes).enumerate() {
             if matches!(state, State::Empty) {
                 *state = read_parked(mailbox);
             }
-            if matches!(state, State::Ready { .. }) {
-                let State::Ready { pid, pidfd } = std::mem::replace(state, State::Busy) else {
-                    unreachable!("matched Ready just above")
-                };
-                return Some(Claim { index, pid, pidfd });
+            let served = match state {
+                State::Ready { served, .. } if !warm || *served > 0 => *served,
+                _ => continue,
+            };
+            if served > 0 {
+                if fresh {
+                    continue;
+                }
+                if !idle.get(index).is_some_and(idle::claim) {
+                    // Retiring at its idle timeout (or its word was
+                    // scribbled on): it gets no task. Killed so that it is
+                    // gone for sure; its `Exited`, then its replacement's
+                    // `Started`, follow on the report socket.
+                    if let State::Ready { pidfd, .. } = std::mem::replace(state, State::Empty) {
+                        let _ = sys::pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+                    }
+                    continue;
+                }
             }
+            let State::Ready { pid, pidfd, served } = std::mem::replace(state, State::Busy) else {
+                unreachable!("matched Ready just above")
+            };
+            return Some(Claim {
+                index,
+                pid,
+                pidfd,
+                served,
+            });
         }
         None
     }
@@ -78,6 +128,7 @@ impl Mailboxes {
                 *state = State::Ready {
                     pid: claim.pid,
                     pidfd: claim.pidfd,
+                    served: claim.served,
                 };
             }
         }
@@ -109,7 +160,13 @@ fn read_parked(mailbox: &Mailbox) -> State {
             Ok(Some(frame)) => match (Report::decode(&buf[..frame.len]), frame.truncated) {
                 (Ok(Report::Started { pid }), truncated) => {
                     match frame.fds.into_iter().next() {
-                        Some(pidfd) if !truncated => state = State::Ready { pid, pidfd },
+                        Some(pidfd) if !truncated => {
+                            state = State::Ready {
+                                pid,
+                                pidfd,
+                                served: 0,
+                            }
+                        }
                         // A worker parked, but its pidfd did not arrive (no fd
                         // was free here: the control message was cut). Without
                         // it the worker could not be killed if its task were
@@ -139,19 +196,50 @@ fn read_parked(mailbox: &Mailbox) -> State {
 }
 
 /// Holds a claimed mailbox; dropping it makes the mailbox claimable again.
-/// Dropped only once the worker's `Exited` report has been read.
+/// Dropped only once the worker's `Exited` report has been read, unless it
+/// is [put back](MailboxGuard::put_back) with its worker still waiting.
 ///
 /// It holds the mailbox table, not the zygote's shared state: a task's
 /// reaper holds it, and must not keep the zygote alive after its last
 /// handle is dropped (that drop is what ends a worker that committed its
 /// result and never exits).
 pub(crate) struct MailboxGuard {
-    pub(crate) mailboxes: Arc<Mailboxes>,
-    pub(crate) index: usize,
+    mailboxes: Arc<Mailboxes>,
+    /// `None` once put back.
+    index: Option<usize>,
+}
+
+impl MailboxGuard {
+    pub(crate) fn new(mailboxes: Arc<Mailboxes>, index: usize) -> MailboxGuard {
+        MailboxGuard {
+            mailboxes,
+            index: Some(index),
+        }
+    }
+
+    /// Offers the mailbox's worker, which has served `served` tasks and is
+    /// waiting for the next (reuse mode), to the next claimer.
+    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, served: u32) {
+        let Some(index) = self.index.take() else {
+            return;
+        };
+        let mut states = self
+            .mailboxes
+            .states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = states.get_mut(index) {
+            if matches!(state, State::Busy) {
+                *state = State::Ready { pid, pidfd, served };
+            }
+        }
+    }
 }
 
 impl Drop for MailboxGuard {
     fn drop(&mut self) {
-        self.mailboxes.release(self.index);
+        if let Some(index) = self.index.take() {
+            self.mailboxes.release(index);
+        }
     }
 }

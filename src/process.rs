@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -18,7 +19,7 @@ use crate::blob;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::payload::{Payload, PayloadError};
-use crate::reactor::{Deadlines, Record, TaskIo};
+use crate::reactor::{Deadlines, Launch, Record, TaskIo};
 use crate::shared::Inner;
 use crate::shm::SealedBytes;
 use crate::sys::{self, WaitStatus};
@@ -36,6 +37,8 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 1 << 30;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 /// Default number of parked workers.
 pub const DEFAULT_PARKED: u32 = 4;
+/// Default time a reused worker waits for its next task before it exits.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to a zygote process, which forks a fresh worker process per task.
 ///
@@ -60,7 +63,39 @@ pub const DEFAULT_PARKED: u32 = 4;
 /// ```
 #[derive(Clone)]
 pub struct Zygote {
-    inner: Arc<Inner>,
+    group: Arc<Group>,
+}
+
+/// The zygotes of one [`Zygote`] handle ([`Builder::zygotes`]): tasks are
+/// spread across them, each keeping its own ring, slots and workers.
+struct Group {
+    members: Vec<Arc<Inner>>,
+    /// Where the search for the least busy member starts, so that ties
+    /// rotate.
+    next: AtomicUsize,
+}
+
+impl Group {
+    /// The live member with the fewest tasks in flight (ties rotate), or
+    /// any member if all of them are dead (its tasks then fail as such).
+    fn pick(&self) -> &Arc<Inner> {
+        let n = self.members.len();
+        if n == 1 {
+            return &self.members[0];
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<&Arc<Inner>> = None;
+        for i in 0..n {
+            let member = &self.members[(start + i) % n];
+            if member.is_dead() {
+                continue;
+            }
+            if best.is_none_or(|b| member.slots.in_use() < b.slots.in_use()) {
+                best = Some(member);
+            }
+        }
+        best.unwrap_or(&self.members[start % n])
+    }
 }
 
 /// Options for starting a [`Zygote`]. Made by [`Zygote::builder`].
@@ -70,6 +105,10 @@ pub struct Builder {
     slot_size: usize,
     max_payload: u64,
     parked: u32,
+    reuse: u32,
+    idle_timeout: Duration,
+    zygotes: usize,
+    warm_up: Option<fn()>,
 }
 
 impl Default for Builder {
@@ -79,15 +118,21 @@ impl Default for Builder {
             slot_size: DEFAULT_SLOT_SIZE,
             max_payload: DEFAULT_MAX_PAYLOAD,
             parked: DEFAULT_PARKED,
+            reuse: 1,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            zygotes: 1,
+            warm_up: None,
         }
     }
 }
 
 impl Builder {
-    /// How many workers may be alive at once (default 64). Callers beyond the
-    /// limit wait for a worker to finish; they do not fail.
+    /// How many workers may be alive at once (default 64), across all
+    /// [`zygotes`](Builder::zygotes). Callers beyond the limit wait for a
+    /// worker to finish; they do not fail. 0 is refused by
+    /// [`start`](Builder::start).
     pub fn max_in_flight(mut self, n: u32) -> Builder {
-        self.max_in_flight = n.max(1);
+        self.max_in_flight = n;
         self
     }
 
@@ -107,8 +152,8 @@ impl Builder {
         self
     }
 
-    /// How many workers the zygote keeps forked and parked, ready for a task
-    /// (default 4; 0 forks every worker on demand).
+    /// How many workers each zygote keeps forked and parked, ready for a
+    /// task (default 4; 0 forks every worker on demand).
     ///
     /// A parked worker still runs exactly one task in a fresh process: it was
     /// forked from the zygote before the task arrived, so the task skips the
@@ -121,23 +166,156 @@ impl Builder {
         self
     }
 
-    /// Forks the zygote.
+    /// Reuse mode: each worker serves up to `tasks_per_worker` tasks, one
+    /// after another, then exits and is replaced (default 1: a fresh
+    /// process per task). 0 is refused by [`start`](Builder::start).
+    ///
+    /// A task then costs two messages instead of a fork and an exit, which
+    /// is several times the throughput on small tasks (see the README's
+    /// figures). In reuse mode the zygote keeps up to
+    /// [`max_in_flight`](Builder::max_in_flight) workers (at least
+    /// [`parked`](Builder::parked)), and idle ones exit after the
+    /// [`idle_timeout`](Builder::idle_timeout).
+    ///
+    /// # What reuse gives up
+    ///
+    /// Tasks that share a worker share a process: whatever a task leaves
+    /// behind (globals and statics it changed, memory it leaked or grew,
+    /// threads it started, files it opened, the current directory, signal
+    /// handlers) is there for the next task of that worker, and a hostile
+    /// task can watch or tamper with the tasks that follow it in its worker.
+    /// Results are never mixed up: each task has its own key and slot
+    /// generation, so no result of one task is delivered for another. A
+    /// worker is retired, and the next task gets a fresh one, after any
+    /// task that panics, crashes, exits, fails to encode, times out, is
+    /// signalled, or is cancelled. Use [`Task::fresh`] for a task that must
+    /// not run after another, and [`Process`]es ([`Task::open`]) always end
+    /// their worker, so that [`Process::wait`] sees it exit.
+    pub fn reuse(mut self, tasks_per_worker: u32) -> Builder {
+        self.reuse = tasks_per_worker;
+        self
+    }
+
+    /// In reuse mode, how long a worker that has served a task waits for the
+    /// next before it exits (default 10 s), returning the memory it grew.
+    /// The zygote then parks a fresh worker in its place if it keeps
+    /// [`parked`](Builder::parked) ones. `Duration::ZERO` keeps idle
+    /// workers for ever. Without reuse, it has no effect.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Builder {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Starts `n` zygotes (default 1) and spreads tasks across them, each
+    /// task to the one with the fewest in flight. 0 is refused by
+    /// [`start`](Builder::start).
+    ///
+    /// One zygote forks every worker, so on a machine with many cores it
+    /// caps fresh-process throughput at its fork rate (tens of thousands
+    /// per second); more zygotes fork in parallel. Raise it when fresh
+    /// tasks are short and many cores are busy with them: about one
+    /// zygote per 2–4 cores. Reuse mode forks rarely and needs it less.
+    ///
+    /// Every guarantee holds per zygote: each one has its own ring, slots
+    /// and parked workers, dies with the parent, and if one dies, only the
+    /// tasks it was running fail with [`ErrorKind::ZygoteDied`]; later
+    /// tasks go to the others. [`max_in_flight`](Builder::max_in_flight) is
+    /// divided among them.
+    pub fn zygotes(mut self, n: usize) -> Builder {
+        self.zygotes = n;
+        self
+    }
+
+    /// Runs `hook` in each zygote right after it is forked and before it
+    /// serves, so that every worker inherits what it prepared, copy-on-write:
+    /// preload tables, parse configuration, pre-fault pages.
+    /// [`start`](Builder::start) waits for every hook to return.
+    ///
+    /// The hook runs in the zygote, which must stay single-threaded: it must
+    /// not start threads (nor a tokio runtime), and `start` fails if one is
+    /// left running or the hook panics. State it builds is part of every
+    /// worker's memory, so `fork` copies its page tables: a large private
+    /// heap makes each fork slower, while data in a shared or file-backed
+    /// mapping does not (see the README's warm-up figures).
+    pub fn warm_up(mut self, hook: fn()) -> Builder {
+        self.warm_up = Some(hook);
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.reuse == 0 {
+            return Err(Error::invalid(
+                "reuse(0): a worker must serve at least one task (1 is a fresh process per task)",
+            ));
+        }
+        if self.zygotes == 0 {
+            return Err(Error::invalid("zygotes(0): at least one zygote is needed"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::invalid(
+                "max_in_flight(0): at least one task must be able to run",
+            ));
+        }
+        if self.zygotes > self.max_in_flight as usize {
+            return Err(Error::invalid(format!(
+                "zygotes({}) is more than max_in_flight({}): each zygote needs a slot",
+                self.zygotes, self.max_in_flight
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forks the zygote (or zygotes), and waits for their warm-up hooks.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::MultiThreaded`] if the process already runs more than one
-    /// thread (start the zygote at the top of `main`, before any runtime), or
-    /// [`ErrorKind::Io`] if a system call fails.
+    /// [`ErrorKind::InvalidInput`] if an option is out of range (see each
+    /// option); [`ErrorKind::MultiThreaded`] if the process already runs more
+    /// than one thread (start the zygote at the top of `main`, before any
+    /// runtime); [`ErrorKind::ZygoteDied`] if a warm-up hook panicked or
+    /// left a thread running; [`ErrorKind::Io`] if a system call fails.
     pub fn start(self) -> Result<Zygote> {
-        let limits = Limits {
-            slots: self.max_in_flight,
-            slot_bytes: self.slot_size,
-            max_payload: self.max_payload,
-            parked: self.parked,
-        };
-        let process = zygote::spawn(limits)?;
+        self.check()?;
+        let n = self.zygotes as u32;
+        let idle_ms = u64::try_from(self.idle_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(u64::from(!self.idle_timeout.is_zero()));
+        let mut members = Vec::with_capacity(self.zygotes);
+        for i in 0..n {
+            // `max_in_flight` divided among the zygotes, the remainder to
+            // the first ones.
+            let slots = self.max_in_flight / n + u32::from(i < self.max_in_flight % n);
+            let parked = if self.reuse > 1 {
+                self.parked.max(slots.min(1024))
+            } else {
+                self.parked
+            };
+            let limits = Limits {
+                slots,
+                slot_bytes: self.slot_size,
+                max_payload: self.max_payload,
+                parked,
+                reuse: self.reuse,
+                idle_ms,
+                warm_up: self.warm_up,
+            };
+            // Each zygote is forked from this still single-threaded process
+            // (`spawn` checks), never from another zygote. A failure drops
+            // the ones already started, which shuts them down.
+            let process = zygote::spawn(limits)?;
+            members.push(Arc::new(Inner::new(process, limits)));
+        }
+        if self.warm_up.is_some() {
+            // The hooks run in parallel; wait for each.
+            for member in &members {
+                member.process.wait_ready()?;
+            }
+        }
         Ok(Zygote {
-            inner: Arc::new(Inner::new(process, limits)),
+            group: Arc::new(Group {
+                members,
+                next: AtomicUsize::new(0),
+            }),
         })
     }
 }
@@ -162,9 +340,24 @@ impl Zygote {
         Builder::default()
     }
 
-    /// The zygote's process id.
+    /// The zygote's process id (the first one's, with
+    /// [`Builder::zygotes`]; see [`pids`](Zygote::pids)).
     pub fn pid(&self) -> u32 {
-        self.inner.process.pid.as_raw_nonzero().get() as u32
+        self.group.members[0].pid()
+    }
+
+    /// How many tasks may run at once ([`Builder::max_in_flight`]).
+    pub fn max_in_flight(&self) -> usize {
+        self.group
+            .members
+            .iter()
+            .map(|m| m.limits.slots as usize)
+            .sum()
+    }
+
+    /// The process ids of all the zygotes, in start order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.group.members.iter().map(|m| m.pid()).collect()
     }
 
     /// Runs `f(arg)` in a fresh worker process and returns its result.
@@ -279,7 +472,7 @@ impl Zygote {
     /// Number of tasks whose worker has not been reaped yet (running, or
     /// exiting). Idle parked workers are not counted.
     pub fn workers(&self) -> usize {
-        self.inner.slots.in_use()
+        self.group.members.iter().map(|m| m.slots.in_use()).sum()
     }
 
     /// Waits until the worker of every task started so far has exited and
@@ -292,11 +485,13 @@ impl Zygote {
     ///
     /// Cancel-safe: it only observes until it returns.
     pub async fn wait_idle(&self) {
-        if self.inner.check_process().is_err() {
-            return;
+        for member in &self.group.members {
+            if member.check_process().is_err() {
+                return;
+            }
+            member.slots.wait_idle().await;
+            member.report_pool.clear();
         }
-        self.inner.slots.wait_idle().await;
-        self.inner.report_pool.clear();
     }
 }
 
@@ -317,12 +512,14 @@ pub struct Task<R> {
     arg: Result<Payload>,
     timeout: Option<Duration>,
     grace: Duration,
+    fresh: bool,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<R: DeserializeOwned> Task<R> {
     fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
-        let limit = zygote.inner.limits.max_payload;
+        let inner = zygote.group.pick();
+        let limit = inner.limits.max_payload;
         // Large arguments are streamed into a sealed memfd as they are
         // encoded; the limit stops the encoding as soon as it is passed.
         let arg = Payload::encode(arg, "run-in-process-arg", zygote::INLINE_ARG_MAX, limit)
@@ -336,11 +533,12 @@ impl<R: DeserializeOwned> Task<R> {
                 PayloadError::Sys(e) => e.into(),
             });
         Task {
-            inner: Arc::clone(&zygote.inner),
+            inner: Arc::clone(inner),
             entry,
             arg,
             timeout: None,
             grace: DEFAULT_GRACE,
+            fresh: false,
             _result: PhantomData,
         }
     }
@@ -362,8 +560,18 @@ impl<R: DeserializeOwned> Task<R> {
         self
     }
 
+    /// In reuse mode ([`Builder::reuse`]), runs this task in a worker that
+    /// has run no other task before it. (The worker may serve later tasks,
+    /// which then see what this one left behind.) Without reuse every task
+    /// is fresh, and this changes nothing.
+    pub fn fresh(mut self) -> Task<R> {
+        self.fresh = true;
+        self
+    }
+
     async fn start(self, want_started: bool) -> Result<TaskIo> {
         let arg = self.arg?;
+        let open = want_started;
         // A timeout signals the worker, which needs its pidfd.
         let want_started = want_started || self.timeout.is_some();
         let deadlines = Deadlines {
@@ -374,10 +582,15 @@ impl<R: DeserializeOwned> Task<R> {
         };
         TaskIo::start(
             self.inner,
-            self.entry as usize as u64,
-            &arg,
-            deadlines,
-            want_started,
+            Launch {
+                entry: self.entry as usize as u64,
+                arg: &arg,
+                deadlines,
+                want_started,
+                fresh: self.fresh,
+                // A `Process` waits for its worker's exit.
+                last: open,
+            },
         )
         .await
     }

@@ -24,6 +24,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -60,6 +61,22 @@ pub(crate) struct Deadlines {
     pub(crate) timeout: Option<Duration>,
 }
 
+/// What to start: the task, its argument, and how.
+pub(crate) struct Launch<'a> {
+    /// Address of the task's monomorphised entry point.
+    pub(crate) entry: u64,
+    pub(crate) arg: &'a Payload,
+    pub(crate) deadlines: Deadlines,
+    /// Ask the zygote for a `Started` report with the worker's pid and
+    /// pidfd (needed to signal it, not to cancel it).
+    pub(crate) want_started: bool,
+    /// Only a worker that has run no other task will do.
+    pub(crate) fresh: bool,
+    /// The worker must exit after this task, even in reuse mode (the caller
+    /// will wait for its exit status).
+    pub(crate) last: bool,
+}
+
 /// One task's I/O state in the parent.
 pub(crate) struct TaskIo {
     pub(crate) inner: Arc<Inner>,
@@ -68,6 +85,14 @@ pub(crate) struct TaskIo {
     /// For a task run by a parked worker: its mailbox, held as long as the
     /// lease. Its report socket is then a duplicate of the mailbox's.
     mailbox: Option<MailboxGuard>,
+    /// For a task run by a parked worker: the tasks that worker ran before.
+    served: u32,
+    /// The worker said, with its key, that it will wait for another task
+    /// (reuse mode): on drop, its mailbox goes back to `Ready`.
+    continues: bool,
+    /// A signal was sent or queued: the worker may be dying, so it is not
+    /// offered another task.
+    signalled: AtomicBool,
     pub(crate) generation: u64,
     /// The worker's key, read from the doorbell once it rang (see `wire`).
     key: Option<u64>,
@@ -101,16 +126,15 @@ pub(crate) struct TaskIo {
 impl TaskIo {
     /// Sends the spawn request for an already-encoded argument and returns the
     /// task's I/O state. The worker may not have been forked yet.
-    ///
-    /// `want_started`: ask the zygote for a `Started` report with the
-    /// worker's pid and pidfd (needed to signal it, not to cancel it).
-    pub(crate) async fn start(
-        inner: Arc<Inner>,
-        entry: u64,
-        arg: &Payload,
-        deadlines: Deadlines,
-        want_started: bool,
-    ) -> Result<TaskIo, Error> {
+    pub(crate) async fn start(inner: Arc<Inner>, launch: Launch<'_>) -> Result<TaskIo, Error> {
+        let Launch {
+            entry,
+            arg,
+            deadlines,
+            want_started,
+            fresh,
+            last,
+        } = launch;
         inner.check_process()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
@@ -141,6 +165,7 @@ impl TaskIo {
             wire::Request {
                 generation,
                 want_started,
+                last,
                 entry,
                 slot: lease.slot(),
                 arg: place,
@@ -155,7 +180,8 @@ impl TaskIo {
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
         let mut claimed = None;
-        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes) {
+        let idle = inner.process.idle.words();
+        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes, idle, fresh) {
             let mailbox = &inner.process.mailboxes[claim.index];
             // The mailbox's report socket, duplicated so this task can
             // register it with its own runtime. If that fails (out of fds,
@@ -172,21 +198,20 @@ impl TaskIo {
                     return Err(e);
                 }
             };
-            let guard = MailboxGuard {
-                mailboxes: Arc::clone(&inner.mailboxes),
-                index: claim.index,
-            };
+            let guard = MailboxGuard::new(Arc::clone(&inner.mailboxes), claim.index);
             // The job socket is empty (the zygote drains it before parking a
             // worker), so this non-blocking send cannot find it full. It fails
             // if the worker died while parked (with the zygote, say): then
             // forget the mailbox and fall through to the cold path, which
             // reports a dead zygote as such.
             if sys::send_frame(mailbox.jobs.as_fd(), &frame(claim.pid), &fds).is_ok() {
-                claimed = Some((guard, report, claim.pid, claim.pidfd));
+                claimed = Some((guard, report, claim.pid, claim.pidfd, claim.served));
             }
         }
+        let mut served = 0;
         let (report, mailbox, pid, pidfd, recycle) = match claimed {
-            Some((guard, report, pid, pidfd)) => {
+            Some((guard, report, pid, pidfd, before)) => {
+                served = before;
                 (report, Some(guard), Some(pid), Some(pidfd), None)
             }
             None => {
@@ -210,6 +235,9 @@ impl TaskIo {
             inner,
             lease: Some(lease.into_inner()),
             mailbox,
+            served,
+            continues: false,
+            signalled: AtomicBool::new(false),
             generation,
             key: None,
             report: Some(report),
@@ -311,6 +339,7 @@ impl TaskIo {
             // cannot have sent): the zygote is gone. A record committed before
             // it died is still good.
             self.zygote_gone = true;
+            self.inner.mark_dead();
             self.check_record();
         }
     }
@@ -340,7 +369,10 @@ impl TaskIo {
         };
         self.record = Some(
             match slot.take(key, self.generation, self.inner.limits.max_payload) {
-                Ok(Some(taken)) => Record::Taken(taken),
+                Ok(Some(taken)) => {
+                    self.continues = self.mailbox.is_some() && key & wire::KEY_CONTINUES != 0;
+                    Record::Taken(taken)
+                }
                 // The worker sends its key only after committing, so a commit word
                 // that does not hold our generation now was overwritten by someone
                 // else: a tampered record, not a pending one.
@@ -372,6 +404,7 @@ impl TaskIo {
         let Some(fd) = &self.pidfd else {
             return Ok(false);
         };
+        self.signalled.store(true, Ordering::Relaxed);
         match sys::pidfd_send_signal(fd.as_fd(), sig) {
             // ESRCH: it has exited already (not yet reaped).
             Err(e) if e.errno() == Some(libc::ESRCH) => Ok(true),
@@ -382,6 +415,7 @@ impl TaskIo {
     /// Sends `sig` to the worker, or queues it until the worker's pidfd arrives.
     pub(crate) fn signal(&mut self, sig: Signal) -> Result<(), Error> {
         if !self.send_now(sig)? {
+            self.signalled.store(true, Ordering::Relaxed);
             // SIGKILL overrides anything queued; otherwise keep the first.
             if sig == Signal::KILL || self.pending_signal.is_none() {
                 self.pending_signal = Some(sig);
@@ -413,6 +447,31 @@ impl TaskIo {
         // Last: once the lease is gone, `wait_idle` may return and empty
         // the pool, which must not miss this pair.
         self.lease = None;
+    }
+
+    /// Puts a reused worker that is waiting for its next task back in its
+    /// mailbox (reuse mode), and frees the slot: the worker publishes only
+    /// into the slot of the task it is given, under that task's generation.
+    fn offer_again(&mut self) {
+        self.inner.spill.forget(self.generation);
+        self.report = None;
+        if let (Some(guard), Some(pid), Some(pidfd)) =
+            (self.mailbox.take(), self.pid, self.pidfd.take())
+        {
+            guard.put_back(pid, pidfd, self.served + 1);
+        }
+        self.lease = None;
+        if let Some(spent) = self.spent.take() {
+            // Unmapping a large result is slow (see `spent`): off the
+            // caller's path when a runtime is at hand.
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    let spent = ForkLocal::new(spent);
+                    handle.spawn(async move { drop(spent) });
+                }
+                Err(_) => drop(spent),
+            }
+        }
     }
 
     /// Keeps a decoded spilled result's mapping and memfd until the worker is
@@ -561,12 +620,20 @@ impl Drop for TaskIo {
         if self.lease.is_none() || self.ended() {
             return;
         }
+        if self.continues && !self.signalled.load(Ordering::Relaxed) {
+            self.offer_again();
+            return;
+        }
+        // A reused worker that has not said it goes on is killed whatever
+        // it delivered: it may be waiting for another task, and nobody
+        // would ever send it one or see it exit.
+        let reused = self.mailbox.is_some() && self.inner.limits.reuse > 1;
         // The worker may still be running. Cancel it unless it already
         // delivered its result (then it is exiting on its own): shutting down
         // our end for writing makes the zygote kill it, whether or not its
         // pidfd ever reached us, and the zygote still reports the exit on the
         // half-closed socket. The pidfd, if we have it, is just faster.
-        if !self.committed() {
+        if !self.committed() || reused {
             // Not on a mailbox's report socket, which outlives this task (and
             // a parked worker's pidfd is always at hand).
             if let (Some(report), None) = (&self.report, &self.mailbox) {

@@ -5,7 +5,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     /// Spare report socket pairs for tasks forked on demand.
     pub(crate) report_pool: Arc<ReportPool>,
     next_gen: AtomicU64,
+    /// Set once a task saw this zygote die: new tasks go to another one.
+    dead: AtomicBool,
 }
 
 impl Inner {
@@ -41,6 +43,7 @@ impl Inner {
             mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),
             report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
             next_gen: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
             limits,
             process: Arc::new(process),
         }
@@ -65,6 +68,21 @@ impl Inner {
 
     pub(crate) fn ring(&self) -> &Ring {
         &self.process.ring
+    }
+
+    /// The zygote's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid.as_raw_nonzero().get() as u32
+    }
+
+    /// Records that the zygote is gone (seen by a task).
+    pub(crate) fn mark_dead(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+    }
+
+    /// True once a task has seen the zygote gone.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
     }
 
     /// A fresh task generation: unique for this zygote's life.

@@ -21,7 +21,7 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started` |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | reserved, 0                                          |
@@ -47,8 +47,9 @@
 //! [`verify_record`] for its checks.
 //!
 //! **Key**, worker → parent, through the task's eventfd: after committing its
-//! record, the worker adds its 64-bit key (random, drawn after the fork, never
-//! 0 or `u64::MAX`) to the eventfd, which only it and the parent hold. The
+//! record, the worker adds its 64-bit key (random, drawn after the fork and
+//! for every task, never 0 or `u64::MAX`; its low bit is [`KEY_CONTINUES`])
+//! to the eventfd, which only it and the parent hold. The
 //! record's MAC is keyed with it, so no other process can forge or alter a
 //! record the parent will accept.
 //!
@@ -58,11 +59,13 @@
 //! * 2: spawn requests name the parked worker a job is for, so a job sent to
 //!   a worker that died meanwhile is never run by its replacement.
 //! * 3: a task's last report hands its report socket's far end back.
+//! * 4: a request may mark a reused worker's last task; the key's low bit
+//!   says whether the worker waits for another task.
 
 use std::fmt;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 3;
+pub(crate) const VERSION: u16 = 4;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";
@@ -84,6 +87,16 @@ pub(crate) const FLAG_ARG_MEMFD: u32 = 1;
 /// `run` without a timeout does not need the pidfd (dropping it cancels
 /// through the report socket's hang-up), so it saves the parent a wake-up.
 pub(crate) const FLAG_WANT_STARTED: u32 = 2;
+/// Request flag, for a parked worker in reuse mode: exit after this task
+/// instead of waiting for another (the caller holds a `Process`, whose
+/// `wait` needs the worker's exit).
+pub(crate) const FLAG_LAST: u32 = 4;
+
+/// The key's low bit: set by a reused worker that will wait for another
+/// task after this one. The parent trusts it only for its own bookkeeping
+/// (whether to offer the worker the next task); a worker that lies about
+/// it harms only the tasks it would run itself.
+pub(crate) const KEY_CONTINUES: u64 = 1;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +216,8 @@ pub(crate) struct Request {
     pub(crate) generation: u64,
     /// Send a `Started` report (see [`FLAG_WANT_STARTED`]).
     pub(crate) want_started: bool,
+    /// Exit after this task, even in reuse mode (see [`FLAG_LAST`]).
+    pub(crate) last: bool,
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
@@ -226,6 +241,9 @@ impl Request {
         };
         if self.want_started {
             flags |= FLAG_WANT_STARTED;
+        }
+        if self.last {
+            flags |= FLAG_LAST;
         }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
@@ -265,7 +283,7 @@ impl Request {
             return Err(WireError::Length(len));
         }
         let inline = &frame[REQUEST_HEADER..];
-        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED) != 0 {
+        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED | FLAG_LAST) != 0 {
             return Err(WireError::Flags(flags));
         }
         let arg = match flags & FLAG_ARG_MEMFD {
@@ -277,6 +295,7 @@ impl Request {
             Request {
                 generation,
                 want_started: flags & FLAG_WANT_STARTED != 0,
+                last: flags & FLAG_LAST != 0,
                 entry,
                 slot,
                 arg,
@@ -532,6 +551,7 @@ mod tests {
         let req = Request {
             generation: 7,
             want_started: true,
+            last: false,
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
@@ -557,6 +577,7 @@ mod tests {
         let req = Request {
             generation: 1,
             want_started: false,
+            last: false,
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
@@ -590,6 +611,7 @@ mod tests {
         let job = Request {
             generation: 1,
             want_started: false,
+            last: false,
             entry: 0x5555_0000,
             slot: 0,
             arg: ArgPlace::Inline(0),
@@ -655,7 +677,7 @@ mod tests {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
-                let req = Request { generation, want_started, entry, slot, arg: place, worker };
+                let req = Request { generation, want_started, last: want_started, entry, slot, arg: place, worker };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
                 prop_assert_eq!(decoded, Ok((req, &inline[..])));

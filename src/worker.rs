@@ -15,10 +15,12 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use rustix::process::Pid;
 
+use crate::idle;
 use crate::payload::Payload;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
@@ -153,7 +155,8 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         job.zygote,
         &[sys::raw(&job.doorbell), sys::raw(job.spill), arg_fd],
     );
-    execute(job)
+    let _ = execute(job, None);
+    sys::exit_now(0)
 }
 
 /// Post-fork hygiene, first thing in a new worker: its own process group,
@@ -180,34 +183,145 @@ pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
     unsafe { sys::close_fds_except(keep) };
 }
 
+/// What a parked worker is given by the zygote.
+pub(crate) struct Parked<'a> {
+    /// The zygote's pid, to detect its death between fork and `prctl`.
+    pub(crate) zygote: Pid,
+    /// The workers' end of the mailbox's job socket.
+    pub(crate) jobs: BorrowedFd<'a>,
+    pub(crate) spill: BorrowedFd<'a>,
+    pub(crate) ring: &'a Ring,
+    /// The mailbox's idle word (`crate::idle`).
+    pub(crate) idle: &'a AtomicU64,
+    /// Tasks to serve before exiting (reuse mode when above 1).
+    pub(crate) reuse: u32,
+    /// Idle timeout between tasks in milliseconds; 0 waits for ever.
+    pub(crate) idle_ms: u64,
+    /// Largest argument or result, in bytes.
+    pub(crate) limit: u64,
+    /// The zygote's request buffer, inherited across the fork.
+    pub(crate) buf: &'a mut [u8],
+    pub(crate) result_buf: Vec<u8>,
+}
+
 /// A parked worker: prepared, warmed up, then blocked on its mailbox's job
-/// socket until the parent sends it one task (or hangs up), which it runs.
+/// socket until the parent sends it a task (or hangs up), which it runs. In
+/// reuse mode it then waits for the next task on the same socket, up to
+/// `reuse` tasks in all, for as long as each one returns a value.
 ///
 /// `buf` is the zygote's request buffer, inherited across the fork. Receiving
 /// into it rather than into a buffer of our own keeps a parked worker from
 /// writing 33 KiB it does not need: every page a worker writes is a
 /// copy-on-write fault, a few microseconds each, and under load those are
 /// most of what a task costs beyond the fork.
-pub(crate) fn park(
-    zygote: Pid,
-    jobs: BorrowedFd<'_>,
-    spill: BorrowedFd<'_>,
-    ring: &Ring,
-    buf: &mut [u8],
-    mut result_buf: Vec<u8>,
-    limit: u64,
-) -> ! {
+pub(crate) fn park(parked: Parked<'_>) -> ! {
+    let Parked {
+        zygote,
+        jobs,
+        spill,
+        ring,
+        idle,
+        reuse,
+        idle_ms,
+        limit,
+        buf,
+        mut result_buf,
+    } = parked;
     // This fork started a new epoch; the zygote's ring is ours too.
     ring.adopt();
     prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
-    let (request, inline_len, doorbell, arg_fd) = loop {
+    let reused = reuse > 1;
+    let mut served = 0u32;
+    loop {
+        // Between tasks of a reused worker, the idle timeout applies.
+        let timeout = (served > 0 && idle_ms > 0).then(|| Duration::from_millis(idle_ms));
+        let (request, inline_len, doorbell, arg_fd) =
+            receive_job(jobs, buf, slots, limit, me, idle, timeout);
+        idle::busy(idle);
+        if served == 0 {
+            // Before any user code runs: nothing this task leaves behind may
+            // read the next task's job from this mailbox (unless the worker
+            // is reused, when it must keep the socket: the state a reused
+            // worker shares between its tasks is what reuse gives up).
+            // Closing every fd but the task's own also drops any the job
+            // frame carried beyond them.
+            let keep = [
+                sys::raw(&doorbell),
+                sys::raw(spill),
+                arg_fd.as_ref().map_or(-1, sys::raw),
+                if reused { sys::raw(jobs) } else { -1 },
+            ];
+            // SAFETY: SAFETY.md F3. Still single-threaded (no code of a task
+            // has run yet), and of the fds this closes, the mailbox's job
+            // socket is the only one still named by an object (`jobs`, a
+            // borrow of the zygote's), which is not used again unless it is
+            // in `keep`. A task's user code runs only after this call, so
+            // no object of its owns an fd yet. (After the first task, fds
+            // are no longer closed here: user code may own them.)
+            unsafe { sys::close_fds_except(&keep) };
+        }
+        let arg = match request.arg {
+            ArgPlace::Inline(_) => {
+                ArgSource::Inline(&buf[wire::REQUEST_HEADER..wire::REQUEST_HEADER + inline_len])
+            }
+            ArgPlace::Memfd(len) => match arg_fd {
+                Some(fd) => ArgSource::Memfd(fd, len),
+                None => sys::exit_now(EXIT_BAD_JOB),
+            },
+        };
+        served += 1;
+        let may_continue = reused && served < reuse && !request.last;
+        let outcome = execute(
+            Job {
+                ring,
+                slot: request.slot,
+                generation: request.generation,
+                entry: request.entry,
+                arg,
+                limit,
+                doorbell,
+                spill,
+                zygote,
+                result_buf,
+            },
+            may_continue.then_some(idle),
+        );
+        match outcome {
+            Some(buf) => result_buf = buf,
+            None => sys::exit_now(0),
+        }
+    }
+}
+
+/// Waits on the mailbox's job socket for a job addressed to this worker
+/// (`me`), into `buf`; returns its request, the inline argument's length,
+/// and the fds the frame carried. Exits if the parent hung up, the job is
+/// malformed, the parent dismissed this worker, or `timeout` passed and
+/// the idle handshake let this worker retire.
+fn receive_job(
+    jobs: BorrowedFd<'_>,
+    buf: &mut [u8],
+    slots: u32,
+    limit: u64,
+    me: u32,
+    idle: &AtomicU64,
+    mut timeout: Option<Duration>,
+) -> (Request, usize, OwnedFd, Option<OwnedFd>) {
+    loop {
         let frame = match sys::recv_frame(jobs, buf) {
             Ok(Some(frame)) => frame,
-            Err(e) if e.is_would_block() => match sys::poll_readable(jobs, None) {
-                Ok(_) => continue,
+            Err(e) if e.is_would_block() => match sys::poll_readable(jobs, timeout) {
+                Ok(true) => continue,
+                // Idle for the whole timeout. Retire unless the parent has
+                // just claimed this worker: then its job is on the way.
+                Ok(false) if idle::retire(idle) => sys::exit_now(0),
+                Ok(false) => {
+                    timeout = None;
+                    continue;
+                }
                 Err(_) => sys::exit_now(0),
             },
             // The parent hung up (or the socket broke): nothing to run.
@@ -234,43 +348,8 @@ pub(crate) fn park(
         if request.worker != me {
             continue;
         }
-        break (request, inline.len(), doorbell, fds.next());
-    };
-    // Before any user code runs: nothing this task leaves behind may read
-    // the next task's job from this mailbox. Closing every fd but the
-    // task's own also drops any the job frame carried beyond them.
-    let keep = [
-        sys::raw(&doorbell),
-        sys::raw(spill),
-        arg_fd.as_ref().map_or(-1, sys::raw),
-    ];
-    // SAFETY: SAFETY.md F3. Still single-threaded (no code of the task has
-    // run), and of the fds this closes, the mailbox's job socket is the only
-    // one still named by an object (`jobs`, a borrow of the zygote's), which
-    // is not used again: this function leaves only through `execute`'s
-    // `_exit`.
-    unsafe { sys::close_fds_except(&keep) };
-    let arg = match request.arg {
-        ArgPlace::Inline(_) => {
-            ArgSource::Inline(&buf[wire::REQUEST_HEADER..wire::REQUEST_HEADER + inline_len])
-        }
-        ArgPlace::Memfd(len) => match arg_fd {
-            Some(fd) => ArgSource::Memfd(fd, len),
-            None => sys::exit_now(EXIT_BAD_JOB),
-        },
-    };
-    execute(Job {
-        ring,
-        slot: request.slot,
-        generation: request.generation,
-        entry: request.entry,
-        arg,
-        limit,
-        doorbell,
-        spill,
-        zygote,
-        result_buf,
-    })
+        return (request, inline.len(), doorbell, fds.next());
+    }
 }
 
 /// Takes, before parking, the copy-on-write faults that every task's path
@@ -290,14 +369,18 @@ fn warm_up(buf: &mut [u8], result_buf: &mut Vec<u8>) {
     sys::flush_stdio();
 }
 
-/// Runs the task of `job` in this prepared worker, publishes its result and
-/// exits.
-fn execute(mut job: Job<'_>) -> ! {
+/// Runs the task of `job` in this prepared worker and publishes its result.
+///
+/// `reuse`: the idle word, if this worker may serve another task. Then, if
+/// the task returned a value and was not asked to stop, it returns the
+/// result buffer for the next task; otherwise it exits.
+fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<Vec<u8>> {
     // The key exists only in this process and, once sent through the
-    // eventfd, in the parent: drawn after the fork, it is in no memory that
-    // another worker inherited (SAFETY.md S3).
+    // eventfd, in the parent: drawn after the fork (and for each task of a
+    // reused worker), it is in no memory that another worker inherited
+    // (SAFETY.md S3). Its low bit is left for `wire::KEY_CONTINUES`.
     let key = match sys::random_u64() {
-        Ok(k) => k.clamp(1, u64::MAX - 1),
+        Ok(k) => (k >> 1).clamp(1, (u64::MAX >> 1) - 1) << 1,
         Err(_) => sys::exit_now(EXIT_NO_KEY),
     };
     let out = Output {
@@ -305,6 +388,10 @@ fn execute(mut job: Job<'_>) -> ! {
         inline_max: job.ring.slot(job.slot).map_or(0, |s| s.capacity()),
         buf: std::mem::take(&mut job.result_buf),
     };
+    if reuse.is_some() {
+        // A fresh task: the last one's answer to `stop_requested` is not its.
+        COOPERATIVE.store(false, Ordering::Relaxed);
+    }
     let failed = |kind, message: String| Published::Message(kind, message.into_bytes());
     let published = match load_arg(&job.arg, job.limit) {
         Err(message) => failed(RecordKind::EncodeFailed, message),
@@ -326,13 +413,36 @@ fn execute(mut job: Job<'_>) -> ! {
     };
     // The task's output reaches the terminal before the parent sees the result.
     sys::flush_stdio();
+    // Go on only after a value, and not after a stop request (the parent
+    // no longer counts on this worker once it has signalled it).
+    let idle =
+        reuse.filter(|_| matches!(published, Published::Value(_)) && !STOP.load(Ordering::Relaxed));
+    let key = if let Some(word) = idle {
+        // Before the result is visible: see `idle::wait`.
+        idle::wait(word);
+        key | wire::KEY_CONTINUES
+    } else {
+        key
+    };
     publish(&job, key, &published);
     // Ring the doorbell with the key: the eventfd is private to this worker
     // and the parent, and the parent needs the key to check the record.
     let _ = sys::eventfd_add(job.doorbell.as_fd(), key);
-    // `published` is never dropped: freeing it would only fault the
-    // allocator's pages of a process that ends here.
-    sys::exit_now(0)
+    if idle.is_none() {
+        // `published` is never dropped: freeing it would only fault the
+        // allocator's pages of a process that ends here.
+        sys::exit_now(0)
+    }
+    // The task's doorbell and argument memfd close with `job`; the result
+    // buffer, if the value was inline, serves the next task.
+    drop(job);
+    match published {
+        Published::Value(Payload::Inline(mut buf)) => {
+            buf.clear();
+            Some(buf)
+        }
+        _ => Some(Vec::with_capacity(RESULT_BUFFER)),
+    }
 }
 
 /// Bytes of the argument, wherever they are.

@@ -39,6 +39,7 @@ use rustix::process::Pid;
 use crate::epoch;
 use crate::error::{Error, ErrorKind};
 use crate::ring::Ring;
+use crate::shm::SharedWords;
 use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource};
@@ -62,6 +63,9 @@ pub(crate) struct ZygoteProcess {
     pub(crate) ring: Ring,
     /// The parent's ends of the parked workers' mailboxes.
     pub(crate) mailboxes: Vec<Mailbox>,
+    /// One word per mailbox for the idle handshake of reused workers
+    /// (`crate::idle`).
+    pub(crate) idle: SharedWords,
 }
 
 /// The parent's ends of one mailbox: where a parked worker waits for a task.
@@ -81,7 +85,19 @@ pub(crate) struct Limits {
     pub(crate) max_payload: u64,
     /// Workers to keep forked and parked, ready for a task.
     pub(crate) parked: u32,
+    /// Tasks a parked worker serves before it exits (1: one, fresh).
+    pub(crate) reuse: u32,
+    /// Milliseconds a reused worker waits for its next task before it
+    /// exits; 0 waits for ever.
+    pub(crate) idle_ms: u64,
+    /// Run in the zygote before it serves, for workers to inherit.
+    pub(crate) warm_up: Option<fn()>,
 }
+
+/// Exit code of a zygote whose warm-up hook panicked.
+pub(crate) const EXIT_WARM_UP_PANICKED: i32 = 3;
+/// Exit code of a zygote whose warm-up hook left a thread running.
+pub(crate) const EXIT_WARM_UP_THREADS: i32 = 4;
 
 /// Forks the zygote. Fails with [`ErrorKind::MultiThreaded`] unless the calling
 /// process has exactly one thread.
@@ -100,6 +116,8 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     // rings (and zygote handles) it inherits are inert (`crate::epoch`).
     epoch::watch_forks()?;
     let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
+    let (idle, idle_fd) =
+        SharedWords::create("run-in-process-idle", limits.parked.max(1) as usize)?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
     let mut mailboxes = Vec::new();
@@ -127,10 +145,12 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             // Every ring this process inherited but its own is inert here
             // (the parent keeps them out of this fork, see `crate::epoch`).
             ring.adopt();
+            idle.adopt();
             sys::reset_signals();
             worker::install_hooks();
             let zygote = Zygote {
                 ring: &ring,
+                idle: idle.words(),
                 command: command_zygote.as_fd(),
                 spill: spill_workers.as_fd(),
                 mailboxes: mailbox_ends
@@ -152,6 +172,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             drop(spill_workers);
             drop(mailbox_ends);
             drop(ring_fd);
+            drop(idle_fd);
             // Race-free: the zygote is our unreaped child (SAFETY.md P2).
             let pidfd = sys::pidfd_open_child(pid)?;
             // The zygote has its mapping; no later fork of ours (another
@@ -160,6 +181,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             // cannot fail on a live mapping; if it did, the zygote would
             // still work, so it is not worth failing `start` for.)
             let _ = ring.keep_from_forks();
+            let _ = idle.keep_from_forks();
             Ok(ZygoteProcess {
                 pid,
                 pidfd,
@@ -167,7 +189,51 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
                 spill,
                 ring,
                 mailboxes,
+                idle,
             })
+        }
+    }
+}
+
+impl ZygoteProcess {
+    /// Blocks until the zygote has run its warm-up hook and says it is
+    /// ready; fails if it exited instead.
+    pub(crate) fn wait_ready(&self) -> Result<(), Error> {
+        let mut buf = [0u8; wire::REPORT_LEN + 1];
+        loop {
+            match sys::recv_frame(self.command.as_fd(), &mut buf) {
+                Ok(Some(frame))
+                    if matches!(
+                        Report::decode(&buf[..frame.len]),
+                        Ok(Report::Started { .. })
+                    ) =>
+                {
+                    return Ok(());
+                }
+                Ok(Some(_)) => {
+                    return Err(Error::new(
+                        ErrorKind::ZygoteDied,
+                        "the zygote sent a malformed ready report",
+                    ));
+                }
+                Err(e) if e.is_would_block() => {
+                    sys::poll_readable(self.command.as_fd(), None)?;
+                }
+                // End of stream: the zygote exited (it is the only holder
+                // of the other end until it parks workers, after this).
+                Ok(None) | Err(_) => {
+                    let status = sys::waitid_pidfd(self.pidfd.as_fd())?;
+                    let why = match status.code() {
+                        Some(EXIT_WARM_UP_PANICKED) => "the warm-up hook panicked",
+                        Some(EXIT_WARM_UP_THREADS) => {
+                            "the warm-up hook left a thread running, and a zygote with \
+                             threads cannot fork safely"
+                        }
+                        _ => "the zygote died during its warm-up",
+                    };
+                    return Err(Error::new(ErrorKind::ZygoteDied, why));
+                }
+            }
         }
     }
 }
@@ -175,6 +241,8 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
 /// The zygote's view of itself, inside the zygote process.
 struct Zygote<'a> {
     ring: &'a Ring,
+    /// The idle words, one per mailbox (`crate::idle`).
+    idle: &'a [std::sync::atomic::AtomicU64],
     command: BorrowedFd<'a>,
     spill: BorrowedFd<'a>,
     /// Per mailbox: the workers' end of its job socket, the zygote's end of
@@ -271,10 +339,31 @@ impl Zygote<'_> {
         // zygote; the fds closed here are the parent's, inherited, and no
         // object that owns one is used again (`serve` never returns).
         unsafe { sys::close_fds_except(&keep) };
+        if let Some(hook) = self.limits.warm_up {
+            self.warm_up(hook);
+        }
         match self.run() {
             Ok(never) => match never {},
             Err(_) => sys::exit_now(1),
         }
+    }
+
+    /// Runs the user's warm-up hook, then tells the parent, which waits for
+    /// it in `start`, that the zygote is ready. Exits (with a code `start`
+    /// turns into an error) if the hook panicked or left a thread running:
+    /// a zygote with two threads can no longer fork safely (SAFETY.md F1).
+    fn warm_up(&self, hook: fn()) {
+        if std::panic::catch_unwind(hook).is_err() {
+            sys::exit_now(EXIT_WARM_UP_PANICKED);
+        }
+        if !matches!(sys::thread_count(), Ok(1)) {
+            sys::exit_now(EXIT_WARM_UP_THREADS);
+        }
+        let ready = Report::Started {
+            pid: self.pid.as_raw_nonzero().get() as u32,
+        }
+        .encode();
+        let _ = sys::send_frame(self.command, &ready, &[]);
     }
 
     fn run(&self) -> Result<std::convert::Infallible, SysError> {
@@ -633,15 +722,18 @@ impl Zygote<'_> {
         let forked = unsafe { sys::fork() };
         match forked {
             Ok(Forked::Child) => sys::contain_child(|| {
-                worker::park(
+                worker::park(worker::Parked {
                     zygote,
                     jobs,
-                    self.spill,
-                    self.ring,
+                    spill: self.spill,
+                    ring: self.ring,
+                    idle: &self.idle[i],
+                    reuse: self.limits.reuse,
+                    idle_ms: self.limits.idle_ms,
+                    limit: self.limits.max_payload,
                     buf,
-                    std::mem::take(result_buf),
-                    self.limits.max_payload,
-                )
+                    result_buf: std::mem::take(result_buf),
+                })
             }),
             Ok(Forked::Parent(pid)) => {
                 // For the parent, which kills a parked worker's task through
