@@ -111,6 +111,22 @@ fn shared_blob(len: usize) -> memmap2::Mmap {
     unsafe { memmap2::Mmap::map(&file) }.expect("map the blob")
 }
 
+/// 256 MiB that the warm-up hooks below prepare in their zygotes.
+const WARM_LEN: usize = 256 << 20;
+
+/// Warm-up into the zygote's private heap: every fork then copies the page
+/// tables of 256 MiB (with transparent huge pages, far fewer entries).
+fn warm_heap() {
+    let heap: Vec<u8> = vec![1; WARM_LEN];
+    std::mem::forget(black_box(heap));
+}
+
+/// The same 256 MiB in a shared memfd mapping, which `fork` does not copy
+/// entry by entry: the workers fault it in when they touch it.
+fn warm_shared() {
+    std::mem::forget(black_box(shared_blob(WARM_LEN)));
+}
+
 fn main() {
     procspawn::init();
     // `cargo bench` passes `--bench`; any other argument would be a filter,
@@ -126,6 +142,27 @@ fn main() {
         .parked(0)
         .start()
         .expect("start the zygote without parked workers");
+    // Reuse mode, with workers that live as long as the run.
+    let reuse_zygote = Zygote::builder()
+        .reuse(u32::MAX)
+        .idle_timeout(Duration::ZERO)
+        .start()
+        .expect("start the reuse-mode zygote");
+    let two_zygotes = Zygote::builder()
+        .zygotes(2)
+        .start()
+        .expect("start two zygotes");
+    // Fork cost after a large warm-up, forked on demand so every task forks.
+    let heap_warm = Zygote::builder()
+        .parked(0)
+        .warm_up(warm_heap)
+        .start()
+        .expect("start the zygote warmed in its heap");
+    let shared_warm = Zygote::builder()
+        .parked(0)
+        .warm_up(warm_shared)
+        .start()
+        .expect("start the zygote warmed in a shared mapping");
     // Made after the other zygotes, so only this one's workers map it.
     let _ = BLOB.set(shared_blob(BLOB_LEN));
     let blob_zygote = Zygote::builder()
@@ -152,6 +189,8 @@ fn main() {
         );
         warm_up(&zygote).await;
         warm_up(&cold_zygote).await;
+        warm_up(&reuse_zygote).await;
+        warm_up(&two_zygotes).await;
     });
 
     // Floors, this crate's noop runs and the peers, measured in alternating
@@ -164,6 +203,8 @@ fn main() {
     let (mut fork_wait, mut fork_wake) = (Vec::new(), Vec::new());
     let (mut ping_same, mut ping_cross) = (Vec::new(), Vec::new());
     let (mut cold, mut warm, mut warm_paced) = (Vec::new(), Vec::new(), Vec::new());
+    let mut reused = Vec::new();
+    let (mut cold_heap, mut cold_shared) = (Vec::new(), Vec::new());
     let (mut spawn_blocking, mut true_cmd) = (Vec::new(), Vec::new());
     let (mut procspawn_spawn, mut procspawn_pool) = (Vec::new(), Vec::new());
     let pool = procspawn::Pool::new(2).expect("procspawn pool");
@@ -187,6 +228,9 @@ fn main() {
             // A pause before each task lets the zygote park a replacement,
             // so every task meets a parked worker.
             warm_paced.extend(runs(&zygote, per, Duration::from_millis(2)).await);
+            reused.extend(runs(&reuse_zygote, per, Duration::ZERO).await);
+            cold_heap.extend(runs(&heap_warm, per / 2, Duration::ZERO).await);
+            cold_shared.extend(runs(&shared_warm, per / 2, Duration::ZERO).await);
             spawn_blocking.extend(
                 measure_async(per, || async {
                     black_box(tokio::task::spawn_blocking(|| noop(1)).await.expect("join"))
@@ -217,6 +261,8 @@ fn main() {
     let (fork_wait, fork_wake) = (Stats::of(fork_wait), Stats::of(fork_wake));
     let (ping_same, ping) = (Stats::of(ping_same), Stats::of(ping_cross));
     let (cold, warm, warm_paced) = (Stats::of(cold), Stats::of(warm), Stats::of(warm_paced));
+    let reused = Stats::of(reused);
+    let (cold_heap, cold_shared) = (Stats::of(cold_heap), Stats::of(cold_shared));
     rows.push(Row::new("floor: fork + _exit + waitpid", fork_wait));
     rows.push(Row::new(
         "floor: fork -> child rings eventfd -> parent wakes",
@@ -245,6 +291,24 @@ fn main() {
         )
         .vs(&ping, "cross-CPU ping-pong"),
     );
+    rows.push(
+        Row::new("run_in_process: noop run, reuse mode, back to back", reused)
+            .vs(&ping, "cross-CPU ping-pong"),
+    );
+    rows.push(
+        Row::new(
+            "run_in_process: cold run after a 256 MiB heap warm-up",
+            cold_heap,
+        )
+        .vs(&cold, "cold run, no warm-up"),
+    );
+    rows.push(
+        Row::new(
+            "run_in_process: cold run after a 256 MiB shared-mapping warm-up",
+            cold_shared,
+        )
+        .vs(&cold, "cold run, no warm-up"),
+    );
 
     let open = rt.block_on(async {
         Stats::of(
@@ -257,9 +321,8 @@ fn main() {
     });
     rows.push(Row::new("run_in_process: open + result", open).vs(&fork_wake, "fork->wake floor"));
 
-    let tput_on = |zygote: &Zygote, in_flight: usize| {
+    let tput_total = |zygote: &Zygote, in_flight: usize, total: usize| {
         rt.block_on(async {
-            let total = n.max(400);
             let start = Instant::now();
             let mut set = tokio::task::JoinSet::new();
             for k in 0..in_flight {
@@ -277,23 +340,55 @@ fn main() {
             total as f64 / start.elapsed().as_secs_f64()
         })
     };
+    let tput_on = |zygote: &Zygote, in_flight: usize| tput_total(zygote, in_flight, n.max(400));
+    // procspawn's Pool with the same number of tasks in flight: a window of
+    // join handles, the oldest joined before the next is spawned.
+    let peer_pool = procspawn::Pool::new(2).expect("procspawn pool");
+    let pool_tput = |in_flight: usize, total: usize| {
+        let start = Instant::now();
+        let mut window = std::collections::VecDeque::new();
+        for _ in 0..total {
+            if window.len() == in_flight {
+                let h: procspawn::JoinHandle<u64> = window.pop_front().expect("window");
+                assert_eq!(h.join().expect("procspawn pool join"), 1);
+            }
+            window.push_back(peer_pool.spawn(1u64, noop));
+        }
+        for h in window {
+            assert_eq!(h.join().expect("procspawn pool join"), 1);
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    };
     // The target's rows (8 in flight, with and without parked workers, and
     // the raw fork server) in alternating rounds: this VM's speed drifts by
     // up to 2x within a minute, so rows measured seconds apart would compare
     // two different machines. Each row reports its median round, and the
     // ratio is the median of the per-round ratios.
     let (mut parked8, mut cold8, mut raw8, mut ratios8) = (vec![], vec![], vec![], vec![]);
+    let (mut reuse8, mut two8, mut pool8) = (vec![], vec![], vec![]);
+    let (mut reuse_vs_pool, mut two_vs_one) = (vec![], vec![]);
     for _ in 0..if quick { 2 } else { 9 } {
         let (p, c, r) = (
             tput_on(&zygote, 8),
             tput_on(&cold_zygote, 8),
             raw.throughput(n.max(400), 8),
         );
+        let (u, t, q) = (
+            tput_total(&reuse_zygote, 8, 10 * n.max(400)),
+            tput_on(&two_zygotes, 8),
+            pool_tput(8, n.max(400)),
+        );
         parked8.push(p);
         cold8.push(c);
         raw8.push(r);
         ratios8.push(p / r);
+        reuse8.push(u);
+        two8.push(t);
+        pool8.push(q);
+        reuse_vs_pool.push(u / q);
+        two_vs_one.push(t / p);
     }
+    peer_pool.shutdown();
     let mut throughput = Vec::new();
     for k in [1usize, 2, 8, 64] {
         let tput = if k == 8 {
@@ -310,6 +405,18 @@ fn main() {
     throughput.push((
         "floor: raw fork server, tasks/s, 8 in flight".into(),
         median(&raw8),
+    ));
+    throughput.push((
+        "run_in_process: tasks/s, 8 in flight, reuse mode".into(),
+        median(&reuse8),
+    ));
+    throughput.push((
+        "run_in_process: tasks/s, 8 in flight, zygotes(2), fresh per task".into(),
+        median(&two8),
+    ));
+    throughput.push((
+        "peer: procspawn Pool(2), tasks/s, 8 in flight".into(),
+        median(&pool8),
     ));
 
     let payload = rt.block_on(async {
@@ -430,6 +537,10 @@ fn main() {
     drop(zygote);
     drop(cold_zygote);
     drop(blob_zygote);
+    drop(reuse_zygote);
+    drop(two_zygotes);
+    drop(heap_warm);
+    drop(shared_warm);
     floors.stop();
     echo.stop();
     raw.stop();
@@ -545,6 +656,28 @@ fn main() {
         ratios8.len(),
         span(&ratios8),
         span(&cold_ratios),
+    );
+
+    out += &format!(
+        "- reuse mode, 8 in flight: {:.0} tasks/s (target 100k); / procspawn Pool(2), 8 in flight: {:.1}x (target 5x; medians of alternating rounds, rounds {})\n",
+        median(&reuse8),
+        median(&reuse_vs_pool),
+        span(&reuse_vs_pool),
+    );
+    out += &format!(
+        "- reuse mode back to back / ping-pong floor: {:.2}x cross-CPU, {:.2}x one CPU (target 3x)\n",
+        ratio(&reused, &ping),
+        ratio(&reused, &ping_same),
+    );
+    out += &format!(
+        "- zygotes(2) / zygotes(1), fresh per task, 8 in flight: {:.2}x (target 1.6x; rounds {})\n",
+        median(&two_vs_one),
+        span(&two_vs_one),
+    );
+    out += &format!(
+        "- cold run after a 256 MiB warm-up / without: {:.2}x in the heap, {:.2}x in a shared mapping\n",
+        ratio(&cold_heap, &cold),
+        ratio(&cold_shared, &cold),
     );
 
     print!("{out}");

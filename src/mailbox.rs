@@ -44,11 +44,22 @@ enum State {
         pid: u32,
         pidfd: OwnedFd,
         served: u32,
+        kept: Option<Kept>,
     },
     /// A task is using the worker; it owns the report socket until `Exited`.
     Busy,
     /// The report socket ended: the zygote is gone.
     Dead,
+}
+
+/// What the parent keeps of a reused worker between its tasks, so that the
+/// next task needs neither a new eventfd nor a new duplicate of the report
+/// socket: both deregistered from the last task's runtime, nothing queued.
+pub(crate) struct Kept {
+    /// The doorbell the worker also kept (`wire::FLAG_SAME_DOORBELL`).
+    pub(crate) doorbell: OwnedFd,
+    /// The last task's duplicate of the mailbox's report socket.
+    pub(crate) report: OwnedFd,
 }
 
 /// A parked worker, claimed for one task.
@@ -58,6 +69,8 @@ pub(crate) struct Claim {
     pub(crate) pidfd: OwnedFd,
     /// Tasks the worker has run before this one.
     pub(crate) served: u32,
+    /// Its last task's doorbell and report socket, if it has served one.
+    pub(crate) kept: Option<Kept>,
 }
 
 impl Mailboxes {
@@ -106,7 +119,13 @@ impl Mailboxes {
                     continue;
                 }
             }
-            let State::Ready { pid, pidfd, served } = std::mem::replace(state, State::Busy) else {
+            let State::Ready {
+                pid,
+                pidfd,
+                served,
+                kept,
+            } = std::mem::replace(state, State::Busy)
+            else {
                 unreachable!("matched Ready just above")
             };
             return Some(Claim {
@@ -114,6 +133,7 @@ impl Mailboxes {
                 pid,
                 pidfd,
                 served,
+                kept,
             });
         }
         None
@@ -129,6 +149,7 @@ impl Mailboxes {
                     pid: claim.pid,
                     pidfd: claim.pidfd,
                     served: claim.served,
+                    kept: claim.kept,
                 };
             }
         }
@@ -165,6 +186,7 @@ fn read_parked(mailbox: &Mailbox) -> State {
                                 pid,
                                 pidfd,
                                 served: 0,
+                                kept: None,
                             }
                         }
                         // A worker parked, but its pidfd did not arrive (no fd
@@ -219,7 +241,7 @@ impl MailboxGuard {
 
     /// Offers the mailbox's worker, which has served `served` tasks and is
     /// waiting for the next (reuse mode), to the next claimer.
-    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, served: u32) {
+    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, served: u32, kept: Kept) {
         let Some(index) = self.index.take() else {
             return;
         };
@@ -230,7 +252,12 @@ impl MailboxGuard {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(state) = states.get_mut(index) {
             if matches!(state, State::Busy) {
-                *state = State::Ready { pid, pidfd, served };
+                *state = State::Ready {
+                    pid,
+                    pidfd,
+                    served,
+                    kept: Some(kept),
+                };
             }
         }
     }

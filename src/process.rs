@@ -175,7 +175,9 @@ impl Builder {
     /// figures). In reuse mode the zygote keeps up to
     /// [`max_in_flight`](Builder::max_in_flight) workers (at least
     /// [`parked`](Builder::parked)), and idle ones exit after the
-    /// [`idle_timeout`](Builder::idle_timeout).
+    /// [`idle_timeout`](Builder::idle_timeout). The parent keeps three fds
+    /// for each idle reused worker (its pidfd, its doorbell and a report
+    /// socket), so the next task needs no new ones.
     ///
     /// # What reuse gives up
     ///

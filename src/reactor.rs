@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::epoch::ForkLocal;
 use crate::error::Error;
-use crate::mailbox::MailboxGuard;
+use crate::mailbox::{Kept, MailboxGuard};
 use crate::payload::Payload;
 use crate::report_pool::Recycle;
 use crate::ring::Taken;
@@ -153,19 +153,20 @@ impl TaskIo {
         // Everything that can fail happens before the request is sent: once
         // a worker may be running, nothing but this `TaskIo` (and its reaper)
         // may release the lease.
-        let doorbell = ForkLocal::new(register(sys::eventfd()?, Interest::READABLE)?);
         let (place, inline, arg_fd) = match arg {
             Payload::Inline(bytes) => (wire::ArgPlace::Inline(arg.len()), &bytes[..], None),
             Payload::Sealed { fd, len } => (wire::ArgPlace::Memfd(*len), &[][..], Some(fd.as_fd())),
         };
         // `worker`: a job names the parked worker it is for (if that worker
         // dies before reading it, its replacement must not run it); 0 asks
-        // the zygote to fork one.
-        let frame = |worker: u32| {
+        // the zygote to fork one. `same_doorbell`: a reused worker rings the
+        // doorbell of its last task, whose end we kept.
+        let frame = |worker: u32, same_doorbell: bool| {
             wire::Request {
                 generation,
                 want_started,
                 last,
+                same_doorbell,
                 entry,
                 slot: lease.slot(),
                 arg: place,
@@ -173,41 +174,66 @@ impl TaskIo {
             }
             .encode(inline)
         };
-        let mut fds = vec![doorbell.get_ref().as_fd()];
-        if let Some(fd) = arg_fd {
-            fds.push(fd);
+        fn with_arg<'a>(
+            doorbell: Option<BorrowedFd<'a>>,
+            arg: Option<BorrowedFd<'a>>,
+        ) -> Vec<BorrowedFd<'a>> {
+            doorbell.into_iter().chain(arg).collect()
         }
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
         let mut claimed = None;
+        let mut doorbell = None;
         let idle = inner.process.idle.words();
-        if let Some(claim) = inner.mailboxes.claim(&inner.process.mailboxes, idle, fresh) {
+        if let Some(mut claim) = inner.mailboxes.claim(&inner.process.mailboxes, idle, fresh) {
             let mailbox = &inner.process.mailboxes[claim.index];
-            // The mailbox's report socket, duplicated so this task can
-            // register it with its own runtime. If that fails (out of fds,
-            // say), the worker goes back to the mailbox for the next task.
-            let report = match mailbox
-                .reports
-                .try_clone()
-                .map_err(|e| Error::io("dup", e))
-                .and_then(|fd| register(fd, Interest::READABLE))
-            {
-                Ok(report) => report,
+            let kept = claim.kept.take();
+            let same_doorbell = kept.is_some();
+            // The doorbell and a duplicate of the mailbox's report socket,
+            // registered with this task's runtime: kept from the worker's
+            // last task, or new. If that fails (out of fds, say), the worker
+            // goes back to the mailbox for the next task.
+            let registered = match kept {
+                Some(kept) => register(kept.doorbell, Interest::READABLE)
+                    .and_then(|d| Ok((d, register(kept.report, Interest::READABLE)?))),
+                None => sys::eventfd()
+                    .map_err(Error::from)
+                    .and_then(|fd| register(fd, Interest::READABLE))
+                    .and_then(|d| {
+                        let report = mailbox
+                            .reports
+                            .try_clone()
+                            .map_err(|e| Error::io("dup", e))?;
+                        Ok((d, register(report, Interest::READABLE)?))
+                    }),
+            };
+            let (bell, report) = match registered {
+                Ok(pair) => pair,
                 Err(e) => {
                     inner.mailboxes.unclaim(claim);
                     return Err(e);
                 }
             };
+            let bell = ForkLocal::new(bell);
             let guard = MailboxGuard::new(Arc::clone(&inner.mailboxes), claim.index);
+            let fds = with_arg((!same_doorbell).then(|| bell.get_ref().as_fd()), arg_fd);
             // The job socket is empty (the zygote drains it before parking a
-            // worker), so this non-blocking send cannot find it full. It fails
-            // if the worker died while parked (with the zygote, say): then
-            // forget the mailbox and fall through to the cold path, which
-            // reports a dead zygote as such.
-            if sys::send_frame(mailbox.jobs.as_fd(), &frame(claim.pid), &fds).is_ok() {
+            // worker, and a reused worker read its last job), so this
+            // non-blocking send cannot find it full. It fails if the worker
+            // died while parked (with the zygote, say): then forget the
+            // mailbox and fall through to the cold path, which reports a dead
+            // zygote as such.
+            if sys::send_frame(mailbox.jobs.as_fd(), &frame(claim.pid, same_doorbell), &fds).is_ok()
+            {
                 claimed = Some((guard, report, claim.pid, claim.pidfd, claim.served));
             }
+            drop(fds);
+            doorbell = Some(bell);
         }
+        let doorbell = match doorbell {
+            Some(bell) => bell,
+            None => ForkLocal::new(register(sys::eventfd()?, Interest::READABLE)?),
+        };
         let mut served = 0;
         let (report, mailbox, pid, pidfd, recycle) = match claimed {
             Some((guard, report, pid, pidfd, before)) => {
@@ -215,12 +241,12 @@ impl TaskIo {
                 (report, Some(guard), Some(pid), Some(pidfd), None)
             }
             None => {
-                let frame = frame(0);
+                let frame = frame(0, false);
                 let pair = inner.report_pool.take()?;
                 let report = ForkLocal::new(register(pair.ours, Interest::READABLE)?);
                 let theirs = ForkLocal::new(pair.theirs);
                 let mut with_report = vec![theirs.as_fd()];
-                with_report.extend_from_slice(&fds);
+                with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd));
                 send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
@@ -230,7 +256,6 @@ impl TaskIo {
                 (report.into_inner(), None, None, None, Some(recycle))
             }
         };
-        drop(fds);
         Ok(TaskIo {
             inner,
             lease: Some(lease.into_inner()),
@@ -454,11 +479,20 @@ impl TaskIo {
     /// into the slot of the task it is given, under that task's generation.
     fn offer_again(&mut self) {
         self.inner.spill.forget(self.generation);
-        self.report = None;
-        if let (Some(guard), Some(pid), Some(pidfd)) =
-            (self.mailbox.take(), self.pid, self.pidfd.take())
-        {
-            guard.put_back(pid, pidfd, self.served + 1);
+        // Both taken out of this runtime's epoll set, for the next task to
+        // register with its own. The doorbell was drained when the key was
+        // read, and the report socket holds nothing for us: the worker has
+        // not exited.
+        let report = self.report.take().map(AsyncFd::into_inner);
+        let doorbell = self.doorbell.take().map(AsyncFd::into_inner);
+        if let (Some(guard), Some(pid), Some(pidfd), Some(report), Some(doorbell)) = (
+            self.mailbox.take(),
+            self.pid,
+            self.pidfd.take(),
+            report,
+            doorbell,
+        ) {
+            guard.put_back(pid, pidfd, self.served + 1, Kept { doorbell, report });
         }
         self.lease = None;
         if let Some(spent) = self.spent.take() {

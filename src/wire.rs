@@ -21,13 +21,15 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | reserved, 0                                          |
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
 //! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
+//! A job sent straight to a parked worker carries no report socket, and no
+//! eventfd either when flag bit 3 is set.
 //!
 //! **Report**, zygote → parent, on the task's own report socket (16 bytes):
 //! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
@@ -59,8 +61,9 @@
 //! * 2: spawn requests name the parked worker a job is for, so a job sent to
 //!   a worker that died meanwhile is never run by its replacement.
 //! * 3: a task's last report hands its report socket's far end back.
-//! * 4: a request may mark a reused worker's last task; the key's low bit
-//!   says whether the worker waits for another task.
+//! * 4: a request may mark a reused worker's last task, or reuse its last
+//!   doorbell; the key's low bit says whether the worker waits for another
+//!   task.
 
 use std::fmt;
 
@@ -91,6 +94,9 @@ pub(crate) const FLAG_WANT_STARTED: u32 = 2;
 /// instead of waiting for another (the caller holds a `Process`, whose
 /// `wait` needs the worker's exit).
 pub(crate) const FLAG_LAST: u32 = 4;
+/// Request flag, for a reused worker: the job carries no doorbell; ring the
+/// one that came with the worker's previous task (the parent kept its end).
+pub(crate) const FLAG_SAME_DOORBELL: u32 = 8;
 
 /// The key's low bit: set by a reused worker that will wait for another
 /// task after this one. The parent trusts it only for its own bookkeeping
@@ -218,6 +224,8 @@ pub(crate) struct Request {
     pub(crate) want_started: bool,
     /// Exit after this task, even in reuse mode (see [`FLAG_LAST`]).
     pub(crate) last: bool,
+    /// No doorbell attached: reuse the last one (see [`FLAG_SAME_DOORBELL`]).
+    pub(crate) same_doorbell: bool,
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
@@ -244,6 +252,9 @@ impl Request {
         }
         if self.last {
             flags |= FLAG_LAST;
+        }
+        if self.same_doorbell {
+            flags |= FLAG_SAME_DOORBELL;
         }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
@@ -283,7 +294,7 @@ impl Request {
             return Err(WireError::Length(len));
         }
         let inline = &frame[REQUEST_HEADER..];
-        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED | FLAG_LAST) != 0 {
+        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED | FLAG_LAST | FLAG_SAME_DOORBELL) != 0 {
             return Err(WireError::Flags(flags));
         }
         let arg = match flags & FLAG_ARG_MEMFD {
@@ -296,6 +307,7 @@ impl Request {
                 generation,
                 want_started: flags & FLAG_WANT_STARTED != 0,
                 last: flags & FLAG_LAST != 0,
+                same_doorbell: flags & FLAG_SAME_DOORBELL != 0,
                 entry,
                 slot,
                 arg,
@@ -552,6 +564,7 @@ mod tests {
             generation: 7,
             want_started: true,
             last: false,
+            same_doorbell: false,
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
@@ -578,6 +591,7 @@ mod tests {
             generation: 1,
             want_started: false,
             last: false,
+            same_doorbell: false,
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
@@ -612,6 +626,7 @@ mod tests {
             generation: 1,
             want_started: false,
             last: false,
+            same_doorbell: false,
             entry: 0x5555_0000,
             slot: 0,
             arg: ArgPlace::Inline(0),
@@ -677,7 +692,7 @@ mod tests {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
-                let req = Request { generation, want_started, last: want_started, entry, slot, arg: place, worker };
+                let req = Request { generation, want_started, last: want_started, same_doorbell: !want_started, entry, slot, arg: place, worker };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
                 prop_assert_eq!(decoded, Ok((req, &inline[..])));

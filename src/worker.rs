@@ -235,11 +235,23 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     let me = sys::getpid().as_raw_nonzero().get() as u32;
     let reused = reuse > 1;
     let mut served = 0u32;
+    let mut kept_doorbell = None;
     loop {
         // Between tasks of a reused worker, the idle timeout applies.
         let timeout = (served > 0 && idle_ms > 0).then(|| Duration::from_millis(idle_ms));
-        let (request, inline_len, doorbell, arg_fd) =
-            receive_job(jobs, buf, slots, limit, me, idle, timeout);
+        let (request, inline_len, fds) = receive_job(jobs, buf, slots, limit, me, idle, timeout);
+        let mut fds = fds.into_iter();
+        // A reused worker's job may ask it to ring its last doorbell again.
+        let doorbell = if request.same_doorbell {
+            kept_doorbell.take()
+        } else {
+            fds.next()
+        };
+        let Some(doorbell) = doorbell else {
+            sys::exit_now(EXIT_BAD_JOB);
+        };
+        let arg_fd = fds.next();
+        drop(fds);
         idle::busy(idle);
         if served == 0 {
             // Before any user code runs: nothing this task leaves behind may
@@ -290,7 +302,10 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
             may_continue.then_some(idle),
         );
         match outcome {
-            Some(buf) => result_buf = buf,
+            Some((buf, doorbell)) => {
+                result_buf = buf;
+                kept_doorbell = Some(doorbell);
+            }
             None => sys::exit_now(0),
         }
     }
@@ -298,7 +313,8 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
 
 /// Waits on the mailbox's job socket for a job addressed to this worker
 /// (`me`), into `buf`; returns its request, the inline argument's length,
-/// and the fds the frame carried. Exits if the parent hung up, the job is
+/// and the fds the frame carried (the doorbell, unless the request says to
+/// ring the last one, then the argument's memfd, if any). Exits if the parent hung up, the job is
 /// malformed, the parent dismissed this worker, or `timeout` passed and
 /// the idle handshake let this worker retire.
 fn receive_job(
@@ -309,7 +325,7 @@ fn receive_job(
     me: u32,
     idle: &AtomicU64,
     mut timeout: Option<Duration>,
-) -> (Request, usize, OwnedFd, Option<OwnedFd>) {
+) -> (Request, usize, sys::Fds) {
     loop {
         let frame = match sys::recv_frame(jobs, buf) {
             Ok(Some(frame)) => frame,
@@ -334,13 +350,12 @@ fn receive_job(
             }
             continue;
         }
-        let mut fds = frame.fds.into_iter();
         let decoded = if frame.truncated {
             None
         } else {
             Request::decode(&buf[..frame.len], slots, limit).ok()
         };
-        let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
+        let Some((request, inline)) = decoded else {
             sys::exit_now(EXIT_BAD_JOB);
         };
         // A job for a predecessor that died before reading it (the parent
@@ -348,7 +363,7 @@ fn receive_job(
         if request.worker != me {
             continue;
         }
-        return (request, inline.len(), doorbell, fds.next());
+        return (request, inline.len(), frame.fds);
     }
 }
 
@@ -373,8 +388,8 @@ fn warm_up(buf: &mut [u8], result_buf: &mut Vec<u8>) {
 ///
 /// `reuse`: the idle word, if this worker may serve another task. Then, if
 /// the task returned a value and was not asked to stop, it returns the
-/// result buffer for the next task; otherwise it exits.
-fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<Vec<u8>> {
+/// result buffer and the doorbell for the next task; otherwise it exits.
+fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<(Vec<u8>, OwnedFd)> {
     // The key exists only in this process and, once sent through the
     // eventfd, in the parent: drawn after the fork (and for each task of a
     // reused worker), it is in no memory that another worker inherited
@@ -433,16 +448,17 @@ fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<Vec<u8>> {
         // allocator's pages of a process that ends here.
         sys::exit_now(0)
     }
-    // The task's doorbell and argument memfd close with `job`; the result
-    // buffer, if the value was inline, serves the next task.
-    drop(job);
-    match published {
+    // The argument's memfd closes with `job`; the doorbell, and the result
+    // buffer if the value was inline, serve the next task.
+    let Job { doorbell, .. } = job;
+    let buf = match published {
         Published::Value(Payload::Inline(mut buf)) => {
             buf.clear();
-            Some(buf)
+            buf
         }
-        _ => Some(Vec::with_capacity(RESULT_BUFFER)),
-    }
+        _ => Vec::with_capacity(RESULT_BUFFER),
+    };
+    Some((buf, doorbell))
 }
 
 /// Bytes of the argument, wherever they are.

@@ -532,6 +532,8 @@ impl Zygote<'_> {
         } else {
             Request::decode(&rx[..frame.len], self.ring.slots(), self.limits.max_payload).ok()
         };
+        // A worker forked here has no earlier doorbell to ring.
+        let decoded = decoded.filter(|(request, _)| !request.same_doorbell);
         let (Some((request, inline)), Some(doorbell)) = (decoded, fds.next()) else {
             refuse(&report, libc::EINVAL);
             return None;

@@ -922,14 +922,17 @@ async fn served_by_parked(z: Zygote, parked: u32) {
     p.result().await.expect("result after");
 }
 
-/// Runs a task while the process can open only one more fd: enough for the
-/// task's eventfd, not for the parked worker's pidfd, whose `Started` report
-/// therefore arrives without it (`MSG_CTRUNC`). That worker could never be
+/// Runs a task while the process can open no more fd, so that the parked
+/// worker's `Started` report, read when the task claims the worker, arrives
+/// without its pidfd (`MSG_CTRUNC`). That worker could never be
 /// killed if its task were dropped, so it must not get a task; it must not
 /// stay parked for nothing either: it has to leave and be replaced.
 fn ctrunc_child() {
+    // No fd free: the claim reads the parked worker's `Started` first (a
+    // task claims a worker before it makes its doorbell, which a reused
+    // worker does not need), and its pidfd is cut.
     short_of_fds_child(
-        1,
+        0,
         |_, parked| parked,
         |z, parked| async move {
             let replacement = wait_for_parked(z.pid(), Some(parked));
@@ -957,7 +960,7 @@ fn ctrunc_queued_child() {
         unsafe { libc::kill(first as i32, libc::SIGKILL) };
         wait_for_parked(zygote, Some(first)).expect("the zygote did not park a replacement")
     };
-    short_of_fds_child(1, kill_parked, served_by_parked);
+    short_of_fds_child(0, kill_parked, served_by_parked);
 }
 
 /// The shared frame of the fd-shortage modes. With one worker parked, and
@@ -979,7 +982,13 @@ fn short_of_fds_child<F: Future<Output = ()>>(
         let parked = prepare(z.pid(), parked);
         let before = common::open_fds();
         let free_fds = lowest_free_fds(free);
-        let limit = set_fd_limit(free_fds[free - 1] as u64 + 1);
+        // The limit just above the last fd left free: with none free, at
+        // the lowest free number.
+        let first_taken = match free_fds.last() {
+            Some(&last) => last + 1,
+            None => lowest_free_fds(1)[0],
+        };
+        let limit = set_fd_limit(first_taken as u64);
         let e = z.run(reverse_bytes, vec![2]).await.expect_err("out of fds");
         set_fd_limit(limit);
         println!("error: {:?}", e.kind());

@@ -155,17 +155,24 @@ where
         zygote.workers() == 0,
         format!("{} workers still counted", zygote.workers()),
     )?;
-    // An idle worker's pidfd is kept with its mailbox, for the next task:
-    // at most one per worker of the pools. Any other new fd is a leak.
-    let (pidfds, leaked): (Vec<_>, Vec<_>) = open_fds()
-        .difference(&fds_before)
-        .cloned()
-        .partition(|fd| fd.ends_with("anon_inode:[pidfd]"));
+    // An idle reused worker's pidfd, doorbell and report socket duplicate
+    // are kept with its mailbox, for its next task: at most one of each per
+    // worker of the pools. Any other new fd is a leak.
+    let kinds = ["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["];
+    let new: Vec<_> = open_fds().difference(&fds_before).cloned().collect();
+    let leaked: Vec<_> = new
+        .iter()
+        .filter(|fd| !kinds.iter().any(|k| fd.contains(k)))
+        .collect();
     ensure(leaked.is_empty(), format!("leaked fds: {leaked:?}"))?;
-    ensure(
-        pidfds.len() <= pool * zygote.pids().len(),
-        format!("more pidfds than pooled workers: {pidfds:?}"),
-    )
+    for kind in kinds {
+        let kept = new.iter().filter(|fd| fd.contains(kind)).count();
+        ensure(
+            kept <= pool * zygote.pids().len(),
+            format!("more {kind} fds than pooled workers: {new:?}"),
+        )?;
+    }
+    Ok(())
 }
 
 fn count(_: ()) -> (u32, u64) {
