@@ -141,7 +141,9 @@ pub(crate) fn offered(bytes: &[u8]) -> Option<Forwardable> {
 /// times its size, whatever else the worker put in the value. The pages count
 /// as shared memory (`RssShmem` in `/proc/self/status`, once touched), not
 /// heap; each retained result is one memory mapping (see
-/// `vm.max_map_count`); and the last drop pays the `munmap` and the freeing
+/// `vm.max_map_count`) and one open file descriptor, the memfd, kept to
+/// forward the bytes without a copy (see `RLIMIT_NOFILE`); and the last drop
+/// pays the `munmap` and the freeing
 /// of the pages (about 15 ms for 64 MiB on a small VM). The memfd is sealed,
 /// so nobody, including the worker that wrote it, can change or truncate the
 /// bytes while they are visible. [`Blob::into_vec`] copies them out when an
@@ -663,6 +665,27 @@ mod tests {
         assert!(!mapped.0.is_mapped() && mapped.1.is_mapped());
         assert_eq!((&mapped.0, &mapped.1), (&small, &large));
         assert_eq!(plain, mapped);
+    }
+
+    #[test]
+    fn every_large_blob_in_a_payload_maps_not_only_the_first() {
+        // Borrowing needs no alignment: whatever offsets the length prefixes
+        // leave the later blobs at, each points into the mapping.
+        let blobs: Vec<Blob> = (0..4)
+            .map(|k| Blob::from(vec![k as u8; 3 * MAP_AT_LEAST + k * 7]))
+            .collect();
+        let payload = sealed(&encoded(&(1u8, blobs.clone(), String::from("x"))));
+        let (_, decoded, _): (u8, Vec<Blob>, String) =
+            decoding_from(&payload, || codec::decode(payload.bytes(), usize::MAX)).expect("decode");
+        let map = payload.mapping().expect("mapped");
+        for (got, sent) in decoded.iter().zip(&blobs) {
+            assert!(got.is_mapped(), "{got:?}");
+            assert!(
+                range_within(map, got).is_some(),
+                "{got:?} is outside the mapping"
+            );
+            assert_eq!(got, sent);
+        }
     }
 
     #[test]
