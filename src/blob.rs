@@ -20,6 +20,12 @@
 //! (checked in `SealedBytes::open`), so the bytes a `Blob` shows can never
 //! change and the pages can never go away under it (SAFETY.md S2). This module
 //! has no `unsafe` code.
+//!
+//! The way back out works the same way round: while `payload` encodes a
+//! value, [`offering`] lets a mapped `Blob` that serializes its bytes put its
+//! mapping (and memfd) on offer, and the payload writer, handed those very
+//! bytes by the codec, may forward the memfd instead of copying them
+//! ([`offered`] matches them by address and length).
 
 use std::borrow::Borrow;
 use std::cell::{Cell, RefCell};
@@ -136,15 +142,15 @@ pub(crate) fn offered(bytes: &[u8]) -> Option<Forwardable> {
 ///
 /// A byte string is *mapped* this way when it is at least a page (4 KiB) and
 /// at least an eighth of the whole encoded value; otherwise it is copied. A
-/// mapped `Blob` keeps the whole mapping alive until it and every clone of it
-/// are dropped, so the eighth bounds what a small `Blob` can pin to eight
+/// mapped `Blob` keeps the whole mapping alive until it and every clone and
+/// slice of it are dropped, so the eighth bounds what a small `Blob` can pin to eight
 /// times its size, whatever else the worker put in the value. The pages count
 /// as shared memory (`RssShmem` in `/proc/self/status`, once touched), not
 /// heap; each retained result is one memory mapping (see
 /// `vm.max_map_count`) and one open file descriptor, the memfd, kept to
 /// forward the bytes without a copy (see `RLIMIT_NOFILE`); and the last drop
-/// pays the `munmap` and the freeing
-/// of the pages (about 15 ms for 64 MiB on a small VM). The memfd is sealed,
+/// pays the `munmap` and the freeing of the pages (about 15 ms for 64 MiB on
+/// a small VM). The memfd is sealed,
 /// so nobody, including the worker that wrote it, can change or truncate the
 /// bytes while they are visible. [`Blob::into_vec`] copies them out when an
 /// owned `Vec` is wanted.

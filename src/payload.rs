@@ -189,7 +189,7 @@ impl PayloadWriter {
     /// Moves what is buffered into a new memfd; later bytes go there too.
     /// `next` is what made the payload spill: if it is large, padding aligns
     /// it with its source (see the module docs).
-    fn spill(&mut self, next: &[u8]) -> Result<(), PayloadError> {
+    fn spill(&mut self, next: &[u8]) -> Result<&mut File, PayloadError> {
         let fd = sys::memfd_create(self.name).map_err(PayloadError::Sys)?;
         let mut file = File::from(fd);
         if next.len() >= CHUNK {
@@ -201,8 +201,7 @@ impl PayloadWriter {
         write_out(&mut file, &self.buf)?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
-        self.memfd = Some(file);
-        Ok(())
+        Ok(self.memfd.insert(file))
     }
 
     /// `data`, the bytes that make the payload spill, as bytes to forward,
@@ -233,8 +232,7 @@ impl PayloadWriter {
             // More follows the forwarded bytes, so they are not the tail of
             // this payload after all: copy them, as if never offered.
             let bytes = forward.bytes.bytes();
-            self.spill(bytes)?;
-            let file = self.memfd.as_mut().expect("spill made the memfd");
+            let file = self.spill(bytes)?;
             write_out(file, bytes)?;
             self.flushed += bytes.len() as u64;
         }
