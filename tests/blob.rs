@@ -10,15 +10,35 @@
 
 mod common;
 
+use std::sync::Mutex;
+
 use common::{TestResult, checked, ensure};
 use libtest_mimic::Trial;
 use run_in_process::{Blob, Zygote};
+
+/// A mapped result that the parent holds when it starts `later` (see
+/// `a_blob_a_worker_inherited_is_copied_not_forwarded`).
+static HELD: Mutex<Option<Blob>> = Mutex::new(None);
 
 fn main() {
     let zygote = Zygote::builder()
         .max_in_flight(4)
         .start()
         .expect("start the zygote");
+    // A current-thread runtime starts no thread, so once it is gone the
+    // process may start another zygote, which inherits `HELD`.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let held = rt
+        .block_on(zygote.run(make_blob, 4 << 20))
+        .expect("a large result");
+    assert!(held.is_mapped(), "a 4 MiB result is mapped");
+    *HELD.lock().expect("lock") = Some(held);
+    rt.block_on(zygote.wait_idle());
+    drop(rt);
+    let later = Zygote::start().expect("start the zygote that inherits HELD");
     let args = common::harness_args();
     let mut trials = Vec::new();
     macro_rules! trial {
@@ -31,6 +51,10 @@ fn main() {
     trial!(an_argument_returned_as_the_result_comes_back_in_its_memfd);
     trial!(a_slice_or_a_blob_followed_by_more_is_copied_and_still_mapped);
     trial!(slices_of_a_mapped_result_share_its_mapping);
+    trials.push(Trial::test(
+        "a_blob_a_worker_inherited_is_copied_not_forwarded",
+        move || checked(&later, a_blob_a_worker_inherited_is_copied_not_forwarded),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -59,6 +83,24 @@ fn inspect(blob: Blob) -> (bool, Option<Memfd>, u64) {
 
 fn inspect_first((blob, _): (Blob, u8)) -> (bool, Option<Memfd>, u64) {
     inspect(blob)
+}
+
+/// Returns the parent's held `Blob`, which this worker inherited: mapped
+/// here too, but its memfd's fd number is not this process's. The worker
+/// first fills the low fd numbers with `/dev/null`, so that the number is
+/// most likely in use here, by a file that is no sealed memfd.
+fn return_held(_: ()) -> Blob {
+    let nulls: Vec<std::fs::File> = (0..100)
+        .map_while(|_| std::fs::File::open("/dev/null").ok())
+        .collect();
+    // The worker exits after the task; the files go with it.
+    std::mem::forget(nulls);
+    // A `Blob` alone, not in an `Option`: its memfd's tail is exactly its
+    // encoding, so only the fd's epoch stops it from being forwarded.
+    HELD.lock()
+        .ok()
+        .and_then(|held| held.clone())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -124,8 +166,11 @@ async fn a_blob_result_passed_on_as_an_argument_is_forwarded_in_its_memfd(z: Zyg
     )?;
     ensure(their_sum == sum(&blob), "the worker saw the same bytes")?;
     // The caller's Blob is untouched, and can be passed on again.
-    let (_, again, _) = z.run(inspect, blob).await?;
-    ensure(again == Some(memfd), "forwarded the second time too")
+    let (_, again, _) = z.run(inspect, blob.clone()).await?;
+    ensure(again == Some(memfd), "forwarded the second time too")?;
+    // A task that never starts closes its duplicate (the trial checks fds).
+    drop(z.task(inspect, blob));
+    Ok(())
 }
 
 /// A worker that returns the `Blob` it was given sends its argument's memfd
@@ -170,6 +215,22 @@ async fn a_slice_or_a_blob_followed_by_more_is_copied_and_still_mapped(z: Zygote
         "a Blob followed by more travels in a memfd of its own",
     )?;
     ensure(their_sum == sum(&blob), "the Blob's bytes")
+}
+
+/// A worker of a zygote started while the parent held a mapped `Blob` can
+/// read that `Blob`, but must not send the fd its memfd had in the parent:
+/// in the worker that number is closed or is another fd. Returned as a
+/// result, the `Blob` is copied into a new memfd.
+async fn a_blob_a_worker_inherited_is_copied_not_forwarded(z: Zygote) -> TestResult {
+    let held = HELD.lock().expect("lock").clone().ok_or("nothing held")?;
+    let theirs = memfd_of(&held).ok_or("the held Blob is in no memfd")?;
+    let back = z.run(return_held, ()).await?;
+    ensure(back == held, "the bytes came back")?;
+    let memfd = memfd_of(&back).ok_or("the result is in no memfd")?;
+    ensure(
+        memfd.name == "run-in-process-result" && memfd.inode != theirs.inode,
+        format!("the inherited Blob came back in {memfd:?}, not a new result memfd"),
+    )
 }
 
 /// `slice` copies nothing: a slice of a mapped result points into the same
