@@ -1,4 +1,4 @@
-//! Measures this crate's per-task delay: from `run` (or `open`) to the result in the caller, for small and large payloads, with 1–64 tasks in flight, from cancellation to a freed slot, and with a large parent heap.
+//! Measures this crate's per-task delay: from `run` (or `open`) to the result in the caller, for small and large payloads (and a mapped `Blob` passed on), with 1–64 tasks in flight, from cancellation to a freed slot, and with a large parent heap.
 //!
 //! Compare with `benches/floors.rs` (fork and wake-up floors) and
 //! `benches/peers.rs` (other ways to run a function elsewhere), measured the
@@ -37,6 +37,14 @@ fn echo_blob(bytes: Blob) -> Blob {
     bytes
 }
 
+fn make_blob(len: usize) -> Blob {
+    Blob::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+fn first_byte(bytes: Blob) -> u8 {
+    bytes.first().copied().unwrap_or(0)
+}
+
 fn sleep_forever(_: ()) -> u64 {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -64,6 +72,7 @@ fn main() {
     open_result(&mut c, &rt, &zygote);
     payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip", echo);
     payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip_blob", echo_blob);
+    blob_passed_on(&mut c, &rt, &zygote);
     throughput(&mut c, &rt, &zygote);
     cancel_to_idle(&mut c, &rt, &zygote);
     // Last: it leaves 2 GiB resident until it returns.
@@ -171,6 +180,58 @@ where
                 })
             },
         );
+    }
+    g.finish();
+}
+
+/// `run(first_byte, blob)` where `blob` is a mapped `Blob` result of an
+/// earlier task: the argument is forwarded in the result's sealed memfd, so
+/// the cost should not grow with the size. `copied` passes the same bytes
+/// as `(blob, 0u8)`, which cannot be forwarded (something follows the
+/// `Blob`) and is copied into a new memfd, as every mapped `Blob` argument
+/// was before forwarding.
+fn blob_passed_on(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
+    fn first_of((bytes, _): (Blob, u8)) -> u8 {
+        first_byte(bytes)
+    }
+    let mut g = c.benchmark_group("blob_passed_on");
+    g.sampling_mode(SamplingMode::Flat);
+    for (label, len) in [("1MiB", 1 << 20), ("64MiB", 64 << 20)] {
+        let blob = rt
+            .block_on(zygote.run(make_blob, len))
+            .expect("run(make_blob)");
+        assert!(blob.is_mapped(), "a {label} result is mapped");
+        let first = rt
+            .block_on(zygote.run(first_byte, blob.clone()))
+            .expect("run(first_byte)");
+        assert_eq!(first, 0, "{label}: the worker read another byte");
+        if len >= 64 << 20 {
+            g.sample_size(10);
+        }
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_with_input(BenchmarkId::new("forwarded", label), &blob, |b, blob| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        black_box(zygote.run(first_byte, blob.clone()).await.expect("run"));
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("copied", label), &blob, |b, blob| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let arg = (blob.clone(), 0u8);
+                        black_box(zygote.run(first_of, arg).await.expect("run"));
+                    }
+                    start.elapsed()
+                })
+            })
+        });
     }
     g.finish();
 }

@@ -20,19 +20,24 @@
 //! (checked in `SealedBytes::open`), so the bytes a `Blob` shows can never
 //! change and the pages can never go away under it (SAFETY.md S2). This module
 //! has no `unsafe` code.
+//!
+//! The way back out works the same way round: while `payload` encodes a
+//! value, [`offering`] lets a mapped `Blob` that serializes its bytes put its
+//! mapping (and memfd) on offer, and the payload writer, handed those very
+//! bytes by the codec, may forward the memfd instead of copying them
+//! ([`offered`] matches them by address and length).
 
 use std::borrow::Borrow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::ops::{Deref, Range};
+use std::ops::{Bound, Deref, Range, RangeBounds};
 use std::sync::Arc;
 
-use memmap2::Mmap;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde::ser::{Serialize, Serializer};
 
-use crate::shm::SealedBytes;
+use crate::shm::{SealedBytes, SealedMap};
 
 /// Byte strings shorter than this are copied even out of a mapping: a page's
 /// worth is cheap to copy.
@@ -45,7 +50,12 @@ const PIN_FACTOR: usize = 8;
 
 thread_local! {
     /// The mapping being decoded on this thread, if it is a sealed payload.
-    static SOURCE: RefCell<Option<Arc<Mmap>>> = const { RefCell::new(None) };
+    static SOURCE: RefCell<Option<Arc<SealedMap>>> = const { RefCell::new(None) };
+    /// Whether `payload` is encoding a value on this thread, so that a mapped
+    /// `Blob` may offer its memfd to be forwarded ([`offering`]).
+    static OFFERING: Cell<bool> = const { Cell::new(false) };
+    /// The mapped `Blob` being serialized right now, while `OFFERING`.
+    static OFFER: RefCell<Option<Forwardable>> = const { RefCell::new(None) };
 }
 
 /// Runs `decode` with `bytes`' mapping as this thread's source, so that a
@@ -55,7 +65,7 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
         return decode();
     };
     /// Puts the previous source back, even if `decode` unwinds.
-    struct Restore(Option<Arc<Mmap>>);
+    struct Restore(Option<Arc<SealedMap>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let previous = self.0.take();
@@ -68,6 +78,55 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
     };
     let _restore = Restore(previous);
     decode()
+}
+
+/// Bytes of a mapped [`Blob`] that the payload writer may forward to another
+/// process by sending the memfd they are in, instead of copying them.
+#[derive(Clone)]
+pub(crate) struct Forwardable {
+    pub(crate) map: Arc<SealedMap>,
+    /// Within `map` (a mapped `Blob`'s range).
+    pub(crate) range: Range<usize>,
+}
+
+impl Forwardable {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+}
+
+/// Runs `encode` (the payload writer's encoding of one value) with mapped
+/// `Blob`s offering their memfds: while one serializes its bytes,
+/// [`offered`] returns it.
+pub(crate) fn offering<T>(encode: impl FnOnce() -> T) -> T {
+    /// Puts the previous state back, even if `encode` unwinds, and drops any
+    /// offer so that it pins no mapping after the encoding.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = OFFERING.try_with(|o| o.set(self.0));
+            let _ = OFFER.try_with(|o| o.borrow_mut().take());
+        }
+    }
+    let Ok(previous) = OFFERING.try_with(|o| o.replace(true)) else {
+        return encode();
+    };
+    let _restore = Restore(previous);
+    encode()
+}
+
+/// The mapped `Blob` being serialized, if `bytes` are exactly its bytes (the
+/// same address and length, so the same memory: the offer keeps it mapped).
+pub(crate) fn offered(bytes: &[u8]) -> Option<Forwardable> {
+    OFFER
+        .try_with(|o| {
+            let offer = o.borrow();
+            let offer = offer.as_ref()?;
+            let same = offer.bytes().as_ptr() == bytes.as_ptr() && offer.range.len() == bytes.len();
+            same.then(|| offer.clone())
+        })
+        .ok()
+        .flatten()
 }
 
 /// An immutable byte string that a worker can return (or take) without it
@@ -83,21 +142,40 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
 ///
 /// A byte string is *mapped* this way when it is at least a page (4 KiB) and
 /// at least an eighth of the whole encoded value; otherwise it is copied. A
-/// mapped `Blob` keeps the whole mapping alive until it and every clone of it
-/// are dropped, so the eighth bounds what a small `Blob` can pin to eight
+/// mapped `Blob` keeps the whole mapping alive until it and every clone and
+/// slice of it are dropped, so the eighth bounds what a small `Blob` can pin to eight
 /// times its size, whatever else the worker put in the value. The pages count
 /// as shared memory (`RssShmem` in `/proc/self/status`, once touched), not
 /// heap; each retained result is one memory mapping (see
-/// `vm.max_map_count`); and the last drop pays the `munmap` and the freeing
-/// of the pages (about 15 ms for 64 MiB on a small VM). The memfd is sealed,
+/// `vm.max_map_count`) and one open file descriptor, the memfd, kept to
+/// forward the bytes without a copy (see `RLIMIT_NOFILE`); and the last drop
+/// pays the `munmap` and the freeing of the pages (about 15 ms for 64 MiB on
+/// a small VM). The memfd is sealed,
 /// so nobody, including the worker that wrote it, can change or truncate the
 /// bytes while they are visible. [`Blob::into_vec`] copies them out when an
 /// owned `Vec` is wanted.
 ///
-/// Otherwise a `Blob` is an ordinary owned buffer: made from a `Vec`, decoded
-/// from a small result or with another serde format, it holds its bytes on
-/// the heap, and cloning it copies them (cloning a mapped or static `Blob`
-/// does not).
+/// Otherwise a `Blob` is an ordinary buffer: made from a `Vec`, decoded from
+/// a small result or with another serde format, it holds its bytes on the
+/// heap.
+///
+/// Cloning a `Blob` and taking a [`slice`](Blob::slice) of it never copy the
+/// bytes: like [`bytes::Bytes`](https://docs.rs/bytes), a `Blob` is a shared
+/// handle to immutable memory, and a clone or a slice keeps all of its
+/// original's memory alive (the whole mapping, or the whole `Vec`).
+///
+/// A mapped `Blob` passed on as the argument of another task, or returned by
+/// a worker that received it, is forwarded rather than copied when it is the
+/// last thing in the value and the bytes before it are the same as where it
+/// came from: a `Blob` that was the whole result (or the whole argument), or
+/// the end of a tuple whose other fields are passed on unchanged. Its sealed
+/// memfd is then sent to the next process as it is. Anything else is copied
+/// into a new memfd, as a `Vec` would be.
+///
+/// With the `bytes` feature, a `Blob` converts to and from
+/// [`bytes::Bytes`](https://docs.rs/bytes) without copying, either way; a
+/// mapped `Blob` turned into `Bytes` keeps its mapping alive, and a `Blob`
+/// made from `Bytes` is not mapped, so it is copied when sent to a worker.
 ///
 /// ```no_run
 /// use run_in_process::{Blob, Zygote};
@@ -106,12 +184,20 @@ pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) 
 ///     Blob::from(vec![0u8; pages as usize * 4096])
 /// }
 ///
+/// fn checksum(image: Blob) -> u64 {
+///     image.iter().map(|&b| u64::from(b)).sum()
+/// }
+///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let zygote = Zygote::start()?;
 /// tokio::runtime::Runtime::new()?.block_on(async {
 ///     let image: Blob = zygote.run(render, 16_384).await?;
 ///     assert_eq!(image.len(), 64 << 20);
 ///     assert!(image.is_mapped()); // 64 MiB, and no copy in this process
+///     let header = image.slice(..4096); // no copy either
+///     assert!(header.is_mapped());
+///     // The worker gets the same sealed memfd: no copy on the way.
+///     assert_eq!(zygote.run(checksum, image).await?, 0);
 ///     Ok(())
 /// })
 /// # }
@@ -121,13 +207,19 @@ pub struct Blob(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    Heap(Vec<u8>),
     Static(&'static [u8]),
-    /// `range` lies within `map` (checked when it was made).
-    Mapped {
-        map: Arc<Mmap>,
+    /// `range` lies within `buf` (checked when it was made).
+    Heap {
+        buf: Arc<Vec<u8>>,
         range: Range<usize>,
     },
+    /// `range` lies within `map` (checked when it was made).
+    Mapped {
+        map: Arc<SealedMap>,
+        range: Range<usize>,
+    },
+    #[cfg(feature = "bytes")]
+    Bytes(bytes::Bytes),
 }
 
 impl Default for Repr {
@@ -154,13 +246,82 @@ impl Blob {
         matches!(self.0, Repr::Mapped { .. })
     }
 
-    /// The bytes as a `Vec`: free for a `Blob` made from a `Vec`, a copy
-    /// otherwise.
+    /// The bytes as a `Vec`: free for a `Blob` made from a `Vec` that has
+    /// not been cloned or sliced, a copy otherwise.
     pub fn into_vec(self) -> Vec<u8> {
         match self.0 {
-            Repr::Heap(v) => v,
+            Repr::Heap { buf, range } if range == (0..buf.len()) => {
+                Arc::try_unwrap(buf).unwrap_or_else(|buf| buf[..].to_vec())
+            }
             _ => self.to_vec(),
         }
+    }
+
+    /// A `Blob` of the bytes in `range`, sharing this one's memory: O(1),
+    /// without copying, like `bytes::Bytes::slice`. A slice of a mapped
+    /// `Blob` is mapped, and keeps the whole mapping alive; an empty slice
+    /// is [`Blob::new`] and keeps nothing alive.
+    ///
+    /// ```
+    /// use run_in_process::Blob;
+    ///
+    /// let blob = Blob::from(b"hello world".to_vec());
+    /// assert_eq!(blob.slice(6..), b"world"[..]);
+    /// assert_eq!(blob.slice(..=4), b"hello"[..]);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Requires that the start is no greater than the end and the end is no
+    /// greater than the length, otherwise slicing panics, as
+    /// `bytes::Bytes::slice` and slice indexing do. [`Blob::get`] returns
+    /// `None` instead.
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> Blob {
+        let len = self.len();
+        match bounds(&range, len) {
+            Ok(range) => self.sub(range),
+            Err(Bounds::Reversed(start, end)) => {
+                panic!("range start must not be greater than end: {start} <= {end}")
+            }
+            Err(Bounds::PastEnd(end)) => panic!("range end out of bounds: {end} <= {len}"),
+        }
+    }
+
+    /// As [`slice`](Blob::slice), but `None` where `slice` would panic.
+    ///
+    /// ```
+    /// use run_in_process::Blob;
+    ///
+    /// let blob = Blob::from_static(b"abc");
+    /// assert_eq!(blob.get(1..).as_deref(), Some(&b"bc"[..]));
+    /// assert!(blob.get(2..5).is_none());
+    /// ```
+    pub fn get(&self, range: impl RangeBounds<usize>) -> Option<Blob> {
+        bounds(&range, self.len()).ok().map(|r| self.sub(r))
+    }
+
+    /// The bytes in `range`, which lies within `0..self.len()`.
+    fn sub(&self, range: Range<usize>) -> Blob {
+        debug_assert!(range.start <= range.end && range.end <= self.len());
+        if range.is_empty() {
+            return Blob::new();
+        }
+        // `range` is relative to this Blob's bytes; `within` is where those
+        // are in the memory the Blob holds.
+        let inner = |within: &Range<usize>| within.start + range.start..within.start + range.end;
+        Blob(match &self.0 {
+            Repr::Static(s) => Repr::Static(&s[range]),
+            Repr::Heap { buf, range: within } => Repr::Heap {
+                buf: Arc::clone(buf),
+                range: inner(within),
+            },
+            Repr::Mapped { map, range: within } => Repr::Mapped {
+                map: Arc::clone(map),
+                range: inner(within),
+            },
+            #[cfg(feature = "bytes")]
+            Repr::Bytes(b) => Repr::Bytes(b.slice(range)),
+        })
     }
 
     /// A `Blob` of `bytes`, which lie inside this thread's source mapping if
@@ -181,8 +342,39 @@ impl Blob {
         });
         match mapped {
             Ok(Some(repr)) => Blob(repr),
-            _ => Blob(Repr::Heap(bytes.to_vec())),
+            _ => Blob::from(bytes),
         }
+    }
+}
+
+/// Why a range is not within a `Blob`.
+#[derive(Debug, PartialEq)]
+enum Bounds {
+    /// The start (given) is past the end (given).
+    Reversed(usize, usize),
+    /// The end (given) is past the length, or is `usize::MAX + 1`.
+    PastEnd(usize),
+}
+
+/// `range` as a half-open range within `0..len`.
+fn bounds(range: &impl RangeBounds<usize>, len: usize) -> Result<Range<usize>, Bounds> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        // `..` can only start past `usize::MAX` by being empty at its end.
+        Bound::Excluded(&s) => s.checked_add(1).ok_or(Bounds::PastEnd(s))?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1).ok_or(Bounds::PastEnd(e))?,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => len,
+    };
+    if start > end {
+        Err(Bounds::Reversed(start, end))
+    } else if end > len {
+        Err(Bounds::PastEnd(end))
+    } else {
+        Ok(start..end)
     }
 }
 
@@ -193,7 +385,7 @@ const _: fn() = || {
 };
 
 /// Where `bytes` sits inside `map`, if it does; plain address arithmetic.
-fn range_within(map: &Mmap, bytes: &[u8]) -> Option<Range<usize>> {
+fn range_within(map: &[u8], bytes: &[u8]) -> Option<Range<usize>> {
     let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
     let end = start.checked_add(bytes.len())?;
     (end <= map.len()).then_some(start..end)
@@ -204,9 +396,11 @@ impl Deref for Blob {
 
     fn deref(&self) -> &[u8] {
         match &self.0 {
-            Repr::Heap(v) => v,
             Repr::Static(s) => s,
+            Repr::Heap { buf, range } => &buf[range.clone()],
             Repr::Mapped { map, range } => &map[range.clone()],
+            #[cfg(feature = "bytes")]
+            Repr::Bytes(b) => b,
         }
     }
 }
@@ -224,26 +418,59 @@ impl Borrow<[u8]> for Blob {
 }
 
 impl From<Vec<u8>> for Blob {
+    /// Takes the `Vec` without copying its bytes.
     fn from(bytes: Vec<u8>) -> Blob {
-        Blob(Repr::Heap(bytes))
+        Blob(Repr::Heap {
+            range: 0..bytes.len(),
+            buf: Arc::new(bytes),
+        })
     }
 }
 
 impl From<&[u8]> for Blob {
+    /// Copies the bytes.
     fn from(bytes: &[u8]) -> Blob {
-        Blob(Repr::Heap(bytes.to_vec()))
+        Blob::from(bytes.to_vec())
     }
 }
 
 impl From<String> for Blob {
+    /// Takes the `String`'s buffer without copying it.
     fn from(text: String) -> Blob {
-        Blob(Repr::Heap(text.into_bytes()))
+        Blob::from(text.into_bytes())
     }
 }
 
 impl From<Blob> for Vec<u8> {
+    /// See [`Blob::into_vec`].
     fn from(blob: Blob) -> Vec<u8> {
         blob.into_vec()
+    }
+}
+
+#[cfg(feature = "bytes")]
+impl From<bytes::Bytes> for Blob {
+    /// Keeps the `Bytes` without copying; the `Blob` is not mapped.
+    fn from(bytes: bytes::Bytes) -> Blob {
+        Blob(Repr::Bytes(bytes))
+    }
+}
+
+#[cfg(feature = "bytes")]
+impl From<Blob> for bytes::Bytes {
+    /// Never copies: a `Vec` that the `Blob` alone holds becomes the `Bytes`'
+    /// buffer, and anything else (a mapping, say) is kept alive by the
+    /// `Bytes`.
+    fn from(blob: Blob) -> bytes::Bytes {
+        match blob.0 {
+            Repr::Static(s) => bytes::Bytes::from_static(s),
+            Repr::Bytes(b) => b,
+            Repr::Heap { buf, range } if range == (0..buf.len()) => match Arc::try_unwrap(buf) {
+                Ok(vec) => bytes::Bytes::from(vec),
+                Err(buf) => bytes::Bytes::from_owner(Blob(Repr::Heap { buf, range })),
+            },
+            repr => bytes::Bytes::from_owner(Blob(repr)),
+        }
     }
 }
 
@@ -315,8 +542,34 @@ impl Hash for Blob {
 
 impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if let Repr::Mapped { map, range } = &self.0 {
+            if OFFERING.try_with(Cell::get).unwrap_or(false) {
+                return offer_while(map, range, || serializer.serialize_bytes(self));
+            }
+        }
         serializer.serialize_bytes(self)
     }
+}
+
+/// Runs `serialize` with `map[range]` as this thread's offer (see
+/// [`offering`]), and withdraws it afterwards, even on unwinding, so that
+/// nothing serialized later can be mistaken for it.
+fn offer_while<T>(map: &Arc<SealedMap>, range: &Range<usize>, serialize: impl FnOnce() -> T) -> T {
+    struct Withdraw;
+    impl Drop for Withdraw {
+        fn drop(&mut self) {
+            let _ = OFFER.try_with(|o| o.borrow_mut().take());
+        }
+    }
+    let offer = Forwardable {
+        map: Arc::clone(map),
+        range: range.clone(),
+    };
+    if OFFER.try_with(|o| *o.borrow_mut() = Some(offer)).is_err() {
+        return serialize();
+    }
+    let _withdraw = Withdraw;
+    serialize()
 }
 
 impl<'de> Deserialize<'de> for Blob {
@@ -421,6 +674,27 @@ mod tests {
     }
 
     #[test]
+    fn every_large_blob_in_a_payload_maps_not_only_the_first() {
+        // Borrowing needs no alignment: whatever offsets the length prefixes
+        // leave the later blobs at, each points into the mapping.
+        let blobs: Vec<Blob> = (0..4)
+            .map(|k| Blob::from(vec![k as u8; 3 * MAP_AT_LEAST + k * 7]))
+            .collect();
+        let payload = sealed(&encoded(&(1u8, blobs.clone(), String::from("x"))));
+        let (_, decoded, _): (u8, Vec<Blob>, String) =
+            decoding_from(&payload, || codec::decode(payload.bytes(), usize::MAX)).expect("decode");
+        let map = payload.mapping().expect("mapped");
+        for (got, sent) in decoded.iter().zip(&blobs) {
+            assert!(got.is_mapped(), "{got:?}");
+            assert!(
+                range_within(map, got).is_some(),
+                "{got:?} is outside the mapping"
+            );
+            assert_eq!(got, sent);
+        }
+    }
+
+    #[test]
     fn a_blob_maps_only_if_it_is_an_eighth_of_the_payload() {
         // What else is in the payload is the worker's choice; a blob that
         // would pin more than eight times its own size is copied.
@@ -451,6 +725,167 @@ mod tests {
             assert!(blob.is_mapped(), "the outer source is back");
         });
         assert!(SOURCE.with(|s| s.borrow().is_none()));
+    }
+
+    /// A mapped `Blob` of `len` patterned bytes, decoded as a result would be.
+    fn mapped(len: usize) -> Blob {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let payload = sealed(&encoded(&Blob::from(body)));
+        let blob: Blob =
+            decoding_from(&payload, || codec::decode(payload.bytes(), usize::MAX)).expect("decode");
+        assert!(blob.is_mapped());
+        blob
+    }
+
+    #[test]
+    fn slices_and_clones_share_the_memory_of_every_kind_of_blob() {
+        static BYTES: [u8; 3 * MAP_AT_LEAST] = [9; 3 * MAP_AT_LEAST];
+        let heap = Blob::from((0..3 * MAP_AT_LEAST).map(|i| i as u8).collect::<Vec<u8>>());
+        for blob in [Blob::from_static(&BYTES), heap, mapped(3 * MAP_AT_LEAST)] {
+            let base = blob.as_ptr();
+            assert_eq!(blob.clone().as_ptr(), base, "{blob:?}: a clone copied");
+            let part = blob.slice(100..MAP_AT_LEAST);
+            assert_eq!(
+                part.as_ptr(),
+                base.wrapping_add(100),
+                "{blob:?}: a slice copied"
+            );
+            assert_eq!(part, blob[100..MAP_AT_LEAST]);
+            assert_eq!(part.is_mapped(), blob.is_mapped());
+            // A slice of a slice is relative to it.
+            let inner = part.slice(1..=2);
+            assert_eq!(inner.as_ptr(), base.wrapping_add(101));
+            assert_eq!(inner, blob[101..103]);
+            assert_eq!(blob.slice(..), blob);
+            assert_eq!(blob.slice(..).as_ptr(), base);
+            // An empty slice holds nothing, not even a mapping.
+            let empty = blob.slice(5..5);
+            assert!(empty.is_empty() && !empty.is_mapped());
+        }
+    }
+
+    #[test]
+    #[expect(
+        clippy::reversed_empty_ranges,
+        reason = "reversed ranges are among the cases"
+    )]
+    fn ranges_resolve_like_slice_indexing() {
+        let len = 10;
+        assert_eq!(bounds(&(2..5), len), Ok(2..5));
+        assert_eq!(bounds(&(2..=5), len), Ok(2..6));
+        assert_eq!(bounds(&(..), len), Ok(0..10));
+        assert_eq!(bounds(&(10..), len), Ok(10..10));
+        assert_eq!(
+            bounds(&(Bound::Excluded(1), Bound::Excluded(3)), len),
+            Ok(2..3)
+        );
+        assert_eq!(bounds(&(5..4), len), Err(Bounds::Reversed(5, 4)));
+        assert_eq!(bounds(&(..11), len), Err(Bounds::PastEnd(11)));
+        assert_eq!(bounds(&(11..), len), Err(Bounds::Reversed(11, 10)));
+        assert_eq!(
+            bounds(&(..=usize::MAX), len),
+            Err(Bounds::PastEnd(usize::MAX))
+        );
+        assert_eq!(
+            bounds(&(Bound::Excluded(usize::MAX), Bound::Unbounded), len),
+            Err(Bounds::PastEnd(usize::MAX))
+        );
+        let blob = Blob::from(vec![1u8; len]);
+        assert!(blob.get(5..4).is_none() && blob.get(..11).is_none());
+        assert_eq!(blob.get(8..).expect("in range"), vec![1u8; 2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "range end out of bounds: 11 <= 10")]
+    fn a_slice_past_the_end_panics() {
+        let _ = Blob::from(vec![0u8; 10]).slice(..11);
+    }
+
+    #[test]
+    #[should_panic(expected = "range start must not be greater than end: 6 <= 5")]
+    fn a_reversed_slice_panics() {
+        #[expect(clippy::reversed_empty_ranges, reason = "the case under test")]
+        let _ = Blob::from(vec![0u8; 10]).slice(6..5);
+    }
+
+    #[test]
+    fn into_vec_takes_the_vec_only_if_nothing_shares_it() {
+        let blob = Blob::from(vec![7u8; 100]);
+        let base = blob.as_ptr();
+        let taken = blob.into_vec();
+        assert_eq!(taken.as_ptr(), base);
+        let blob = Blob::from(taken);
+        let clone = blob.clone();
+        let copied = blob.into_vec();
+        assert_ne!(copied.as_ptr(), clone.as_ptr());
+        let part = clone.slice(1..).into_vec();
+        assert_ne!(part.as_ptr(), clone[1..].as_ptr());
+        assert_eq!(clone.into_vec(), copied);
+    }
+
+    #[test]
+    fn only_a_mapped_blob_being_serialized_in_a_payload_is_offered() {
+        let blob = mapped(3 * MAP_AT_LEAST);
+        assert!(offered_during(&blob, &blob));
+        // Not its slice (other bytes), nor a heap Blob of the same bytes.
+        let part = blob.slice(1..);
+        assert!(!offered_during(&part, &blob));
+        assert!(offered_during(&part, &part));
+        assert!(!offered_during(&Blob::from(&blob[..]), &blob));
+        // Outside `offering`, and after a serialization, nothing is offered.
+        assert!(codec::encode_to(&blob, &mut Probe(&blob, &mut false)).is_ok());
+        assert!(offered(&blob).is_none());
+        assert!(OFFER.with(|o| o.borrow().is_none()));
+        assert!(!OFFERING.with(Cell::get));
+
+        /// A sink that notes whether `.0` is on offer while it is written.
+        struct Probe<'a>(&'a [u8], &'a mut bool);
+        impl codec::ByteSink for Probe<'_> {
+            fn push(&mut self, _: u8) -> Result<(), ()> {
+                Ok(())
+            }
+            fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
+                if bytes.as_ptr() == self.0.as_ptr() && offered(bytes).is_some() {
+                    *self.1 = true;
+                }
+                Ok(())
+            }
+        }
+        /// Whether a mapped Blob with `bytes` is on offer while `value`
+        /// serializes inside `offering`.
+        fn offered_during<T: Serialize>(value: &T, bytes: &[u8]) -> bool {
+            let mut seen = false;
+            offering(|| codec::encode_to(value, &mut Probe(bytes, &mut seen))).expect("encode");
+            seen
+        }
+    }
+
+    #[cfg(feature = "bytes")]
+    #[test]
+    fn bytes_conversions_do_not_copy() {
+        let vec_blob = Blob::from(vec![1u8; 100]);
+        let base = vec_blob.as_ptr();
+        assert_eq!(bytes::Bytes::from(vec_blob).as_ptr(), base);
+        let shared = Blob::from(vec![2u8; 100]);
+        let b = bytes::Bytes::from(shared.slice(10..));
+        assert_eq!(b.as_ptr(), shared[10..].as_ptr());
+        let map = mapped(3 * MAP_AT_LEAST);
+        let b = bytes::Bytes::from(map.clone());
+        assert_eq!(b.as_ptr(), map.as_ptr());
+        // The Bytes alone keeps the mapping alive.
+        drop(map);
+        assert_eq!(b[300], (300 % 251) as u8);
+        static S: &[u8] = b"static";
+        assert_eq!(
+            bytes::Bytes::from(Blob::from_static(S)).as_ptr(),
+            S.as_ptr()
+        );
+        // And back: the Bytes is kept, and slices of it are its slices.
+        let blob = Blob::from(b.clone());
+        assert_eq!(blob.as_ptr(), b.as_ptr());
+        assert!(!blob.is_mapped());
+        assert_eq!(blob.slice(4..).as_ptr(), b[4..].as_ptr());
+        assert_eq!(bytes::Bytes::from(blob).as_ptr(), b.as_ptr());
     }
 
     #[test]

@@ -20,13 +20,27 @@
 //! at half speed when the destination sits a few bytes above the source
 //! modulo 4 KiB: a page-aligned 64 MiB buffer behind a 4-byte length prefix
 //! took 56–88 ms to write instead of 35–51 ms. Readers take the payload as
-//! the memfd's last `len` bytes (`SealedBytes::open`).
+//! the memfd's last `len` bytes (`SealedBytes::open`). Only that first large
+//! string can be aligned so: the payload is one contiguous postcard encoding,
+//! which has no room for padding between two values, so a later large string
+//! lands wherever the bytes before it end (it still decodes as a mapped
+//! `Blob`: borrowing needs no alignment).
+//!
+//! A mapped `Blob` whose bytes make the payload spill may not be copied at
+//! all. If its memfd already holds exactly the payload as its tail (the bytes
+//! buffered so far, then the `Blob`'s, then the end of the file, after at most
+//! `shm::PAD_MAX` bytes), the writer forwards a duplicate of that memfd,
+//! which is sealed already, instead of making a new one. That is the case
+//! when a task's `Blob` result is passed as the next task's argument, or an
+//! argument is returned as the result. Should anything follow the `Blob`,
+//! the writer falls back to copying it, having lost nothing but a `dup`.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
+use crate::blob::{self, Forwardable};
 use crate::codec::ByteSink;
 use crate::epoch::ForkLocal;
 use crate::shm;
@@ -72,7 +86,7 @@ impl Payload {
         limit: u64,
     ) -> Result<Payload, PayloadError> {
         let mut writer = PayloadWriter::new(buf, name, inline_max, limit);
-        match crate::codec::encode_to(value, &mut writer) {
+        match blob::offering(|| crate::codec::encode_to(value, &mut writer)) {
             Ok(()) => writer.finish(),
             // The writer knows whether it refused the bytes (and why); if it
             // did not, the value's own `Serialize` failed.
@@ -126,8 +140,21 @@ struct PayloadWriter {
     /// room or the chunk size, and never past the limit.
     fast_until: usize,
     memfd: Option<File>,
+    /// A mapped `Blob`'s bytes that follow `buf` and end the payload so far,
+    /// in a memfd that holds exactly `buf` and them as its tail; `memfd` is
+    /// then `None` and `fast_until` 0, so that any later byte reaches
+    /// `accept`, which copies them after all.
+    forward: Option<Forward>,
     /// Why the last write was refused.
     failure: Option<PayloadError>,
+}
+
+/// Bytes to be forwarded in the memfd they are already in.
+struct Forward {
+    bytes: Forwardable,
+    /// A duplicate of the memfd, taken when the bytes were offered (the
+    /// process's own, by `SealedMap::fd`).
+    fd: OwnedFd,
 }
 
 impl PayloadWriter {
@@ -141,6 +168,7 @@ impl PayloadWriter {
             buf,
             fast_until: 0,
             memfd: None,
+            forward: None,
             failure: None,
         };
         writer.fast_until = writer.room();
@@ -161,7 +189,7 @@ impl PayloadWriter {
     /// Moves what is buffered into a new memfd; later bytes go there too.
     /// `next` is what made the payload spill: if it is large, padding aligns
     /// it with its source (see the module docs).
-    fn spill(&mut self, next: &[u8]) -> Result<(), PayloadError> {
+    fn spill(&mut self, next: &[u8]) -> Result<&mut File, PayloadError> {
         let fd = sys::memfd_create(self.name).map_err(PayloadError::Sys)?;
         let mut file = File::from(fd);
         if next.len() >= CHUNK {
@@ -173,17 +201,47 @@ impl PayloadWriter {
         write_out(&mut file, &self.buf)?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
-        self.memfd = Some(file);
-        Ok(())
+        Ok(self.memfd.insert(file))
+    }
+
+    /// `data`, the bytes that make the payload spill, as bytes to forward,
+    /// if they are a mapped `Blob`'s whose memfd holds what is buffered and
+    /// them as its tail (see the module docs).
+    fn forwarding(&self, data: &[u8]) -> Option<Forward> {
+        debug_assert!(self.memfd.is_none() && self.flushed == 0);
+        let bytes = blob::offered(data)?;
+        let map = &*bytes.map;
+        let start = bytes.range.start.checked_sub(self.buf.len())?;
+        let tail = bytes.range.end == map.len() && start as u64 <= shm::PAD_MAX;
+        if !tail || map[start..bytes.range.start] != self.buf[..] {
+            return None;
+        }
+        let fd = bytes.map.fd()?.try_clone_to_owned().ok()?;
+        Some(Forward { bytes, fd })
     }
 
     /// The slow path of `push` and `extend`: limit, spill, chunked writes.
     fn accept(&mut self, data: &[u8]) -> Result<(), PayloadError> {
-        let len = (self.flushed + self.buf.len() as u64).saturating_add(data.len() as u64);
+        let forwarded = self.forward.as_ref().map_or(0, |f| f.bytes.range.len());
+        let len = (self.flushed + self.buf.len() as u64 + forwarded as u64)
+            .saturating_add(data.len() as u64);
         if len > self.limit {
             return Err(PayloadError::OverLimit(self.limit));
         }
+        if let Some(forward) = self.forward.take() {
+            // More follows the forwarded bytes, so they are not the tail of
+            // this payload after all: copy them, as if never offered.
+            let bytes = forward.bytes.bytes();
+            let file = self.spill(bytes)?;
+            write_out(file, bytes)?;
+            self.flushed += bytes.len() as u64;
+        }
         if self.memfd.is_none() && self.buf.len() + data.len() > self.inline_max {
+            if let Some(forward) = self.forwarding(data) {
+                self.forward = Some(forward);
+                self.fast_until = 0;
+                return Ok(());
+            }
             self.spill(data)?;
         }
         match &mut self.memfd {
@@ -213,6 +271,13 @@ impl PayloadWriter {
     /// The encoded payload: inline, or the memfd with the rest written out
     /// and sealed.
     fn finish(mut self) -> Result<Payload, PayloadError> {
+        if let Some(forward) = self.forward.take() {
+            // Sealed already, by whoever made it (`SealedBytes::open` checked).
+            return Ok(Payload::Sealed {
+                fd: ForkLocal::new(forward.fd),
+                len: (self.buf.len() + forward.bytes.range.len()) as u64,
+            });
+        }
         let Some(mut file) = self.memfd.take() else {
             return Ok(Payload::Inline(self.buf));
         };
@@ -320,6 +385,98 @@ mod tests {
             panic!("a large value spills")
         };
         assert_eq!(rustix::fs::fstat(&*fd).unwrap().st_size as u64, len);
+    }
+
+    /// `value` sealed in a memfd with `pad` bytes of padding, as a writer
+    /// leaves it, decoded as the receiver would; and the memfd's inode.
+    fn received<T: serde::Serialize + serde::de::DeserializeOwned>(
+        value: &T,
+        pad: usize,
+    ) -> (T, u64) {
+        let mut bytes = vec![0u8; pad];
+        bytes.extend(crate::codec::encode(value).unwrap());
+        let fd = shm::sealed_copy(&bytes).unwrap();
+        let len = (bytes.len() - pad) as u64;
+        let sealed = SealedBytes::open(fd.as_fd(), len, u64::MAX).unwrap();
+        let value = crate::blob::decoding_from(&sealed, || {
+            crate::codec::decode(sealed.bytes(), usize::MAX)
+        })
+        .unwrap();
+        (value, inode(fd.as_fd()))
+    }
+
+    fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+        rustix::fs::fstat(fd).unwrap().st_ino
+    }
+
+    fn pattern(len: usize) -> Blob {
+        Blob::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+    }
+
+    use crate::Blob;
+
+    /// Encodes `value`, which must spill, checks its bytes are the codec's,
+    /// and returns the memfd's inode.
+    fn spilled_inode<T: serde::Serialize>(value: &T) -> u64 {
+        let expected = crate::codec::encode(value).unwrap();
+        let Payload::Sealed { fd, len } = Payload::encode(value, "test", 64, u64::MAX).unwrap()
+        else {
+            panic!("a large value spills")
+        };
+        let ino = inode(fd.as_fd());
+        assert_eq!(bytes(&Payload::Sealed { fd, len }), expected);
+        ino
+    }
+
+    #[test]
+    fn a_mapped_blob_that_ends_its_memfd_is_forwarded_in_it() {
+        // The whole value, behind the most padding a payload may have.
+        let (blob, ino) = received(&pattern(300_000), 4095);
+        assert_eq!(spilled_inode(&blob), ino);
+        // The end of a tuple whose first field is passed on unchanged.
+        let (tuple, ino) = received(&(7u32, pattern(100_000)), 12);
+        assert_eq!(spilled_inode(&tuple), ino);
+    }
+
+    #[test]
+    fn a_mapped_blob_is_copied_unless_its_memfd_holds_exactly_the_payload() {
+        let (blob, ino) = received(&pattern(300_000), 0);
+        let short = blob.slice(..blob.len() - 1);
+        assert_ne!(
+            spilled_inode(&(blob.clone(), 1u8)),
+            ino,
+            "something follows it"
+        );
+        assert_ne!(spilled_inode(&short), ino, "a slice short of the end");
+        // Its length prefix differs from the one in the memfd.
+        assert_ne!(spilled_inode(&blob.slice(1..)), ino, "a slice of the end");
+        let ((n, tail), ino_tuple) = received(&(7u32, pattern(100_000)), 0);
+        assert_ne!(
+            spilled_inode(&(n + 1, tail)),
+            ino_tuple,
+            "a different prefix"
+        );
+        let ((head, _), ino_head) = received(&(pattern(100_000), 5u8), 0);
+        assert_ne!(spilled_inode(&head), ino_head, "not the end of its memfd");
+        // The padding would have to be more than PAD_MAX bytes.
+        let (blob, ino) = received(&(vec![0u8; 5000], pattern(100_000)), 0);
+        assert_ne!(spilled_inode(&blob), ino, "more than PAD_MAX before it");
+    }
+
+    #[test]
+    fn a_forwarded_blob_still_counts_against_the_limit() {
+        let (blob, _) = received(&pattern(300_000), 0);
+        let len = crate::codec::encode(&blob).unwrap().len() as u64;
+        assert!(matches!(
+            Payload::encode(&blob, "test", 64, len - 1),
+            Err(PayloadError::OverLimit(_))
+        ));
+        assert_eq!(Payload::encode(&blob, "test", 64, len).unwrap().len(), len);
+        // And over the limit once something follows it.
+        assert!(matches!(
+            Payload::encode(&(blob, 1u8), "test", 64, len),
+            Err(PayloadError::OverLimit(_))
+        ));
     }
 
     #[test]

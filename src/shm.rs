@@ -150,6 +150,35 @@ pub(crate) fn sealed_copy(bytes: &[u8]) -> SysResult<OwnedFd> {
 /// `payload`); the payload is then the last `len` bytes of the memfd.
 pub(crate) const PAD_MAX: u64 = 4095;
 
+/// A read-only mapping of a whole sealed memfd, and the memfd itself.
+///
+/// The memfd is kept so that bytes in the mapping can be forwarded to another
+/// process as they are, by sending the fd, instead of being copied into a new
+/// memfd (`payload`). It sits in a [`ForkLocal`]: a [`Blob`](crate::Blob) in
+/// a static is inherited by a later fork, whose zygote or worker reuses the
+/// fd number (SAFETY.md F3), so there the fd is neither used nor closed.
+pub(crate) struct SealedMap {
+    map: Mmap,
+    fd: ForkLocal<OwnedFd>,
+}
+
+impl SealedMap {
+    /// The memfd, if it belongs to this process: not in a fork that
+    /// inherited the mapping, where the number may be another fd.
+    pub(crate) fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.is_own().then(|| self.fd.as_fd())
+    }
+}
+
+impl std::ops::Deref for SealedMap {
+    type Target = [u8];
+
+    /// The whole memfd, padding included.
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
 /// The payload bytes of a memfd whose seals guarantee they can no longer
 /// change.
 ///
@@ -159,7 +188,7 @@ pub(crate) enum SealedBytes {
     Empty,
     /// The payload is `map[start..]`.
     Mapped {
-        map: Arc<Mmap>,
+        map: Arc<SealedMap>,
         start: usize,
     },
 }
@@ -168,6 +197,7 @@ impl SealedBytes {
     /// Checks that `fd` is a memfd sealed against writing, growing and
     /// shrinking, holding a payload of `len` bytes (no more than `limit`)
     /// after at most [`PAD_MAX`] bytes of padding, and maps it read-only.
+    /// The mapping keeps a duplicate of `fd`.
     ///
     /// Fails (without mapping) if any seal is missing: the writer is untrusted
     /// and could otherwise change or truncate the bytes while we decode them.
@@ -202,7 +232,10 @@ impl SealedBytes {
         let map = unsafe { MmapOptions::new().len(size as usize).map(&file) }
             .map_err(|e| SealError::Sys(SysError::new("mmap", e)))?;
         Ok(SealedBytes::Mapped {
-            map: Arc::new(map),
+            map: Arc::new(SealedMap {
+                map,
+                fd: ForkLocal::new(file.into()),
+            }),
             start: (size - len) as usize,
         })
     }
@@ -216,7 +249,7 @@ impl SealedBytes {
     }
 
     /// The whole mapping, padding included, unless it is empty.
-    pub(crate) fn mapping(&self) -> Option<&Arc<Mmap>> {
+    pub(crate) fn mapping(&self) -> Option<&Arc<SealedMap>> {
         match self {
             SealedBytes::Empty => None,
             SealedBytes::Mapped { map, .. } => Some(map),
