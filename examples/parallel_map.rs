@@ -42,7 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(_) => failed += 1,
             }
             bar.inc(1);
-            bar.set_message(format!("{failed} failed"));
+            let stats = zygote.stats();
+            bar.set_message(format!(
+                "{} panicked, {} running, {} workers",
+                stats.panicked, stats.in_flight, stats.workers
+            ));
         }
     });
     bar.finish();

@@ -91,6 +91,7 @@ mod shared;
 mod shm;
 mod slots;
 mod spill;
+mod stats;
 mod sys;
 mod wire;
 mod worker;
@@ -108,6 +109,7 @@ pub use crate::process::{
     Builder, DEFAULT_GRACE, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD,
     DEFAULT_PARKED, DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
 };
+pub use crate::stats::Stats;
 pub use crate::worker::stop_requested;
 
 #[cfg(feature = "fuzzing")]

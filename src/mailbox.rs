@@ -139,6 +139,15 @@ impl Mailboxes {
         None
     }
 
+    /// Mailboxes whose worker is known to be waiting for a task.
+    pub(crate) fn ready(&self) -> usize {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states
+            .iter()
+            .filter(|s| matches!(s, State::Ready { .. }))
+            .count()
+    }
+
     /// Puts back a claim whose job was never sent (setting the task up
     /// failed first): the worker is still parked and waiting.
     pub(crate) fn unclaim(&self, claim: Claim) {

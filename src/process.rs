@@ -22,6 +22,7 @@ use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Launch, Record, TaskIo};
 use crate::shared::Inner;
 use crate::shm::SealedBytes;
+use crate::stats::Stats;
 use crate::sys::{self, WaitStatus};
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
@@ -355,6 +356,22 @@ impl Zygote {
             .iter()
             .map(|m| m.limits.slots as usize)
             .sum()
+    }
+
+    /// Task counters and a moment's view of the workers, summed over the
+    /// zygotes; see [`Stats`] for which figures are exact. Cheap: a few
+    /// atomic loads and one short lock per zygote.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for member in &self.group.members {
+            member.counters.add_to(&mut stats);
+            let in_flight = member.slots.in_use() as u64;
+            let parked = member.mailboxes.ready() as u64;
+            stats.in_flight += in_flight;
+            stats.parked += parked;
+            stats.workers += in_flight + parked;
+        }
+        stats
     }
 
     /// The process ids of all the zygotes, in start order.

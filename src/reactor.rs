@@ -41,8 +41,9 @@ use crate::ring::Taken;
 use crate::shared::Inner;
 use crate::shm::SealedBytes;
 use crate::slots::Lease;
+use crate::stats::Outcome;
 use crate::sys::{self, WaitStatus};
-use crate::wire::{self, Report, WireError};
+use crate::wire::{self, RecordKind, Report, WireError};
 
 /// What became of the task's result record.
 pub(crate) enum Record {
@@ -93,6 +94,9 @@ pub(crate) struct TaskIo {
     /// A signal was sent or queued: the worker may be dying, so it is not
     /// offered another task.
     signalled: AtomicBool,
+    /// The kind of the record taken from the ring (`Err` for an invalid
+    /// one), kept for the statistics after the record is consumed.
+    delivered: Option<Result<RecordKind, ()>>,
     pub(crate) generation: u64,
     /// The worker's key, read from the doorbell once it rang (see `wire`).
     key: Option<u64>,
@@ -256,6 +260,7 @@ impl TaskIo {
                 (report.into_inner(), None, None, None, Some(recycle))
             }
         };
+        inner.counters.spawned();
         Ok(TaskIo {
             inner,
             lease: Some(lease.into_inner()),
@@ -263,6 +268,7 @@ impl TaskIo {
             served,
             continues: false,
             signalled: AtomicBool::new(false),
+            delivered: None,
             generation,
             key: None,
             report: Some(report),
@@ -396,18 +402,44 @@ impl TaskIo {
             match slot.take(key, self.generation, self.inner.limits.max_payload) {
                 Ok(Some(taken)) => {
                     self.continues = self.mailbox.is_some() && key & wire::KEY_CONTINUES != 0;
+                    self.delivered = Some(Ok(taken.kind));
                     Record::Taken(taken)
                 }
                 // The worker sends its key only after committing, so a commit word
                 // that does not hold our generation now was overwritten by someone
                 // else: a tampered record, not a pending one.
-                Ok(None) => Record::Invalid(WireError::Stale {
-                    expected: self.generation,
-                    found: 0,
-                }),
-                Err(e) => Record::Invalid(e),
+                Ok(None) => {
+                    self.delivered = Some(Err(()));
+                    Record::Invalid(WireError::Stale {
+                        expected: self.generation,
+                        found: 0,
+                    })
+                }
+                Err(e) => {
+                    self.delivered = Some(Err(()));
+                    Record::Invalid(e)
+                }
             },
         );
+    }
+
+    /// How the task ended, for the statistics.
+    fn outcome(&self) -> Outcome {
+        match self.delivered {
+            Some(Ok(RecordKind::Value | RecordKind::Spilled)) => return Outcome::Completed,
+            Some(Ok(RecordKind::Panic)) => return Outcome::Panicked,
+            Some(Ok(RecordKind::EncodeFailed) | Err(())) => return Outcome::Lost,
+            None => {}
+        }
+        if self.timed_out {
+            return Outcome::TimedOut;
+        }
+        match self.exit {
+            Some(status) if status.signal().is_some() => Outcome::Signaled,
+            Some(_) => Outcome::Exited,
+            None if self.spawn_errno.is_some() || self.zygote_gone => Outcome::Lost,
+            None => Outcome::Cancelled,
+        }
     }
 
     /// Has the worker committed a result record?
@@ -651,6 +683,7 @@ impl Drop for TaskIo {
             std::mem::forget(self.recycle.take());
             return;
         }
+        self.inner.counters.ended(self.outcome());
         if self.lease.is_none() || self.ended() {
             return;
         }

@@ -16,6 +16,7 @@ use crate::report_pool::ReportPool;
 use crate::ring::Ring;
 use crate::slots::Slots;
 use crate::spill::SpillReceiver;
+use crate::stats::Counters;
 use crate::sys;
 use crate::zygote::{Limits, ZygoteProcess};
 
@@ -33,6 +34,7 @@ pub(crate) struct Inner {
     next_gen: AtomicU64,
     /// Set once a task saw this zygote die: new tasks go to another one.
     dead: AtomicBool,
+    pub(crate) counters: Counters,
 }
 
 impl Inner {
@@ -44,6 +46,7 @@ impl Inner {
             report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
             next_gen: AtomicU64::new(1),
             dead: AtomicBool::new(false),
+            counters: Counters::default(),
             limits,
             process: Arc::new(process),
         }

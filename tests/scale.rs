@@ -78,6 +78,7 @@ fn main() {
     trial!(one, fresh_forces_a_worker_that_ran_nothing);
     trial!(one, an_open_process_ends_its_reused_worker);
     trial!(reused, results_are_never_crossed_between_tasks);
+    trial!(one, stats_count_each_outcome_once);
     trial!(idle, idle_workers_retire_and_no_task_is_lost_to_the_race);
     trial!(pair, tasks_spread_across_zygotes);
     trials.push(Trial::test(
@@ -373,6 +374,42 @@ async fn an_open_process_ends_its_reused_worker(z: Zygote) -> TestResult {
     ensure(
         process.pid() == before && after != before && runs == 1,
         format!("{before}, then the process {}, then {after}", process.pid()),
+    )
+}
+
+async fn stats_count_each_outcome_once(z: Zygote) -> TestResult {
+    z.wait_idle().await;
+    let before = z.stats();
+    z.run(count, ()).await?;
+    let _ = z.run(fail, ()).await;
+    let _ = z.run(crash, 0).await;
+    let _ = z.run(crash, 1).await;
+    let _ = z
+        .task(spin, ())
+        .timeout(Duration::from_millis(20))
+        .grace(Duration::from_millis(20))
+        .run()
+        .await;
+    let running = z.open(block, ()).await?;
+    ensure(z.stats().in_flight == 1, format!("{:?}", z.stats()))?;
+    drop(running);
+    z.wait_idle().await;
+    let after = z.stats();
+    let delta = |f: fn(&run_in_process::Stats) -> u64| f(&after) - f(&before);
+    let got = [
+        delta(|s| s.spawned),
+        delta(|s| s.completed),
+        delta(|s| s.panicked),
+        delta(|s| s.signaled),
+        delta(|s| s.exited),
+        delta(|s| s.timed_out),
+        delta(|s| s.cancelled),
+        delta(|s| s.lost),
+        after.in_flight,
+    ];
+    ensure(
+        got == [6, 1, 1, 1, 1, 1, 1, 0, 0],
+        format!("{got:?}: {after:?}"),
     )
 }
 
