@@ -35,6 +35,10 @@ pub(crate) struct Inner {
     /// Set once a task saw this zygote die: new tasks go to another one.
     dead: AtomicBool,
     pub(crate) counters: Counters,
+    /// The process that started the zygote. The epoch alone misses a child
+    /// made by a raw `clone` (or `clone3`) system call, which runs no fork
+    /// handler and so stays in its parent's epoch.
+    owner: rustix::process::Pid,
 }
 
 impl Inner {
@@ -47,6 +51,7 @@ impl Inner {
             next_gen: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             counters: Counters::default(),
+            owner: sys::getpid(),
             limits,
             process: Arc::new(process),
         }
@@ -57,7 +62,8 @@ impl Inner {
     /// other fork, inherits a handle held in a static, but not its fds: their
     /// numbers are closed there, or reused by fds of its own.
     pub(crate) fn check_process(&self) -> Result<()> {
-        if self.process.ring.is_own() {
+        // The epoch first: a load, where the pid is a system call.
+        if self.process.ring.is_own() && sys::getpid() == self.owner {
             return Ok(());
         }
         Err(Error::new(

@@ -102,6 +102,10 @@ fn main() {
         a_plain_fork_can_touch_a_process_handle,
     ));
     trials.push(Trial::test(
+        "a_raw_clone_child_cannot_use_the_parents_zygote",
+        a_raw_clone_child_cannot_use_the_parents_zygote,
+    ));
+    trials.push(Trial::test(
         "a_later_worker_can_drop_a_run_paused_in_sending",
         a_later_worker_can_drop_a_run_paused_in_sending,
     ));
@@ -707,6 +711,21 @@ fn a_plain_fork_can_touch_a_process_handle() -> TestResult {
     )
 }
 
+/// A child made by a raw `clone` system call runs no fork handler, so it
+/// stays in its parent's epoch: the process check must still refuse it, and
+/// the parent's task must be untouched by what it tried.
+fn a_raw_clone_child_cannot_use_the_parents_zygote() -> TestResult {
+    let text = child_stdout("raw-clone")?;
+    lines_say(
+        &text,
+        &[
+            ("in a raw clone:", "Err(WrongProcess) Err(WrongProcess)"),
+            ("the raw clone exited:", "Some(0)"),
+            ("the task afterwards:", "Running"),
+        ],
+    )
+}
+
 /// A `run` future that found the command socket full (the zygote stopped)
 /// waits with the fds of its request in hand. Held in a static and dropped
 /// in a later zygote's worker, it must close none of the worker's fds that
@@ -784,6 +803,7 @@ fn child_mode(mode: &str) {
         "ctrunc-queued" => ctrunc_queued_child(),
         "held-by-the-parent" => held_by_the_parent_child(),
         "plain-fork" => plain_fork_child(),
+        "raw-clone" => raw_clone_child(),
         "paused-send" => paused_send_child(),
         "held-runtime" => held_runtime_child(),
         other => panic!("unknown child mode {other}"),
@@ -1251,6 +1271,35 @@ fn plain_fork_child() {
         unsafe { libc::waitpid(pid, &mut status, 0) };
         let status = std::process::ExitStatus::from_raw(status);
         println!("the plain fork exited: {:?}", status.code());
+        drop(task);
+        z.wait_idle().await;
+    });
+}
+
+fn raw_clone_child() {
+    on_small_zygote(0, |z| async move {
+        let task = z.open(sleep_forever, ()).await.expect("open");
+        // SAFETY: clone(2) with only SIGCHLD is fork without glibc's fork
+        // handlers. This process has one thread (a current-thread runtime),
+        // so the child may run ordinary code; it leaves through `_exit`.
+        let pid =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) }
+                as libc::pid_t;
+        if pid == 0 {
+            let killed = task.kill().map_err(|e| e.kind());
+            // Refused before it awaits anything.
+            let ran = z.run(square, 3).await.map_err(|e| e.kind());
+            println!("in a raw clone: {killed:?} {ran:?}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            // SAFETY: `_exit` has no preconditions.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, into a valid int.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let status = std::process::ExitStatus::from_raw(status);
+        println!("the raw clone exited: {:?}", status.code());
+        println!("the task afterwards: {:?}", task.state());
         drop(task);
         z.wait_idle().await;
     });
