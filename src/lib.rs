@@ -77,14 +77,17 @@
 mod blob;
 mod budget;
 mod codec;
+mod confine;
 mod epoch;
 mod error;
+mod limits;
 mod mailbox;
 mod payload;
 mod process;
 mod reactor;
 mod report_pool;
 mod ring;
+mod sandbox;
 mod shm;
 mod slots;
 mod spill;
@@ -100,11 +103,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::blob::Blob;
-pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::error::{Error, ErrorKind, Limit, Result};
 pub use crate::process::{
     Builder, DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD, DEFAULT_PARKED,
     DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
 };
+pub use crate::sandbox::Sandbox;
 pub use crate::worker::stop_requested;
 
 #[cfg(feature = "fuzzing")]

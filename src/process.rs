@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::blob;
 use crate::codec;
+use crate::confine::Confinement;
 use crate::epoch::ForkLocal;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
@@ -77,6 +78,8 @@ pub struct Builder {
     slot_size: usize,
     max_payload: u64,
     parked: u32,
+    /// Every task's default limits and sandbox (`crate::confine`).
+    pub(crate) confinement: Confinement,
 }
 
 impl Default for Builder {
@@ -86,6 +89,7 @@ impl Default for Builder {
             slot_size: DEFAULT_SLOT_SIZE,
             max_payload: DEFAULT_MAX_PAYLOAD,
             parked: DEFAULT_PARKED,
+            confinement: Confinement::default(),
         }
     }
 }
@@ -151,6 +155,7 @@ impl Builder {
                 report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
                 next_gen: AtomicU64::new(1),
                 limits,
+                confinement: self.confinement,
                 process: Arc::new(process),
             }),
         })
@@ -332,6 +337,8 @@ pub struct Task<R> {
     arg: Result<Payload>,
     timeout: Option<Duration>,
     grace: Duration,
+    /// Limits and sandbox (`crate::confine`).
+    pub(crate) confinement: Confinement,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -356,6 +363,7 @@ impl<R: DeserializeOwned> Task<R> {
             arg,
             timeout: None,
             grace: DEFAULT_GRACE,
+            confinement: zygote.inner.confinement,
             _result: PhantomData,
         }
     }
@@ -393,6 +401,7 @@ impl<R: DeserializeOwned> Task<R> {
             &arg,
             deadlines,
             want_started,
+            self.confinement,
         )
         .await
     }
@@ -630,6 +639,9 @@ impl<R: DeserializeOwned> Process<R> {
         if self.io.timed_out {
             return Error::timed_out(self.io.deadlines.timeout.unwrap_or_default());
         }
+        if let Some(limit) = crate::confine::exit_error(&self.io.confinement, status) {
+            return limit;
+        }
         match (status.signal(), status.code()) {
             (Some(sig), _) => Error::signaled(sig),
             (None, Some(code)) => Error::exited(code),
@@ -649,6 +661,7 @@ impl<R: DeserializeOwned> Process<R> {
                 .map_err(|e| Error::codec(format!("cannot decode the result: {e}"))),
             RecordKind::Panic => Err(Error::panicked(text())),
             RecordKind::EncodeFailed => Err(Error::codec(text())),
+            RecordKind::Unconfined => Err(crate::confine::unconfined_error(&taken.payload)),
             RecordKind::Spilled => {
                 let fd = self
                     .io
@@ -676,6 +689,8 @@ pub(crate) struct Inner {
     /// can leak them in another process (see `check_process`).
     pub(crate) process: Arc<ZygoteProcess>,
     pub(crate) limits: Limits,
+    /// Every task's default limits and sandbox (`Builder::memory_limit`, ...).
+    pub(crate) confinement: Confinement,
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: Arc<SpillReceiver>,
     pub(crate) mailboxes: Arc<Mailboxes>,

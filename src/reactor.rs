@@ -31,6 +31,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
+use crate::confine::Confinement;
 use crate::epoch::ForkLocal;
 use crate::error::Error;
 use crate::mailbox::MailboxGuard;
@@ -88,6 +89,8 @@ pub(crate) struct TaskIo {
     /// The report socket ended without an `Exited` report.
     pub(crate) zygote_gone: bool,
     pub(crate) deadlines: Deadlines,
+    /// The task's limits and sandbox, to name a limit it went past.
+    pub(crate) confinement: Confinement,
     /// The timeout fired (a stop request was sent because of it).
     pub(crate) timed_out: bool,
     /// A signal requested before the pidfd arrived, sent when it does.
@@ -110,6 +113,7 @@ impl TaskIo {
         arg: &Payload,
         deadlines: Deadlines,
         want_started: bool,
+        confinement: Confinement,
     ) -> Result<TaskIo, Error> {
         inner.check_process()?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -145,6 +149,7 @@ impl TaskIo {
                 slot: lease.slot(),
                 arg: place,
                 worker,
+                confinement,
             }
             .encode(inline)
         };
@@ -222,6 +227,7 @@ impl TaskIo {
             spawn_errno: None,
             zygote_gone: false,
             deadlines,
+            confinement,
             timed_out: false,
             pending_signal: None,
             spent: None,

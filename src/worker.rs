@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::Pid;
 
+use crate::confine::{self, Confinement};
 use crate::payload::Payload;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
 use crate::sys;
-use crate::wire::{self, ArgPlace, Dismissal, RecordKind, Request, SpillNotice};
+use crate::wire::{self, ArgPlace, ConfineFailure, Dismissal, RecordKind, Request, SpillNotice};
 
 /// What a task's monomorphised entry point returns to the worker.
 pub(crate) enum Outcome {
@@ -84,6 +85,8 @@ pub(crate) struct Job<'a> {
     pub(crate) zygote: Pid,
     /// The result buffer, taken from the zygote's (see [`RESULT_BUFFER`]).
     pub(crate) result_buf: Vec<u8>,
+    /// Limits and sandbox, applied just before the task's code runs.
+    pub(crate) confinement: Confinement,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -270,6 +273,7 @@ pub(crate) fn park(
         spill,
         zygote,
         result_buf,
+        confinement: request.confinement,
     })
 }
 
@@ -309,7 +313,13 @@ fn execute(mut job: Job<'_>) -> ! {
     let published = match load_arg(&job.arg, job.limit) {
         Err(message) => failed(RecordKind::EncodeFailed, message),
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
-        Ok(arg) => {
+        Ok(arg) => 'task: {
+            // After everything the worker does for itself, before any code
+            // of the task: confinement that cannot be applied is reported,
+            // and the task does not run.
+            if let Err(refused) = confine::apply(&job.confinement, job.own_fds()) {
+                break 'task Published::unconfined(refused);
+            }
             let entry = entry_from_address(job.entry);
             // A `Blob` in a sealed argument borrows its mapping.
             let call = || arg.decoding(|| entry(arg.bytes(), out));
@@ -384,6 +394,23 @@ enum Published {
     Value(Payload),
     /// A panic or codec failure message of `kind`.
     Message(RecordKind, Vec<u8>),
+}
+
+impl Published {
+    /// An `Unconfined` record: the failure's code byte, then its message.
+    fn unconfined((code, message): (ConfineFailure, String)) -> Published {
+        let mut payload = vec![code as u8];
+        payload.extend_from_slice(message.as_bytes());
+        Published::Message(RecordKind::Unconfined, payload)
+    }
+}
+
+impl Job<'_> {
+    /// The fds this worker holds besides stdio: doorbell, spill socket, and
+    /// the argument's memfd if it has one.
+    fn own_fds(&self) -> u64 {
+        2 + u64::from(matches!(self.arg, ArgSource::Memfd(..)))
+    }
 }
 
 /// Writes the record; a value in a memfd is announced on the spill socket
