@@ -69,7 +69,7 @@ pub(crate) fn apply(
                 ConfineFailure::Memory,
                 format!(
                     "memory_limit({bytes}) is below the {needed} bytes the worker needs: \
-                     {used} bytes it inherited (VmData) and {MEMORY_HEADROOM} to report a result"
+                     {used} bytes it inherited (data and stack) and {MEMORY_HEADROOM} to report a result"
                 ),
             ));
         }

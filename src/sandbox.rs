@@ -170,6 +170,8 @@ const fn arg_high(i: u32) -> u32 {
 }
 
 const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+/// Denied calls per run of the filter's search (see `build_filter`).
+const RUN: usize = 8;
 const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
 
 fn load(offset: u32) -> sock_filter {
@@ -267,11 +269,12 @@ fn denied_calls(sandbox: Sandbox) -> Vec<libc::c_long> {
 /// `seccompiler` spends five instructions on each call it matches. Its
 /// program for this list (with x32 numbers mirrored) was 580 instructions
 /// and took 290 µs per worker to install; this one is two instructions a
-/// call, about 110 in all (`docs/sandbox.md` has the figures).
+/// call and one a run, about 130 in all, and decides a call within about 20
+/// (`docs/sandbox.md` has the figures).
 ///
 /// The shape: check the architecture; load the syscall number; deny any x32
-/// number; for each denied call, `jeq nr → ret EPERM`; then the two calls
-/// denied only for some arguments; then allow.
+/// number; the two calls denied only for some arguments; then the plain
+/// denials, in sorted runs (see below).
 pub(crate) fn build_filter(sandbox: Sandbox) -> Result<Filter, String> {
     let arch = AUDIT_ARCH.ok_or_else(|| {
         format!(
@@ -287,10 +290,6 @@ pub(crate) fn build_filter(sandbox: Sandbox) -> Result<Filter, String> {
     ];
     #[cfg(target_arch = "x86_64")]
     p.extend([jump(libc::BPF_JSET, X32, 0, 1), ret(DENY)]);
-    for call in denied_calls(sandbox) {
-        let nr = u32::try_from(call).map_err(|_| format!("syscall number {call}"))?;
-        p.extend([jump(libc::BPF_JEQ, nr, 0, 1), ret(DENY)]);
-    }
     let nr = |call: libc::c_long| u32::try_from(call).map_err(|_| format!("syscall number {call}"));
     // prlimit64(pid, resource, new, old): reading a limit (new == NULL) is
     // what getrlimit does and stays allowed; setting one is denied.
@@ -316,8 +315,33 @@ pub(crate) fn build_filter(sandbox: Sandbox) -> Result<Filter, String> {
         jump(libc::BPF_JEQ, tioclinux, 0, 1),
         ret(DENY),
         ret(ALLOW),
-        ret(ALLOW),
     ]);
+    // The plain denials, sorted and in runs of `RUN`: a `jge` skips each
+    // run that lies wholly below the number, so any call is decided within
+    // about `n / RUN + RUN` comparisons instead of `n`. The kernel runs the
+    // program once per syscall number when it installs it, so the path
+    // length is most of the install's cost.
+    let mut calls = denied_calls(sandbox)
+        .into_iter()
+        .map(nr)
+        .collect::<Result<Vec<u32>, String>>()?;
+    calls.sort_unstable();
+    calls.dedup();
+    let runs: Vec<&[u32]> = calls.chunks(RUN).collect();
+    for (i, run) in runs.iter().enumerate() {
+        // A run's body: `jeq nr → ret EPERM` for each, then allow.
+        let body = u8::try_from(2 * run.len() + 1).map_err(|_| "seccomp run too long")?;
+        if let Some(next) = runs.get(i + 1) {
+            p.push(jump(libc::BPF_JGE, next[0], body, 0));
+        }
+        for &call in *run {
+            p.extend([jump(libc::BPF_JEQ, call, 0, 1), ret(DENY)]);
+        }
+        p.push(ret(ALLOW));
+    }
+    if runs.is_empty() {
+        p.push(ret(ALLOW));
+    }
     Ok(Filter(p))
 }
 
@@ -403,6 +427,7 @@ mod tests {
                 let taken = match code & !libc::BPF_K {
                     c if c == libc::BPF_JMP | libc::BPF_JEQ => acc == ins.k,
                     c if c == libc::BPF_JMP | libc::BPF_JSET => acc & ins.k != 0,
+                    c if c == libc::BPF_JMP | libc::BPF_JGE => acc >= ins.k,
                     _ => panic!("unexpected instruction {code:#x}"),
                 };
                 pc += usize::from(if taken { ins.jt } else { ins.jf });
@@ -415,9 +440,23 @@ mod tests {
         let Some(arch) = AUDIT_ARCH else { return };
         let full = Sandbox::new().deny_network().deny_exec().deny_fs_writes();
         let program = build_filter(full).unwrap().0;
-        assert!(program.len() < 140, "{} instructions", program.len());
+        assert!(program.len() < 160, "{} instructions", program.len());
         let nr = |c: libc::c_long| c as u32;
         let run = |call, args| verdict(&program, arch, nr(call), args);
+        // Every listed call is denied and its neighbours are not (unless
+        // listed too): the runs' bounds are right.
+        let listed = denied_calls(full);
+        for &call in &listed {
+            assert_eq!(run(call, [0; 6]), DENY, "{call}");
+            for near in [call - 1, call + 1] {
+                let special = [libc::SYS_prlimit64, libc::SYS_ioctl];
+                if !listed.contains(&near) && !special.contains(&near) {
+                    assert_eq!(run(near, [0; 6]), ALLOW, "{near}");
+                }
+            }
+        }
+        assert_eq!(run(0, [0; 6]), ALLOW);
+        assert_eq!(run(1000, [0; 6]), ALLOW);
         for call in [
             libc::SYS_socket,
             libc::SYS_execve,
