@@ -100,7 +100,7 @@ pub(crate) fn apply(
             .map_err(|e| (ConfineFailure::OpenFiles, e))?;
     }
     if let Some(bytes) = memory {
-        // Registering allocates: before the limit.
+        // The handler first, so no failed allocation can go unrecognised.
         limits::catch_allocation_failure().map_err(|e| (ConfineFailure::Memory, e))?;
         limits::lower(Resource::Data, "RLIMIT_DATA", bytes, bytes)
             .map_err(|e| (ConfineFailure::Memory, e))?;
@@ -284,6 +284,13 @@ impl<R> Task<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_types_are_thread_safe() {
+        fn check<T: Send + Sync + Unpin>() {}
+        check::<Sandbox>();
+        check::<Limit>();
+    }
 
     #[test]
     fn cpu_limit_rounds_up_to_whole_seconds() {
