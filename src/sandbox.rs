@@ -46,7 +46,9 @@ use seccompiler::sock_filter;
 /// (`setrlimit`, `prlimit64` with a new limit), namespaces and mounts
 /// (`unshare`, `setns`, `mount` and the new mount API, `chroot`,
 /// `pivot_root`), `bpf`, `perf_event_open`, `userfaultfd`, the kernel
-/// keyring, module and `kexec` loading, `open_by_handle_at`, and terminal
+/// keyring, module and `kexec` loading, `open_by_handle_at`, leaving the
+/// worker's process group (`setsid`, `setpgid`: the zygote kills that group
+/// with the worker, so nothing the task starts outlives it), and terminal
 /// input injection (`ioctl` `TIOCSTI`, `TIOCLINUX`). Where the kernel has
 /// Landlock ABI 6 (Linux 6.12), it also cannot signal processes outside the
 /// sandbox. See `docs/sandbox.md` for what a sandboxed task can still do.
@@ -242,6 +244,11 @@ fn denied_calls(sandbox: Sandbox) -> Vec<libc::c_long> {
         libc::SYS_swapon,
         libc::SYS_swapoff,
         libc::SYS_reboot,
+        // Leaving the worker's process group: the zygote kills that group
+        // when it reaps the worker, and a descendant outside it would
+        // outlive the task (SAFETY.md P5).
+        libc::SYS_setsid,
+        libc::SYS_setpgid,
     ];
     if sandbox.denies(DENY_NETWORK) {
         calls.extend([

@@ -115,6 +115,7 @@ fn main() {
         ));
     }
     trial!(zygote, hostile_child_of_a_sandboxed_task_is_sandboxed_too);
+    trial!(zygote, harmless_attacks_succeed_without_a_sandbox);
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -556,10 +557,15 @@ enum Attack {
     SignalOutside,
     /// Type into the terminal with `ioctl(TIOCSTI)`.
     Tiocsti,
+    /// Leave the worker's process group from a forked child (`setsid`), to
+    /// outlive the worker.
+    Setsid,
+    /// The same with `setpgid(0, 0)`.
+    Setpgid,
 }
 
 impl Attack {
-    const ALL: [Attack; 20] = [
+    const ALL: [Attack; 22] = [
         Attack::RaiseMemoryLimit,
         Attack::RaiseMemoryLimitRawSyscall,
         Attack::RaiseOpenFilesLimit,
@@ -580,6 +586,8 @@ impl Attack {
         Attack::AppendToExisting,
         Attack::SignalOutside,
         Attack::Tiocsti,
+        Attack::Setsid,
+        Attack::Setpgid,
     ];
 
     fn name(self) -> String {
@@ -810,6 +818,33 @@ fn run_attack(target: &Target) -> Result<String, i32> {
             rustix::process::Pid::from_raw(target.outside as i32).ok_or(-5)?,
         )
         .map_err(Into::into)),
+        Attack::Setsid => {
+            // The worker leads its process group, where `setsid` fails
+            // anyway: try it from a child, which does not.
+            // SAFETY: SAFETY.md F1. The worker is single-threaded; the
+            // child only calls `setsid` and `_exit`.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let code = match rustix::process::setsid() {
+                    Ok(_) => 0,
+                    Err(e) => e.raw_os_error(),
+                };
+                // SAFETY: `_exit` has no preconditions (SAFETY.md F4).
+                unsafe { libc::_exit(code) };
+            }
+            if pid < 0 {
+                return Err(last_errno());
+            }
+            let mut status = 0;
+            // SAFETY: `pid` is this task's own unreaped child; `status` is
+            // a valid out-pointer.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            match libc::WEXITSTATUS(status) {
+                0 => Ok("setsid succeeded in a child".into()),
+                errno => Err(errno),
+            }
+        }
+        Attack::Setpgid => io(rustix::process::setpgid(None, None).map_err(Into::into)),
         Attack::Tiocsti => {
             let c = b'x';
             // SAFETY: TIOCSTI reads one byte through the pointer, which
@@ -915,4 +950,37 @@ async fn hostile_child_of_a_sandboxed_task_is_sandboxed_too(z: Zygote) -> TestRe
         format!("attacks from the child: {escaped:?}"),
     )?;
     ensure(kept == b"the parent's", "the child left the file intact")
+}
+
+/// The positive control: the attacks that are harmless outside a sandbox
+/// do work there, so their refusal above is the sandbox's doing.
+async fn harmless_attacks_succeed_without_a_sandbox(z: Zygote) -> TestResult {
+    for attack_kind in [
+        Attack::Setsid,
+        Attack::Setpgid,
+        Attack::UnixSocket,
+        Attack::Mkdir,
+        Attack::Symlink,
+        Attack::AppendToExisting,
+        Attack::SignalOutside,
+    ] {
+        let file = scratch(&format!("control-{}", attack_kind.name()));
+        std::fs::write(&file, b"the parent's")?;
+        let target = Target {
+            attack: attack_kind,
+            file: file.clone(),
+            outside: std::process::id(),
+        };
+        let outcome = z.run(attack, target).await?;
+        for extra in [".d", ".link"] {
+            let _ = std::fs::remove_dir(format!("{file}{extra}"));
+            let _ = std::fs::remove_file(format!("{file}{extra}"));
+        }
+        let _ = std::fs::remove_file(&file);
+        ensure(
+            outcome.is_ok(),
+            format!("{attack_kind:?} fails even unsandboxed: {outcome:?}"),
+        )?;
+    }
+    Ok(())
 }
