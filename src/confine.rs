@@ -229,7 +229,11 @@ impl<R> Task<R> {
     /// The worker learns that an abort was an allocation failure from
     /// `errno`, which the failure's message to stderr would overwrite if
     /// that write failed (a closed stderr): then the task reads as
-    /// [`ErrorKind::Signaled`](crate::ErrorKind::Signaled) with `SIGABRT`. A
+    /// [`ErrorKind::Signaled`](crate::ErrorKind::Signaled) with `SIGABRT`.
+    /// For the same reason the worker removes `RUST_BACKTRACE` from its
+    /// environment (a backtrace printed before the abort would overwrite
+    /// `errno`), so the task does not see it, and the allocation failure's
+    /// message carries no backtrace. A
     /// thread that cannot be created for want of memory panics instead, as
     /// `std::thread::spawn` does.
     pub fn memory_limit(mut self, bytes: u64) -> Task<R> {
