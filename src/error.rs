@@ -45,6 +45,41 @@ pub enum ErrorKind {
     /// example [`Builder::reuse(0)`](crate::Builder::reuse) or
     /// [`Builder::zygotes(0)`](crate::Builder::zygotes). The message names it.
     InvalidInput,
+    /// The task went past one of its resource limits
+    /// ([`Task::memory_limit`](crate::Task::memory_limit),
+    /// [`Task::cpu_limit`](crate::Task::cpu_limit)); [`Error::limit`] says
+    /// which. (Going past [`Task::open_files_limit`](crate::Task::open_files_limit)
+    /// is not an error of the task: the call that would open one file too
+    /// many fails with `EMFILE` inside it.)
+    ResourceLimit,
+    /// The worker could not apply the task's resource limits or
+    /// [`Sandbox`](crate::Sandbox), so the task did not run: the kernel lacks
+    /// a feature the sandbox needs (Landlock, seccomp), or a limit is below
+    /// what the worker itself needs to report a result. The message says
+    /// which; [`Error::limit`] names the limit, if it was one.
+    Confinement,
+}
+
+/// Which resource limit a task went past. Returned by [`Error::limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// [`Task::memory_limit`](crate::Task::memory_limit): an allocation failed.
+    Memory,
+    /// [`Task::cpu_limit`](crate::Task::cpu_limit): the kernel sent `SIGXCPU`.
+    CpuTime,
+    /// [`Task::open_files_limit`](crate::Task::open_files_limit).
+    OpenFiles,
+}
+
+impl Limit {
+    fn name(self) -> &'static str {
+        match self {
+            Limit::Memory => "memory",
+            Limit::CpuTime => "CPU time",
+            Limit::OpenFiles => "open files",
+        }
+    }
 }
 
 /// The error returned by every fallible operation of this crate.
@@ -75,6 +110,7 @@ enum Repr {
     TimedOut(Duration),
     Message(String),
     Io(&'static str, io::Error),
+    Limit(Limit, String),
 }
 
 impl Error {
@@ -104,6 +140,26 @@ impl Error {
     pub fn exit_code(&self) -> Option<i32> {
         match self.repr {
             Repr::Exit(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// For [`ErrorKind::ResourceLimit`]: the limit the task went past. For
+    /// [`ErrorKind::Confinement`]: the limit that could not be applied, if the
+    /// failure was about a limit rather than the sandbox.
+    ///
+    /// ```no_run
+    /// # async fn demo(zygote: run_in_process::Zygote) {
+    /// use run_in_process::{ErrorKind, Limit};
+    /// fn hog(mb: usize) -> usize { vec![1u8; mb << 20].iter().map(|&b| b as usize).sum() }
+    /// let e = zygote.task(hog, 512).memory_limit(64 << 20).run().await.unwrap_err();
+    /// assert_eq!(e.kind(), ErrorKind::ResourceLimit);
+    /// assert_eq!(e.limit(), Some(Limit::Memory));
+    /// # }
+    /// ```
+    pub fn limit(&self) -> Option<Limit> {
+        match self.repr {
+            Repr::Limit(limit, _) => Some(limit),
             _ => None,
         }
     }
@@ -153,6 +209,26 @@ impl Error {
         Error::new(ErrorKind::InvalidInput, message)
     }
 
+    /// A task that went past `limit`; `detail` says by how much, or how the
+    /// worker ended.
+    pub(crate) fn resource_limit(limit: Limit, detail: String) -> Error {
+        Error {
+            kind: ErrorKind::ResourceLimit,
+            repr: Repr::Limit(limit, detail),
+        }
+    }
+
+    /// Confinement that the worker could not apply; `limit` if it was a limit.
+    pub(crate) fn confinement(limit: Option<Limit>, message: String) -> Error {
+        match limit {
+            Some(limit) => Error {
+                kind: ErrorKind::Confinement,
+                repr: Repr::Limit(limit, message),
+            },
+            None => Error::new(ErrorKind::Confinement, message),
+        }
+    }
+
     pub(crate) fn zygote_died() -> Error {
         Error::new(ErrorKind::ZygoteDied, "the zygote process died")
     }
@@ -179,6 +255,10 @@ impl fmt::Display for Error {
             Repr::TimedOut(d) => write!(f, "task timed out after {d:?}"),
             Repr::Message(m) => f.write_str(m),
             Repr::Io(call, e) => write!(f, "{call} failed: {e}"),
+            Repr::Limit(limit, detail) if self.kind == ErrorKind::ResourceLimit => {
+                write!(f, "task exceeded its {} limit: {detail}", limit.name())
+            }
+            Repr::Limit(_, message) => f.write_str(message),
         }
     }
 }

@@ -115,6 +115,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
             slot: i as u32,
             arg: ArgPlace::Inline(arg.len() as u64),
             worker: if i == 1 { 4242 } else { 0 },
+            confinement: crate::confine::Confinement::default(),
         };
         out.push(("request", req.encode(arg)));
     }
@@ -127,6 +128,18 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
         slot: 3,
         arg: ArgPlace::Memfd(1 << 20),
         worker: 0,
+        confinement: crate::confine::Confinement {
+            memory: Some(64 << 20),
+            cpu_secs: Some(1),
+            open_files: Some(16),
+            core_dumps: false,
+            sandbox: Some(
+                crate::Sandbox::new()
+                    .deny_network()
+                    .deny_exec()
+                    .deny_fs_writes(),
+            ),
+        },
     };
     out.push(("request", memfd.encode(&[])));
     for r in [

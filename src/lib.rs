@@ -77,9 +77,11 @@
 mod blob;
 mod budget;
 mod codec;
+mod confine;
 mod epoch;
 mod error;
 mod idle;
+mod limits;
 mod mailbox;
 mod map;
 mod payload;
@@ -87,6 +89,7 @@ mod process;
 mod reactor;
 mod report_pool;
 mod ring;
+mod sandbox;
 mod shared;
 mod shm;
 mod slots;
@@ -104,11 +107,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::blob::Blob;
-pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::error::{Error, ErrorKind, Limit, Result};
 pub use crate::process::{
     Builder, DEFAULT_GRACE, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD,
     DEFAULT_PARKED, DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,
 };
+pub use crate::sandbox::Sandbox;
 pub use crate::stats::Stats;
 pub use crate::worker::stop_requested;
 

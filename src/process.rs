@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::blob;
 use crate::codec;
+use crate::confine::Confinement;
 use crate::error::{Error, ErrorKind, Result};
 use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Launch, Record, TaskIo};
@@ -110,6 +111,8 @@ pub struct Builder {
     idle_timeout: Duration,
     zygotes: usize,
     warm_up: Option<fn()>,
+    /// Every task's default limits and sandbox (`crate::confine`).
+    pub(crate) confinement: Confinement,
 }
 
 impl Default for Builder {
@@ -123,6 +126,7 @@ impl Default for Builder {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             zygotes: 1,
             warm_up: None,
+            confinement: Confinement::default(),
         }
     }
 }
@@ -306,7 +310,7 @@ impl Builder {
             // (`spawn` checks), never from another zygote. A failure drops
             // the ones already started, which shuts them down.
             let process = zygote::spawn(limits)?;
-            members.push(Arc::new(Inner::new(process, limits)));
+            members.push(Arc::new(Inner::new(process, limits, self.confinement)));
         }
         if self.warm_up.is_some() {
             // The hooks run in parallel; wait for each.
@@ -532,6 +536,8 @@ pub struct Task<R> {
     timeout: Option<Duration>,
     grace: Duration,
     fresh: bool,
+    /// Limits and sandbox (`crate::confine`).
+    pub(crate) confinement: Confinement,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -558,6 +564,7 @@ impl<R: DeserializeOwned> Task<R> {
             timeout: None,
             grace: DEFAULT_GRACE,
             fresh: false,
+            confinement: inner.confinement,
             _result: PhantomData,
         }
     }
@@ -609,6 +616,7 @@ impl<R: DeserializeOwned> Task<R> {
                 fresh: self.fresh,
                 // A `Process` waits for its worker's exit.
                 last: open,
+                confinement: self.confinement,
             },
         )
         .await
@@ -847,6 +855,9 @@ impl<R: DeserializeOwned> Process<R> {
         if self.io.timed_out {
             return Error::timed_out(self.io.deadlines.timeout.unwrap_or_default());
         }
+        if let Some(limit) = crate::confine::exit_error(&self.io.confinement, status) {
+            return limit;
+        }
         match (status.signal(), status.code()) {
             (Some(sig), _) => Error::signaled(sig),
             (None, Some(code)) => Error::exited(code),
@@ -866,6 +877,7 @@ impl<R: DeserializeOwned> Process<R> {
                 .map_err(|e| Error::codec(format!("cannot decode the result: {e}"))),
             RecordKind::Panic => Err(Error::panicked(text())),
             RecordKind::EncodeFailed => Err(Error::codec(text())),
+            RecordKind::Unconfined => Err(crate::confine::unconfined_error(&taken.payload)),
             RecordKind::Spilled => {
                 let fd = self
                     .io

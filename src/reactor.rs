@@ -32,6 +32,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
+use crate::confine::Confinement;
 use crate::epoch::ForkLocal;
 use crate::error::Error;
 use crate::mailbox::{Kept, MailboxGuard};
@@ -76,6 +77,8 @@ pub(crate) struct Launch<'a> {
     /// The worker must exit after this task, even in reuse mode (the caller
     /// will wait for its exit status).
     pub(crate) last: bool,
+    /// Limits and sandbox (`crate::confine`).
+    pub(crate) confinement: Confinement,
 }
 
 /// One task's I/O state in the parent.
@@ -117,6 +120,8 @@ pub(crate) struct TaskIo {
     /// The report socket ended without an `Exited` report.
     pub(crate) zygote_gone: bool,
     pub(crate) deadlines: Deadlines,
+    /// The task's limits and sandbox, to name a limit it went past.
+    pub(crate) confinement: Confinement,
     /// The timeout fired (a stop request was sent because of it).
     pub(crate) timed_out: bool,
     /// A signal requested before the pidfd arrived, sent when it does.
@@ -138,7 +143,11 @@ impl TaskIo {
             want_started,
             fresh,
             last,
+            confinement,
         } = launch;
+        // Confinement cannot be undone, so a confined task never runs in a
+        // worker that ran another task (and its worker is not reused).
+        let fresh = fresh || !confinement.is_default();
         inner.check_process()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
@@ -175,6 +184,7 @@ impl TaskIo {
                 slot: lease.slot(),
                 arg: place,
                 worker,
+                confinement,
             }
             .encode(inline)
         };
@@ -281,6 +291,7 @@ impl TaskIo {
             spawn_errno: None,
             zygote_gone: false,
             deadlines,
+            confinement,
             timed_out: false,
             pending_signal: None,
             spent: None,
@@ -428,13 +439,18 @@ impl TaskIo {
         match self.delivered {
             Some(Ok(RecordKind::Value | RecordKind::Spilled)) => return Outcome::Completed,
             Some(Ok(RecordKind::Panic)) => return Outcome::Panicked,
-            Some(Ok(RecordKind::EncodeFailed) | Err(())) => return Outcome::Lost,
+            Some(Ok(RecordKind::EncodeFailed | RecordKind::Unconfined) | Err(())) => {
+                return Outcome::Lost;
+            }
             None => {}
         }
         if self.timed_out {
             return Outcome::TimedOut;
         }
         match self.exit {
+            Some(status) if crate::confine::exit_error(&self.confinement, status).is_some() => {
+                Outcome::ResourceLimit
+            }
             Some(status) if status.signal().is_some() => Outcome::Signaled,
             Some(_) => Outcome::Exited,
             None if self.spawn_errno.is_some() || self.zygote_gone => Outcome::Lost,

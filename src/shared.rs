@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rustix::process::Signal;
 
+use crate::confine::Confinement;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
 use crate::report_pool::ReportPool;
@@ -26,6 +27,8 @@ pub(crate) struct Inner {
     /// can leak them in another process (see `check_process`).
     pub(crate) process: Arc<ZygoteProcess>,
     pub(crate) limits: Limits,
+    /// Every task's default limits and sandbox (`Builder::memory_limit`, ...).
+    pub(crate) confinement: Confinement,
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: Arc<SpillReceiver>,
     pub(crate) mailboxes: Arc<Mailboxes>,
@@ -42,8 +45,9 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub(crate) fn new(process: ZygoteProcess, limits: Limits) -> Inner {
+    pub(crate) fn new(process: ZygoteProcess, limits: Limits, confinement: Confinement) -> Inner {
         Inner {
+            confinement,
             slots: Arc::new(Slots::new(limits.slots)),
             spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
             mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),

@@ -37,9 +37,13 @@ pub struct Stats {
     pub exited: u64,
     /// Tasks stopped by their timeout.
     pub timed_out: u64,
+    /// Tasks that went past a resource limit
+    /// ([`ErrorKind::ResourceLimit`](crate::ErrorKind::ResourceLimit)).
+    pub resource_limit: u64,
     /// Tasks dropped before they delivered a result (their worker killed).
     pub cancelled: u64,
-    /// Tasks whose value could not be encoded, or whose worker could not be
+    /// Tasks whose value could not be encoded, whose record was invalid,
+    /// whose confinement could not be applied, whose worker could not be
     /// forked, or that were lost with their zygote.
     pub lost: u64,
     /// Tasks spawned and not yet let go of (holding a slot).
@@ -60,6 +64,7 @@ pub(crate) enum Outcome {
     Signaled,
     Exited,
     TimedOut,
+    ResourceLimit,
     Cancelled,
     Lost,
 }
@@ -73,6 +78,7 @@ pub(crate) struct Counters {
     signaled: AtomicU64,
     exited: AtomicU64,
     timed_out: AtomicU64,
+    resource_limit: AtomicU64,
     cancelled: AtomicU64,
     lost: AtomicU64,
 }
@@ -89,6 +95,7 @@ impl Counters {
             Outcome::Signaled => &self.signaled,
             Outcome::Exited => &self.exited,
             Outcome::TimedOut => &self.timed_out,
+            Outcome::ResourceLimit => &self.resource_limit,
             Outcome::Cancelled => &self.cancelled,
             Outcome::Lost => &self.lost,
         };
@@ -104,6 +111,7 @@ impl Counters {
         into.signaled += get(&self.signaled);
         into.exited += get(&self.exited);
         into.timed_out += get(&self.timed_out);
+        into.resource_limit += get(&self.resource_limit);
         into.cancelled += get(&self.cancelled);
         into.lost += get(&self.lost);
     }

@@ -9,7 +9,7 @@
 //!
 //! # Frames
 //!
-//! **Spawn request**, parent → zygote, on the command socket (48-byte header,
+//! **Spawn request**, parent → zygote, on the command socket (80-byte header,
 //! then the argument bytes when they travel inline). It carries no secret:
 //! the zygote's memory is inherited by every later worker.
 //!
@@ -25,6 +25,14 @@
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | reserved, 0                                          |
+//! | 48     | 8    | memory limit in bytes (`RLIMIT_DATA`); `u64::MAX` = none |
+//! | 56     | 8    | CPU limit in seconds (`RLIMIT_CPU`); `u64::MAX` = none |
+//! | 64     | 8    | open files limit (`RLIMIT_NOFILE`); `u64::MAX` = none |
+//! | 72     | 4    | confinement flags: bit 0 = keep core dumps; bit 1 = sandbox; bits 8–10 = the sandbox's denials (network, exec, fs writes), only with bit 1 |
+//! | 76     | 4    | reserved, 0                                          |
+//!
+//! Bytes 48–80 are the task's [`Confinement`]: a plain value, applied by
+//! the worker before the task's code runs (`crate::confine`).
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
 //! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
@@ -61,11 +69,16 @@
 //! * 2: spawn requests name the parked worker a job is for, so a job sent to
 //!   a worker that died meanwhile is never run by its replacement.
 //! * 3: a task's last report hands its report socket's far end back.
-//! * 4: a request may mark a reused worker's last task, or reuse its last
+//! * 4: spawn requests carry the task's confinement (resource limits and
+//!   sandbox), and a result record may say that it could not be applied; a
+//!   request may mark a reused worker's last task, or reuse its last
 //!   doorbell; the key's low bit says whether the worker waits for another
 //!   task.
 
 use std::fmt;
+
+use crate::confine::Confinement;
+use crate::sandbox::Sandbox;
 
 /// The version written into, and required of, every frame.
 pub(crate) const VERSION: u16 = 4;
@@ -76,7 +89,9 @@ const SPILL_MAGIC: [u8; 4] = *b"RIPs";
 const DISMISS_MAGIC: [u8; 4] = *b"RIPd";
 
 /// Size of a spawn request's fixed header.
-pub(crate) const REQUEST_HEADER: usize = 48;
+pub(crate) const REQUEST_HEADER: usize = 80;
+/// Where a spawn request's confinement record starts.
+const CONFINEMENT_AT: usize = 48;
 /// Size of a report frame.
 pub(crate) const REPORT_LEN: usize = 16;
 /// Size of a spill notice.
@@ -231,6 +246,73 @@ pub(crate) struct Request {
     pub(crate) arg: ArgPlace,
     /// The parked worker this job is for (its pid), or 0 on the cold path.
     pub(crate) worker: u32,
+    /// Limits and sandbox to apply before the task runs.
+    pub(crate) confinement: Confinement,
+}
+
+/// Confinement flag: leave `RLIMIT_CORE` as inherited.
+const CONFINE_CORE_DUMPS: u32 = 1;
+/// Confinement flag: apply a sandbox, whose denials are in bits 8 and up.
+const CONFINE_SANDBOX: u32 = 2;
+const CONFINE_DENY_SHIFT: u32 = 8;
+
+/// Encodes a limit: `None` is `u64::MAX`, which is also `RLIM_INFINITY`.
+fn limit_word(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(u64::MAX)
+}
+
+fn word_limit(word: u64) -> Option<u64> {
+    (word != u64::MAX).then_some(word)
+}
+
+impl Confinement {
+    /// The 32 bytes at offset 48 of a spawn request.
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0..8].copy_from_slice(&limit_word(self.memory).to_le_bytes());
+        out[8..16].copy_from_slice(&limit_word(self.cpu_secs).to_le_bytes());
+        out[16..24].copy_from_slice(&limit_word(self.open_files).to_le_bytes());
+        let mut flags = 0;
+        if self.core_dumps {
+            flags |= CONFINE_CORE_DUMPS;
+        }
+        if let Some(sandbox) = self.sandbox {
+            flags |= CONFINE_SANDBOX | u32::from(sandbox.bits()) << CONFINE_DENY_SHIFT;
+        }
+        out[24..28].copy_from_slice(&flags.to_le_bytes());
+        out
+    }
+
+    /// Every limit value is one the kernel accepts (`setrlimit` takes any
+    /// `u64`; the worker checks each against its own needs), so only the
+    /// flags and the reserved word can be malformed.
+    fn decode(r: &mut Reader<'_>) -> Result<Confinement, WireError> {
+        let memory = word_limit(r.u64());
+        let cpu_secs = word_limit(r.u64());
+        let open_files = word_limit(r.u64());
+        let flags = r.u32();
+        let reserved = r.u32();
+        if reserved != 0 {
+            return Err(WireError::Flags(reserved));
+        }
+        let deny = flags >> CONFINE_DENY_SHIFT;
+        let known = CONFINE_CORE_DUMPS | CONFINE_SANDBOX;
+        if flags & ((1 << CONFINE_DENY_SHIFT) - 1) & !known != 0 {
+            return Err(WireError::Flags(flags));
+        }
+        let sandbox = match (flags & CONFINE_SANDBOX != 0, u8::try_from(deny)) {
+            (true, Ok(bits)) => Some(Sandbox::from_bits(bits).ok_or(WireError::Flags(flags))?),
+            (false, Ok(0)) => None,
+            _ => return Err(WireError::Flags(flags)),
+        };
+        Ok(Confinement {
+            memory,
+            cpu_secs,
+            open_files,
+            core_dumps: flags & CONFINE_CORE_DUMPS != 0,
+            sandbox,
+        })
+    }
 }
 
 impl Request {
@@ -260,6 +342,8 @@ impl Request {
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.worker.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
+        debug_assert_eq!(out.len(), CONFINEMENT_AT);
+        out.extend_from_slice(&self.confinement.encode());
         out.extend_from_slice(inline_arg);
         out
     }
@@ -287,6 +371,7 @@ impl Request {
         if reserved != 0 {
             return Err(WireError::Flags(reserved));
         }
+        let confinement = Confinement::decode(&mut r)?;
         if slot >= slots {
             return Err(WireError::Length(slot.into()));
         }
@@ -312,6 +397,7 @@ impl Request {
                 slot,
                 arg,
                 worker,
+                confinement,
             },
             inline,
         ))
@@ -436,6 +522,34 @@ pub(crate) enum RecordKind {
     EncodeFailed = 3,
     /// The encoded value is in a sealed memfd announced by a spill notice.
     Spilled = 4,
+    /// The worker could not apply the task's confinement, so the task did
+    /// not run: a one-byte [`ConfineFailure`] code, then a UTF-8 message.
+    Unconfined = 5,
+}
+
+/// What an [`RecordKind::Unconfined`] record's first byte names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum ConfineFailure {
+    Sandbox = 0,
+    Memory = 1,
+    CpuTime = 2,
+    OpenFiles = 3,
+}
+
+impl ConfineFailure {
+    /// Splits an `Unconfined` payload into its code and message; an unknown
+    /// or missing code reads as `Sandbox` (the payload is the worker's word,
+    /// and only the message is shown).
+    pub(crate) fn split(payload: &[u8]) -> (ConfineFailure, &[u8]) {
+        let code = match payload.first() {
+            Some(1) => ConfineFailure::Memory,
+            Some(2) => ConfineFailure::CpuTime,
+            Some(3) => ConfineFailure::OpenFiles,
+            _ => ConfineFailure::Sandbox,
+        };
+        (code, payload.get(1..).unwrap_or(&[]))
+    }
 }
 
 impl RecordKind {
@@ -445,6 +559,7 @@ impl RecordKind {
             2 => RecordKind::Panic,
             3 => RecordKind::EncodeFailed,
             4 => RecordKind::Spilled,
+            5 => RecordKind::Unconfined,
             _ => return None,
         })
     }
@@ -569,6 +684,7 @@ mod tests {
             slot: 3,
             arg: ArgPlace::Inline(5),
             worker: 0,
+            confinement: Confinement::default(),
         };
         let frame = req.encode(b"hello");
         assert_eq!(
@@ -596,11 +712,68 @@ mod tests {
             slot: 9,
             arg: ArgPlace::Inline(2),
             worker: 77,
+            confinement: Confinement::default(),
         };
         let frame = req.encode(b"ab");
         assert_eq!(Request::decode(&frame, 4, 100), Err(WireError::Length(9)));
         assert!(Request::decode(&frame[..frame.len() - 1], 16, 100).is_err());
         assert!(Request::decode(&frame[..10], 16, 100).is_err());
+    }
+
+    #[test]
+    fn request_carries_confinement_and_rejects_unknown_bits() {
+        let req = Request {
+            generation: 2,
+            want_started: false,
+            last: true,
+            same_doorbell: true,
+            entry: 0x5555_0000,
+            slot: 1,
+            arg: ArgPlace::Inline(0),
+            worker: 0,
+            confinement: Confinement {
+                memory: Some(64 << 20),
+                cpu_secs: Some(1),
+                open_files: Some(16),
+                core_dumps: true,
+                sandbox: Some(Sandbox::new().deny_network().deny_fs_writes()),
+            },
+        };
+        let frame = req.encode(&[]);
+        assert_eq!(Request::decode(&frame, 4, 100), Ok((req, &[][..])));
+        let flags_at = CONFINEMENT_AT + 24;
+        let with = |at: usize, word: u32| {
+            let mut f = frame.clone();
+            f[at..at + 4].copy_from_slice(&word.to_le_bytes());
+            Request::decode(&f, 4, 100).map(|(r, _)| r)
+        };
+        // An unknown flag, an unknown denial, a denial without a sandbox,
+        // and a non-zero reserved word.
+        assert!(with(flags_at, 1 << 5).is_err());
+        assert!(with(flags_at, CONFINE_SANDBOX | 1 << 15).is_err());
+        assert!(with(flags_at, 1 << CONFINE_DENY_SHIFT).is_err());
+        assert!(with(flags_at + 4, 1).is_err());
+        // A sandbox that denies nothing is still a sandbox.
+        assert_eq!(
+            with(flags_at, CONFINE_SANDBOX).map(|r| r.confinement.sandbox),
+            Ok(Some(Sandbox::new()))
+        );
+    }
+
+    #[test]
+    fn unconfined_payload_splits_into_code_and_message() {
+        assert_eq!(
+            ConfineFailure::split(b"\x01too low"),
+            (ConfineFailure::Memory, &b"too low"[..])
+        );
+        assert_eq!(
+            ConfineFailure::split(b""),
+            (ConfineFailure::Sandbox, &b""[..])
+        );
+        assert_eq!(
+            ConfineFailure::split(b"\xffx"),
+            (ConfineFailure::Sandbox, &b"x"[..])
+        );
     }
 
     #[test]
@@ -631,6 +804,7 @@ mod tests {
             slot: 0,
             arg: ArgPlace::Inline(0),
             worker: 4242,
+            confinement: Confinement::default(),
         }
         .encode(&[]);
         assert!(Dismissal::decode(&job).is_err());
@@ -678,6 +852,26 @@ mod tests {
             ]
         }
 
+        fn confinement() -> impl Strategy<Value = Confinement> {
+            let limit = || proptest::option::of(0u64..u64::MAX);
+            (
+                limit(),
+                limit(),
+                limit(),
+                any::<bool>(),
+                proptest::option::of(0u8..8),
+            )
+                .prop_map(|(memory, cpu_secs, open_files, core_dumps, sandbox)| {
+                    Confinement {
+                        memory,
+                        cpu_secs,
+                        open_files,
+                        core_dumps,
+                        sandbox: sandbox.and_then(Sandbox::from_bits),
+                    }
+                })
+        }
+
         proptest! {
             #[test]
             fn request_round_trips(
@@ -687,12 +881,16 @@ mod tests {
                 place in arg_place(),
                 want_started in any::<bool>(),
                 worker in any::<u32>(),
+                confinement in confinement(),
             ) {
                 let inline = match place {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
-                let req = Request { generation, want_started, last: want_started, same_doorbell: !want_started, entry, slot, arg: place, worker };
+                let req = Request {
+                    generation, want_started, last: want_started, same_doorbell: !want_started,
+                    entry, slot, arg: place, worker, confinement,
+                };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);
                 prop_assert_eq!(decoded, Ok((req, &inline[..])));

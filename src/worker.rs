@@ -20,12 +20,13 @@ use std::time::Duration;
 
 use rustix::process::Pid;
 
+use crate::confine::{self, Confinement};
 use crate::idle;
 use crate::payload::Payload;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
 use crate::sys;
-use crate::wire::{self, ArgPlace, Dismissal, RecordKind, Request, SpillNotice};
+use crate::wire::{self, ArgPlace, ConfineFailure, Dismissal, RecordKind, Request, SpillNotice};
 
 /// What a task's monomorphised entry point returns to the worker.
 pub(crate) enum Outcome {
@@ -86,6 +87,8 @@ pub(crate) struct Job<'a> {
     pub(crate) zygote: Pid,
     /// The result buffer, taken from the zygote's (see [`RESULT_BUFFER`]).
     pub(crate) result_buf: Vec<u8>,
+    /// Limits and sandbox, applied just before the task's code runs.
+    pub(crate) confinement: Confinement,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -264,7 +267,11 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 sys::raw(&doorbell),
                 sys::raw(spill),
                 arg_fd.as_ref().map_or(-1, sys::raw),
-                if reused { sys::raw(jobs) } else { -1 },
+                if reused && request.confinement.is_default() {
+                    sys::raw(jobs)
+                } else {
+                    -1
+                },
             ];
             // SAFETY: SAFETY.md F3. Still single-threaded (no code of a task
             // has run yet), and of the fds this closes, the mailbox's job
@@ -285,7 +292,9 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
             },
         };
         served += 1;
-        let may_continue = reused && served < reuse && !request.last;
+        // Confinement cannot be undone: a confined task's worker ends with it.
+        let may_continue =
+            reused && served < reuse && !request.last && request.confinement.is_default();
         let outcome = execute(
             Job {
                 ring,
@@ -298,6 +307,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 spill,
                 zygote,
                 result_buf,
+                confinement: request.confinement,
             },
             may_continue.then_some(idle),
         );
@@ -411,7 +421,13 @@ fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<(Vec<u8>, Owne
     let published = match load_arg(&job.arg, job.limit) {
         Err(message) => failed(RecordKind::EncodeFailed, message),
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
-        Ok(arg) => {
+        Ok(arg) => 'task: {
+            // After everything the worker does for itself, before any code
+            // of the task: confinement that cannot be applied is reported,
+            // and the task does not run.
+            if let Err(refused) = confine::apply(&job.confinement, job.own_fds()) {
+                break 'task Published::unconfined(refused);
+            }
             let entry = entry_from_address(job.entry);
             // A `Blob` in a sealed argument borrows its mapping.
             let call = || arg.decoding(|| entry(arg.bytes(), out));
@@ -510,6 +526,23 @@ enum Published {
     Value(Payload),
     /// A panic or codec failure message of `kind`.
     Message(RecordKind, Vec<u8>),
+}
+
+impl Published {
+    /// An `Unconfined` record: the failure's code byte, then its message.
+    fn unconfined((code, message): (ConfineFailure, String)) -> Published {
+        let mut payload = vec![code as u8];
+        payload.extend_from_slice(message.as_bytes());
+        Published::Message(RecordKind::Unconfined, payload)
+    }
+}
+
+impl Job<'_> {
+    /// The fds this worker holds besides stdio: doorbell, spill socket, and
+    /// the argument's memfd if it has one.
+    fn own_fds(&self) -> u64 {
+        2 + u64::from(matches!(self.arg, ArgSource::Memfd(..)))
+    }
 }
 
 /// Writes the record; a value in a memfd is announced on the spill socket

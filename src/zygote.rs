@@ -602,6 +602,7 @@ impl Zygote<'_> {
                     spill: self.spill,
                     zygote,
                     result_buf: std::mem::take(result_buf),
+                    confinement: request.confinement,
                 })
             }),
             Ok(Forked::Parent(pid)) => {

@@ -76,6 +76,7 @@ fn main() {
     trial!(one, a_timeout_retires_the_worker);
     trial!(one, a_cancelled_task_retires_the_worker);
     trial!(one, fresh_forces_a_worker_that_ran_nothing);
+    trial!(one, a_confined_task_runs_fresh_and_ends_its_worker);
     trial!(one, an_open_process_ends_its_reused_worker);
     trial!(reused, results_are_never_crossed_between_tasks);
     trial!(one, stats_count_each_outcome_once);
@@ -363,6 +364,23 @@ async fn fresh_forces_a_worker_that_ran_nothing(z: Zygote) -> TestResult {
     ensure(a == b && n >= 2, format!("reused: {a}, {b} ({n})"))?;
     let (c, runs) = z.task(count, ()).fresh().run().await?;
     ensure(c != a && runs == 1, format!("fresh: {c} ran {runs}"))
+}
+
+async fn a_confined_task_runs_fresh_and_ends_its_worker(z: Zygote) -> TestResult {
+    let (a, _) = z.run(count, ()).await?;
+    let (b, n) = z.run(count, ()).await?;
+    ensure(a == b && n >= 2, format!("reused: {a}, {b} ({n})"))?;
+    let (c, runs) = z.task(count, ()).open_files_limit(64).run().await?;
+    ensure(c != a && runs == 1, format!("confined: {c} ran {runs}"))?;
+    // Its limit cannot be undone: that worker serves nothing more.
+    for _ in 0..3 {
+        let (d, _) = z.run(count, ()).await?;
+        ensure(
+            d != c,
+            format!("the confined task's worker {c} ran another task"),
+        )?;
+    }
+    Ok(())
 }
 
 async fn an_open_process_ends_its_reused_worker(z: Zygote) -> TestResult {
