@@ -204,6 +204,7 @@ fn main() {
     let (mut ping_same, mut ping_cross) = (Vec::new(), Vec::new());
     let (mut cold, mut warm, mut warm_paced) = (Vec::new(), Vec::new(), Vec::new());
     let mut reused = Vec::new();
+    let (mut limited, mut memory_limited, mut sandboxed) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cold_heap, mut cold_shared) = (Vec::new(), Vec::new());
     let (mut spawn_blocking, mut true_cmd) = (Vec::new(), Vec::new());
     let (mut procspawn_spawn, mut procspawn_pool) = (Vec::new(), Vec::new());
@@ -229,6 +230,9 @@ fn main() {
             // so every task meets a parked worker.
             warm_paced.extend(runs(&zygote, per, Duration::from_millis(2)).await);
             reused.extend(runs(&reuse_zygote, per, Duration::ZERO).await);
+            limited.extend(confined_runs(&zygote, per / 2, Confined::Limits).await);
+            memory_limited.extend(confined_runs(&zygote, per / 2, Confined::Memory).await);
+            sandboxed.extend(confined_runs(&zygote, per / 2, Confined::Sandbox).await);
             cold_heap.extend(runs(&heap_warm, per / 2, Duration::ZERO).await);
             cold_shared.extend(runs(&shared_warm, per / 2, Duration::ZERO).await);
             spawn_blocking.extend(
@@ -262,6 +266,11 @@ fn main() {
     let (ping_same, ping) = (Stats::of(ping_same), Stats::of(ping_cross));
     let (cold, warm, warm_paced) = (Stats::of(cold), Stats::of(warm), Stats::of(warm_paced));
     let reused = Stats::of(reused);
+    let (limited, memory_limited, sandboxed) = (
+        Stats::of(limited),
+        Stats::of(memory_limited),
+        Stats::of(sandboxed),
+    );
     let (cold_heap, cold_shared) = (Stats::of(cold_heap), Stats::of(cold_shared));
     rows.push(Row::new("floor: fork + _exit + waitpid", fork_wait));
     rows.push(Row::new(
@@ -295,6 +304,16 @@ fn main() {
         Row::new("run_in_process: noop run, reuse mode, back to back", reused)
             .vs(&ping, "cross-CPU ping-pong"),
     );
+    for (name, stats) in [
+        ("run_in_process: noop run, CPU + open-files limits", limited),
+        ("run_in_process: noop run, memory limit", memory_limited),
+        (
+            "run_in_process: noop run, sandbox (seccomp + Landlock)",
+            sandboxed,
+        ),
+    ] {
+        rows.push(Row::new(name, stats).vs(&warm, "unconfined back to back"));
+    }
     rows.push(
         Row::new(
             "run_in_process: cold run after a 256 MiB heap warm-up",
@@ -687,6 +706,41 @@ fn main() {
         let _ = f.write_all(out.as_bytes());
         println!("\n(written to target/compare.md and target/compare.svg)");
     }
+}
+
+/// How a confined noop task is set up, for the confinement rows.
+#[derive(Clone, Copy)]
+enum Confined {
+    /// CPU and open-files limits (two `setrlimit` calls).
+    Limits,
+    /// A memory limit (its footprint check reads `/proc/self/statm`).
+    Memory,
+    /// The full sandbox: seccomp, Landlock, `no_new_privs`.
+    Sandbox,
+}
+
+/// `n` sequential confined noop runs, parked workers; the time of each.
+async fn confined_runs(z: &Zygote, n: usize, how: Confined) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let task = z.task(noop, 1);
+        let task = match how {
+            Confined::Limits => task
+                .cpu_limit(Duration::from_secs(60))
+                .open_files_limit(256),
+            Confined::Memory => task.memory_limit(256 << 20),
+            Confined::Sandbox => task.sandbox(
+                run_in_process::Sandbox::new()
+                    .deny_network()
+                    .deny_exec()
+                    .deny_fs_writes(),
+            ),
+        };
+        black_box(task.run().await.expect("confined run"));
+        times.push(t.elapsed());
+    }
+    times
 }
 
 /// `n` sequential noop runs, each after `gap`; the time of each.

@@ -1,7 +1,7 @@
 //! The opt-in sandbox: [`Sandbox`], and how a worker installs it.
 //!
 //! Two kernel mechanisms, each for what it does best (measured and compared
-//! in `docs/sandbox.md`):
+//! in the README, "Resource limits and the sandbox"):
 //!
 //! * **seccomp** (a short BPF program built in the worker and installed
 //!   with `seccompiler::apply_filter`) for the network, `exec` and a baseline of escape hatches. A filter sees
@@ -51,7 +51,7 @@ use seccompiler::sock_filter;
 /// with the worker, so nothing the task starts outlives it), and terminal
 /// input injection (`ioctl` `TIOCSTI`, `TIOCLINUX`). Where the kernel has
 /// Landlock ABI 6 (Linux 6.12), it also cannot signal processes outside the
-/// sandbox. See `docs/sandbox.md` for what a sandboxed task can still do.
+/// sandbox. See the README ("Resource limits and the sandbox") for what a sandboxed task can still do.
 ///
 /// ```no_run
 /// # async fn demo(zygote: run_in_process::Zygote) -> run_in_process::Result<()> {
@@ -277,7 +277,7 @@ fn denied_calls(sandbox: Sandbox) -> Vec<libc::c_long> {
 /// program for this list (with x32 numbers mirrored) was 580 instructions
 /// and took 290 µs per worker to install; this one is two instructions a
 /// call and one a run, about 130 in all, and decides a call within about 20
-/// (`docs/sandbox.md` has the figures).
+/// (the README has the figures).
 ///
 /// The shape: check the architecture; load the syscall number; deny any x32
 /// number; the two calls denied only for some arguments; then the plain
