@@ -117,8 +117,9 @@ pub(crate) fn apply(
         limits::lower(Resource::Cpu, "RLIMIT_CPU", secs, secs.saturating_add(1))
             .map_err(|e| (ConfineFailure::CpuTime, e))?;
     }
-    if !core_dumps {
-        limits::disable_core_dumps().map_err(sandbox_err)?;
+    // The zygote turned core dumps off for every worker.
+    if core_dumps {
+        limits::restore_core_dumps().map_err(sandbox_err)?;
     }
     if let Some(filter) = filter {
         sandbox::install(&filter).map_err(sandbox_err)?;

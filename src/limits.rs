@@ -23,6 +23,7 @@
 //! runs, since the worker could not even report a result.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
@@ -94,18 +95,33 @@ pub(crate) fn lower(resource: Resource, name: &str, soft: u64, hard: u64) -> Res
     })
 }
 
-/// Turns core dumps off: the soft `RLIMIT_CORE` to 0, the hard limit kept (a
-/// task that wants a core may raise it again; this is hygiene, not a bound).
+/// The zygote's soft `RLIMIT_CORE` before [`disable_core_dumps`] lowered
+/// it, encoded as [`core_word`]: what a task that wants core dumps gets back.
+static INHERITED_CORE: AtomicU64 = AtomicU64::new(0);
+
+fn core_word(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(u64::MAX)
+}
+
+/// Turns core dumps off, once, in the zygote: the soft `RLIMIT_CORE` to 0,
+/// the hard limit kept (a task that wants a core may raise it again; this
+/// is hygiene, not a bound). Every worker inherits it, which spares each
+/// task two system calls.
 pub(crate) fn disable_core_dumps() -> Result<(), String> {
     let current = getrlimit(Resource::Core);
-    setrlimit(
-        Resource::Core,
-        Rlimit {
-            current: Some(0),
-            maximum: current.maximum,
-        },
-    )
-    .map_err(|e| {
+    INHERITED_CORE.store(core_word(current.current), Ordering::Relaxed);
+    set_core(Some(0), current.maximum)
+}
+
+/// For a task that asked for core dumps: the soft limit the zygote had.
+pub(crate) fn restore_core_dumps() -> Result<(), String> {
+    let word = INHERITED_CORE.load(Ordering::Relaxed);
+    let soft = (word != u64::MAX).then_some(word);
+    set_core(soft, getrlimit(Resource::Core).maximum)
+}
+
+fn set_core(current: Option<u64>, maximum: Option<u64>) -> Result<(), String> {
+    setrlimit(Resource::Core, Rlimit { current, maximum }).map_err(|e| {
         format!(
             "setrlimit(RLIMIT_CORE) failed: {}",
             io::Error::from_raw_os_error(e.raw_os_error())

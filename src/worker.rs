@@ -158,7 +158,11 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         job.zygote,
         &[sys::raw(&job.doorbell), sys::raw(job.spill), arg_fd],
     );
-    let _ = execute(job, None);
+    let key = match sys::random_u64() {
+        Ok(k) => k,
+        Err(_) => sys::exit_now(EXIT_NO_KEY),
+    };
+    let _ = execute(job, key, None);
     sys::exit_now(0)
 }
 
@@ -239,6 +243,10 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     let reused = reuse > 1;
     let mut served = 0u32;
     let mut kept_doorbell = None;
+    // Drawn now, after the fork: this worker's own.
+    let Some(mut keys) = Keys::draw() else {
+        sys::exit_now(EXIT_NO_KEY);
+    };
     loop {
         // Between tasks of a reused worker, the idle timeout applies.
         let timeout = (served > 0 && idle_ms > 0).then(|| Duration::from_millis(idle_ms));
@@ -309,6 +317,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 result_buf,
                 confinement: request.confinement,
             },
+            keys.next(),
             may_continue.then_some(idle),
         );
         match outcome {
@@ -318,6 +327,33 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
             }
             None => sys::exit_now(0),
         }
+    }
+}
+
+/// The keys of a parked worker's tasks: SipHash-1-3 of a task counter,
+/// keyed by 128 bits drawn from the kernel after the fork. Each task still
+/// gets a key no other process can guess (the seed exists only in this
+/// worker, and the counter never repeats), for one `getrandom` per worker
+/// instead of one per task.
+struct Keys {
+    seed: (u64, u64),
+    counter: u64,
+}
+
+impl Keys {
+    fn draw() -> Option<Keys> {
+        Some(Keys {
+            seed: (sys::random_u64().ok()?, sys::random_u64().ok()?),
+            counter: 0,
+        })
+    }
+
+    fn next(&mut self) -> u64 {
+        use std::hash::Hasher;
+        self.counter += 1;
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(self.seed.0, self.seed.1);
+        h.write_u64(self.counter);
+        h.finish()
     }
 }
 
@@ -337,19 +373,22 @@ fn receive_job(
     mut timeout: Option<Duration>,
 ) -> (Request, usize, sys::Fds) {
     loop {
+        // Waits first: after a task, the next job is seldom there yet, and
+        // a receive that finds nothing would be one more system call.
+        match sys::poll_readable(jobs, timeout) {
+            Ok(true) => {}
+            // Idle for the whole timeout. Retire unless the parent has just
+            // claimed this worker: then its job is on the way.
+            Ok(false) if idle::retire(idle) => sys::exit_now(0),
+            Ok(false) => {
+                timeout = None;
+                continue;
+            }
+            Err(_) => sys::exit_now(0),
+        }
         let frame = match sys::recv_frame(jobs, buf) {
             Ok(Some(frame)) => frame,
-            Err(e) if e.is_would_block() => match sys::poll_readable(jobs, timeout) {
-                Ok(true) => continue,
-                // Idle for the whole timeout. Retire unless the parent has
-                // just claimed this worker: then its job is on the way.
-                Ok(false) if idle::retire(idle) => sys::exit_now(0),
-                Ok(false) => {
-                    timeout = None;
-                    continue;
-                }
-                Err(_) => sys::exit_now(0),
-            },
+            Err(e) if e.is_would_block() => continue,
             // The parent hung up (or the socket broke): nothing to run.
             Ok(None) | Err(_) => sys::exit_now(0),
         };
@@ -399,15 +438,17 @@ fn warm_up(buf: &mut [u8], result_buf: &mut Vec<u8>) {
 /// `reuse`: the idle word, if this worker may serve another task. Then, if
 /// the task returned a value and was not asked to stop, it returns the
 /// result buffer and the doorbell for the next task; otherwise it exits.
-fn execute(mut job: Job<'_>, reuse: Option<&AtomicU64>) -> Option<(Vec<u8>, OwnedFd)> {
+fn execute(
+    mut job: Job<'_>,
+    raw_key: u64,
+    reuse: Option<&AtomicU64>,
+) -> Option<(Vec<u8>, OwnedFd)> {
     // The key exists only in this process and, once sent through the
-    // eventfd, in the parent: drawn after the fork (and for each task of a
-    // reused worker), it is in no memory that another worker inherited
-    // (SAFETY.md S3). Its low bit is left for `wire::KEY_CONTINUES`.
-    let key = match sys::random_u64() {
-        Ok(k) => (k >> 1).clamp(1, (u64::MAX >> 1) - 1) << 1,
-        Err(_) => sys::exit_now(EXIT_NO_KEY),
-    };
+    // eventfd, in the parent: drawn after the fork (or derived from a seed
+    // drawn after it, for each task of a reused worker), it is in no memory
+    // that another worker inherited (SAFETY.md S3). Its low bit is left for
+    // `wire::KEY_CONTINUES`.
+    let key = (raw_key >> 1).clamp(1, (u64::MAX >> 1) - 1) << 1;
     let out = Output {
         limit: usize::try_from(job.limit).unwrap_or(usize::MAX),
         inline_max: job.ring.slot(job.slot).map_or(0, |s| s.capacity()),

@@ -339,6 +339,9 @@ impl Zygote<'_> {
         // zygote; the fds closed here are the parent's, inherited, and no
         // object that owns one is used again (`serve` never returns).
         unsafe { sys::close_fds_except(&keep) };
+        // Once here rather than in each worker (a task asks for them back
+        // with `core_dumps(true)`). Failing leaves them as inherited.
+        let _ = crate::limits::disable_core_dumps();
         if let Some(hook) = self.limits.warm_up {
             self.warm_up(hook);
         }
