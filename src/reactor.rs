@@ -174,12 +174,14 @@ impl TaskIo {
         // dies before reading it, its replacement must not run it); 0 asks
         // the zygote to fork one. `same_doorbell`: a reused worker rings the
         // doorbell of its last task, whose end we kept.
-        let frame = |worker: u32, same_doorbell: bool| {
+        let frame = |worker: u32, same_doorbell: bool, pair: u32, pooled_report: bool| {
             wire::Request {
                 generation,
                 want_started,
                 last,
                 same_doorbell,
+                pair,
+                pooled_report,
                 entry,
                 slot: lease.slot(),
                 arg: place,
@@ -237,7 +239,12 @@ impl TaskIo {
             // died while parked (with the zygote, say): then forget the
             // mailbox and fall through to the cold path, which reports a dead
             // zygote as such.
-            if sys::send_frame(mailbox.jobs.as_fd(), &frame(claim.pid, same_doorbell), &fds).is_ok()
+            if sys::send_frame(
+                mailbox.jobs.as_fd(),
+                &frame(claim.pid, same_doorbell, 0, false),
+                &fds,
+            )
+            .is_ok()
             {
                 claimed = Some((guard, report, claim.pid, claim.pidfd, claim.served));
             }
@@ -255,19 +262,29 @@ impl TaskIo {
                 (report, Some(guard), Some(pid), Some(pidfd), None)
             }
             None => {
-                let frame = frame(0, false);
                 let pair = inner.report_pool.take()?;
+                // Frees the pair's number if the task never gets going.
+                let recycle = ForkLocal::new(inner.report_pool.recycle(pair.id));
+                let frame = frame(0, false, pair.id, pair.theirs.is_none());
                 let report = ForkLocal::new(register(pair.ours, Interest::READABLE)?);
+                // A new pair's far end goes with the request; a kept one's
+                // is in the zygote already.
                 let theirs = ForkLocal::new(pair.theirs);
-                let mut with_report = vec![theirs.as_fd()];
+                let mut with_report: Vec<BorrowedFd<'_>> =
+                    theirs.as_ref().map(|fd| fd.as_fd()).into_iter().collect();
                 with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd));
                 send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
                 drop(with_report);
                 drop(theirs);
-                let recycle = inner.report_pool.recycle(pair.id);
-                (report.into_inner(), None, None, None, Some(recycle))
+                (
+                    report.into_inner(),
+                    None,
+                    None,
+                    None,
+                    Some(recycle.into_inner()),
+                )
             }
         };
         inner.counters.spawned();
@@ -368,11 +385,13 @@ impl TaskIo {
                     // The record, if any, was committed before the exit, so it
                     // is visible now even if the doorbell has not been seen.
                     self.check_record();
-                    self.release(fd);
+                    drop(fd);
+                    self.release(true);
                 }
                 Report::SpawnFailed { errno } => {
                     self.spawn_errno = Some(errno);
-                    self.release(fd);
+                    drop(fd);
+                    self.release(false);
                 }
             }
         }
@@ -506,16 +525,17 @@ impl TaskIo {
     }
 
     /// Returns the slot (and the mailbox, or the report socket pair) once
-    /// the worker is reaped. `returned`: the fd the final report carried.
-    fn release(&mut self, returned: Option<OwnedFd>) {
+    /// the worker is reaped (`exited`) or was never forked. The zygote keeps
+    /// its end of a pooled pair after `Exited` only, and so do we.
+    fn release(&mut self, exited: bool) {
         self.inner.spill.forget(self.generation);
         if self.mailbox.take().is_some() {
             // The mailbox's report socket now belongs to its next claimer.
             self.report = None;
-        } else if let (Some(recycle), Some(returned), Some(report)) =
-            (self.recycle.take(), returned, self.report.take())
+        } else if let (true, Some(recycle), Some(report)) =
+            (exited, self.recycle.take(), self.report.take())
         {
-            recycle.put_back(report, returned);
+            recycle.put_back(report);
         }
         // Last: once the lease is gone, `wait_idle` may return and empty
         // the pool, which must not miss this pair.
@@ -782,16 +802,15 @@ impl Reaper {
     }
 
     /// Puts the report socket pair back into the pool if the final report
-    /// among `reports` handed its far end back.
+    /// among `reports` is `Exited` (see `TaskIo::release`).
     fn recycle(&mut self, reports: Vec<(Report, Option<OwnedFd>)>) {
-        let returned = reports
-            .into_iter()
-            .find(|(r, _)| r.is_final())
-            .and_then(|(_, fd)| fd);
-        if let (Some(returned), Some(recycle), Some(report)) =
-            (returned, self.recycle.take(), self.report.take())
+        let exited = reports
+            .iter()
+            .any(|(r, _)| matches!(r, Report::Exited { .. }));
+        if let (true, Some(recycle), Some(report)) =
+            (exited, self.recycle.take(), self.report.take())
         {
-            recycle.put_back(report, returned);
+            recycle.put_back(report);
         }
     }
 

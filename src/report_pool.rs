@@ -5,142 +5,159 @@
 //! `Exited` on it, a hang-up on it cancels the task, and its end-of-stream
 //! tells the parent that the zygote died. Creating a `SEQPACKET` pair and
 //! releasing both sockets costs about 12 µs here, more than every other
-//! system call of a task's parent side together, so a pair is used again:
+//! system call of a task's parent side together, so a pair is used again.
 //!
-//! * the parent sends the far end with the spawn request and closes its own
-//!   copy of it, so that while the task runs the zygote holds the only one
-//!   (and the zygote's death still ends the stream);
-//! * the zygote hands the far end back, attached to the task's final report
-//!   (`Exited` or `SpawnFailed`), and then closes its copy;
-//! * the parent puts the pair back here if nothing else was done with it:
-//!   not when the task was cancelled (its end is shut down for writing) and
-//!   not when the returned fd is not the far end it sent.
+//! The far end must never be held by anyone but the zygote while a task
+//! waits on the pair, or the zygote's death would not end the stream: a
+//! plain `fork` of the parent (which runs no code of ours) would inherit a
+//! far end kept in the parent and hide the death for as long as it lived.
+//! So each side keeps its own end, under a small number both know:
+//!
+//! * a new pair gets a free number (`1..=MAX_KEPT`, or 0 if none is free:
+//!   not kept). The parent sends the far end with the spawn request, under
+//!   that number, and closes its copy at once;
+//! * after the task's `Exited` report, the zygote keeps the far end under
+//!   that number (unless the task was cancelled), and the parent keeps its
+//!   end: both agree, since both go by the same report;
+//! * a later task takes a kept pair and names its number in the request
+//!   (`wire::FLAG_POOLED_REPORT`), which then carries no report fd.
 //!
 //! A pair goes back only after its final report was read, and the zygote
 //! sends nothing after that one, so a pair taken from here has nothing
-//! queued.
+//! queued. A number whose pair the parent dropped (a cancelled task,
+//! [`ReportPool::clear`]) is free again; the zygote's stale far end under it
+//! is replaced when a new pair comes with that number.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 
 use crate::error::Error;
 use crate::sys;
+use crate::wire;
 
-/// Most pairs a pool keeps (two fds each). A burst of more tasks in flight
-/// than this creates the pairs beyond it for one task each.
-const MAX_KEPT: usize = 32;
+/// Most pairs a pool keeps. A burst of more tasks in flight than this
+/// creates the pairs beyond it for one task each. The zygote keeps as many
+/// far ends, numbered `1..=MAX_KEPT`.
+const MAX_KEPT: u32 = wire::KEPT_PAIRS;
 
 /// The parent's spare report socket pairs.
 pub(crate) struct ReportPool {
-    idle: Mutex<Vec<Pair>>,
-    /// Most pairs kept.
-    cap: usize,
+    state: Mutex<State>,
 }
 
-/// A report socket pair with nothing queued on it.
+struct State {
+    /// Kept pairs: the parent's end, and the number the zygote keeps the
+    /// far end under.
+    idle: Vec<(u32, OwnedFd)>,
+    /// Numbers not in use by any pair, kept or lent.
+    free: Vec<u32>,
+}
+
+/// A report socket pair for one task.
 pub(crate) struct Pair {
     /// The parent's end, which it reads reports from.
     pub(crate) ours: OwnedFd,
-    /// The end the zygote writes reports to.
-    pub(crate) theirs: OwnedFd,
-    /// Which socket `theirs` is, to recognise it when it comes back.
-    pub(crate) id: SocketId,
+    /// The far end, for a new pair: sent with the request. `None` for a
+    /// kept pair, whose far end the zygote has.
+    pub(crate) theirs: Option<OwnedFd>,
+    /// The number both sides keep it under; 0: not kept after this task.
+    pub(crate) id: u32,
 }
 
-/// Identifies an open socket: its inode on the sockets' file system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SocketId {
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketId {
-    /// The identity of the socket `fd` refers to.
-    pub(crate) fn of(fd: BorrowedFd<'_>) -> rustix::io::Result<SocketId> {
-        let stat = rustix::fs::fstat(fd)?;
-        Ok(SocketId {
-            dev: stat.st_dev,
-            ino: stat.st_ino,
-        })
-    }
-}
-
-/// A pooled pair lent to one task: where it goes back, and which socket its
-/// far end is, to recognise that end when the zygote hands it back.
+/// A pair lent to one task: where it goes back. Dropped without
+/// [`put_back`](Recycle::put_back), it frees the pair's number.
 pub(crate) struct Recycle {
     pool: Arc<ReportPool>,
-    id: SocketId,
+    id: u32,
 }
 
 impl Recycle {
-    /// Puts the pair back: the task's end, and the far end that its final
-    /// report carried. Nothing follows a final report, so the pair can serve
-    /// another task.
-    pub(crate) fn put_back(self, ours: AsyncFd<OwnedFd>, returned: OwnedFd) {
-        self.pool.put_back(ours.into_inner(), returned, self.id);
+    /// Puts the pair back, after its task's `Exited` report: the zygote
+    /// keeps the far end then, and nothing follows that report.
+    pub(crate) fn put_back(mut self, ours: AsyncFd<OwnedFd>) {
+        let id = std::mem::take(&mut self.id);
+        if id != 0 {
+            self.pool.lock().idle.push((id, ours.into_inner()));
+        }
+    }
+}
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            self.pool.lock().free.push(self.id);
+        }
     }
 }
 
 impl ReportPool {
     /// A pool that keeps at most `min(max_in_flight, MAX_KEPT)` pairs.
     pub(crate) fn new(max_in_flight: usize) -> ReportPool {
-        let cap = max_in_flight.min(MAX_KEPT);
+        let cap = (max_in_flight as u32).clamp(1, MAX_KEPT);
         ReportPool {
-            idle: Mutex::new(Vec::with_capacity(cap)),
-            cap,
+            state: Mutex::new(State {
+                idle: Vec::with_capacity(cap as usize),
+                // Reversed so that 1 is handed out first.
+                free: (1..=cap).rev().collect(),
+            }),
         }
     }
 
-    /// A pair from the pool, or a new one.
+    /// A kept pair, or a new one.
     pub(crate) fn take(&self) -> Result<Pair, Error> {
-        if let Some(pair) = self.lock().pop() {
-            return Ok(pair);
+        let mut state = self.lock();
+        if let Some((id, ours)) = state.idle.pop() {
+            return Ok(Pair {
+                ours,
+                theirs: None,
+                id,
+            });
         }
-        let (ours, theirs) = sys::seqpacket_pair()?;
-        let id = SocketId::of(theirs.as_fd()).map_err(|e| Error::io("fstat", e.into()))?;
-        Ok(Pair { ours, theirs, id })
+        let id = state.free.pop().unwrap_or(0);
+        drop(state);
+        match sys::seqpacket_pair() {
+            Ok((ours, theirs)) => Ok(Pair {
+                ours,
+                theirs: Some(theirs),
+                id,
+            }),
+            Err(e) => {
+                if id != 0 {
+                    self.lock().free.push(id);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// How to put back the pair `id` once its task is done with it.
-    pub(crate) fn recycle(self: &Arc<Self>, id: SocketId) -> Recycle {
+    pub(crate) fn recycle(self: &Arc<Self>, id: u32) -> Recycle {
         Recycle {
             pool: Arc::clone(self),
             id,
         }
     }
 
-    /// Keeps `ours` and the far end the zygote handed back, if that is the
-    /// socket `id` (the one sent with the task) and there is room.
-    pub(crate) fn put_back(&self, ours: OwnedFd, returned: OwnedFd, id: SocketId) {
-        if SocketId::of(returned.as_fd()).ok() != Some(id) {
-            return;
-        }
-        let mut idle = self.lock();
-        if idle.len() < self.cap {
-            idle.push(Pair {
-                ours,
-                theirs: returned,
-                id,
-            });
-        }
-    }
-
-    /// Closes every pair kept.
+    /// Closes every pair kept (the zygote's far ends of them are replaced
+    /// as their numbers come back with new pairs).
     pub(crate) fn clear(&self) {
-        let idle = std::mem::take(&mut *self.lock());
+        let mut state = self.lock();
+        let idle = std::mem::take(&mut state.idle);
+        state.free.extend(idle.iter().map(|&(id, _)| id));
+        drop(state);
         drop(idle);
     }
 
     /// Pairs kept now.
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {
-        self.lock().len()
+        self.lock().idle.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pair>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -148,30 +165,32 @@ impl ReportPool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_pair_comes_back_only_with_its_own_far_end() {
-        let pool = ReportPool::new(4);
-        let (first, other) = (pool.take().unwrap(), pool.take().unwrap());
-        assert_ne!(first.id, other.id, "two new pairs are two sockets");
-        // Another socket handed back in place of the far end: not kept.
-        pool.put_back(first.ours, other.theirs, first.id);
-        assert_eq!(pool.idle(), 0);
-        // Its own far end: kept, and the next take reuses the pair.
+    #[tokio::test]
+    async fn a_kept_pair_comes_back_without_its_far_end() {
+        let pool = Arc::new(ReportPool::new(4));
         let pair = pool.take().unwrap();
+        assert!(pair.theirs.is_some(), "a new pair brings its far end");
         let id = pair.id;
-        pool.put_back(pair.ours, pair.theirs, id);
+        assert_ne!(id, 0);
+        let ours = crate::reactor::register(pair.ours, tokio::io::Interest::READABLE).unwrap();
+        pool.recycle(id).put_back(ours);
         assert_eq!(pool.idle(), 1);
-        assert_eq!(pool.take().unwrap().id, id);
-        assert_eq!(pool.idle(), 0);
+        let again = pool.take().unwrap();
+        assert_eq!((again.id, again.theirs.is_none()), (id, true));
     }
 
     #[test]
-    fn the_pool_keeps_at_most_cap_pairs() {
-        let pool = ReportPool::new(1);
+    fn numbers_are_unique_and_freed_by_a_pair_not_put_back() {
+        let pool = Arc::new(ReportPool::new(2));
         let (a, b) = (pool.take().unwrap(), pool.take().unwrap());
-        let (ida, idb) = (a.id, b.id);
-        pool.put_back(a.ours, a.theirs, ida);
-        pool.put_back(b.ours, b.theirs, idb);
-        assert_eq!(pool.idle(), 1);
+        assert!(a.id != b.id && a.id != 0 && b.id != 0);
+        // Out of numbers: the next pair is not kept.
+        assert_eq!(pool.take().unwrap().id, 0);
+        drop(pool.recycle(a.id));
+        assert_eq!(
+            pool.take().unwrap().id,
+            a.id,
+            "a dropped loan frees its number"
+        );
     }
 }

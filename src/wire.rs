@@ -21,10 +21,10 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair` |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
-//! | 44     | 4    | reserved, 0                                          |
+//! | 44     | 4    | `pair`: number of the task's report socket pair (`report_pool`), 0 = not kept; at most 1024 |
 //! | 48     | 8    | memory limit in bytes (`RLIMIT_DATA`); `u64::MAX` = none |
 //! | 56     | 8    | CPU limit in seconds (`RLIMIT_CPU`); `u64::MAX` = none |
 //! | 64     | 8    | open files limit (`RLIMIT_NOFILE`); `u64::MAX` = none |
@@ -42,10 +42,10 @@
 //! **Report**, zygote → parent, on the task's own report socket (16 bytes):
 //! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
 //! then a `u64`: the worker's pid, its raw wait status, or the `fork` errno.
-//! A *started* report carries one fd, the worker's pidfd. On a task's own
-//! report socket, an *exited* or *spawn failed* report (the last one) carries
-//! the zygote's end of that socket back, for the parent to reuse the pair
-//! (see `report_pool`); on a mailbox's, it carries none.
+//! A *started* report carries one fd, the worker's pidfd; the others carry
+//! none. After an *exited* report on a task's own report socket (the last
+//! one), the zygote keeps its end of that socket under the request's `pair`
+//! number, for a later task to reuse the pair (see `report_pool`).
 //!
 //! **Spill notice**, worker → parent, on the shared spill socket (24 bytes):
 //! magic `RIPs`, version, kind 1, `generation`, and a tag `mac(key, ...)` that
@@ -112,6 +112,13 @@ pub(crate) const FLAG_LAST: u32 = 4;
 /// Request flag, for a reused worker: the job carries no doorbell; ring the
 /// one that came with the worker's previous task (the parent kept its end).
 pub(crate) const FLAG_SAME_DOORBELL: u32 = 8;
+/// Request flag, on the cold path: no report socket attached; use the far
+/// end the zygote kept under the request's `pair` number (`report_pool`).
+pub(crate) const FLAG_POOLED_REPORT: u32 = 16;
+/// Largest report-pair number a request may carry.
+pub(crate) const MAX_PAIR: u32 = 1024;
+/// Report pairs kept for reuse, numbered `1..=KEPT_PAIRS` on both sides.
+pub(crate) const KEPT_PAIRS: u32 = 32;
 
 /// The key's low bit: set by a reused worker that will wait for another
 /// task after this one. The parent trusts it only for its own bookkeeping
@@ -241,6 +248,10 @@ pub(crate) struct Request {
     pub(crate) last: bool,
     /// No doorbell attached: reuse the last one (see [`FLAG_SAME_DOORBELL`]).
     pub(crate) same_doorbell: bool,
+    /// The report pair's number (0: not kept), and whether the zygote holds
+    /// its far end already ([`FLAG_POOLED_REPORT`]).
+    pub(crate) pair: u32,
+    pub(crate) pooled_report: bool,
     pub(crate) entry: u64,
     pub(crate) slot: u32,
     pub(crate) arg: ArgPlace,
@@ -338,10 +349,13 @@ impl Request {
         if self.same_doorbell {
             flags |= FLAG_SAME_DOORBELL;
         }
+        if self.pooled_report {
+            flags |= FLAG_POOLED_REPORT;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.worker.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.pair.to_le_bytes());
         debug_assert_eq!(out.len(), CONFINEMENT_AT);
         out.extend_from_slice(&self.confinement.encode());
         out.extend_from_slice(inline_arg);
@@ -367,9 +381,9 @@ impl Request {
         let flags = r.u32();
         let len = r.u64();
         let worker = r.u32();
-        let reserved = r.u32();
-        if reserved != 0 {
-            return Err(WireError::Flags(reserved));
+        let pair = r.u32();
+        if pair > MAX_PAIR {
+            return Err(WireError::Length(pair.into()));
         }
         let confinement = Confinement::decode(&mut r)?;
         if slot >= slots {
@@ -379,7 +393,13 @@ impl Request {
             return Err(WireError::Length(len));
         }
         let inline = &frame[REQUEST_HEADER..];
-        if flags & !(FLAG_ARG_MEMFD | FLAG_WANT_STARTED | FLAG_LAST | FLAG_SAME_DOORBELL) != 0 {
+        let known = FLAG_ARG_MEMFD
+            | FLAG_WANT_STARTED
+            | FLAG_LAST
+            | FLAG_SAME_DOORBELL
+            | FLAG_POOLED_REPORT;
+        // A pooled report socket is named by its number, which is never 0.
+        if flags & !known != 0 || (flags & FLAG_POOLED_REPORT != 0 && pair == 0) {
             return Err(WireError::Flags(flags));
         }
         let arg = match flags & FLAG_ARG_MEMFD {
@@ -393,6 +413,8 @@ impl Request {
                 want_started: flags & FLAG_WANT_STARTED != 0,
                 last: flags & FLAG_LAST != 0,
                 same_doorbell: flags & FLAG_SAME_DOORBELL != 0,
+                pair,
+                pooled_report: flags & FLAG_POOLED_REPORT != 0,
                 entry,
                 slot,
                 arg,
@@ -680,6 +702,8 @@ mod tests {
             want_started: true,
             last: false,
             same_doorbell: false,
+            pair: 0,
+            pooled_report: false,
             entry: 0x5555_0000,
             slot: 3,
             arg: ArgPlace::Inline(5),
@@ -708,6 +732,8 @@ mod tests {
             want_started: false,
             last: false,
             same_doorbell: false,
+            pair: 0,
+            pooled_report: false,
             entry: 3,
             slot: 9,
             arg: ArgPlace::Inline(2),
@@ -727,6 +753,8 @@ mod tests {
             want_started: false,
             last: true,
             same_doorbell: true,
+            pair: 0,
+            pooled_report: false,
             entry: 0x5555_0000,
             slot: 1,
             arg: ArgPlace::Inline(0),
@@ -800,6 +828,8 @@ mod tests {
             want_started: false,
             last: false,
             same_doorbell: false,
+            pair: 0,
+            pooled_report: false,
             entry: 0x5555_0000,
             slot: 0,
             arg: ArgPlace::Inline(0),
@@ -888,7 +918,7 @@ mod tests {
                     ArgPlace::Memfd(_) => Vec::new(),
                 };
                 let req = Request {
-                    generation, want_started, last: want_started, same_doorbell: !want_started,
+                    generation, want_started, last: want_started, same_doorbell: !want_started, pair: 0, pooled_report: false,
                     entry, slot, arg: place, worker, confinement,
                 };
                 let frame = req.encode(&inline);

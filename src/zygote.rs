@@ -263,6 +263,11 @@ struct Child {
     report: Option<OwnedFd>,
     /// For a parked worker: its mailbox.
     mailbox: Option<usize>,
+    /// The number its report socket pair is kept under (`report_pool`).
+    pair: u32,
+    /// The parent hung up its report socket: the task was cancelled, and
+    /// the pair is not kept.
+    cancelled: bool,
 }
 
 /// The workers the zygote is watching: a short list, searched linearly.
@@ -282,8 +287,8 @@ impl Children {
         self.0.push((pid, child));
     }
 
-    fn get(&self, pid: Pid) -> Option<&Child> {
-        self.0.iter().find(|&&(p, _)| p == pid).map(|(_, c)| c)
+    fn get_mut(&mut self, pid: Pid) -> Option<&mut Child> {
+        self.0.iter_mut().find(|(p, _)| *p == pid).map(|(_, c)| c)
     }
 
     fn remove(&mut self, pid: Pid) -> Option<Child> {
@@ -305,7 +310,7 @@ impl Children {
 /// socket stays ready, so the stale registration made the event loop spin,
 /// keeping that very worker off the CPU for a scheduler tick (4 ms cold-run
 /// tails, and a zygote burning CPU under load).
-fn retire(epoll: &OwnedFd, child: Child) {
+fn retire(epoll: &OwnedFd, child: &Child) {
     if let Some(report) = &child.report {
         // ENOENT if a cancellation already took it out: harmless.
         let _ = epoll::delete(epoll, report);
@@ -402,6 +407,11 @@ impl Zygote<'_> {
         // Mailboxes without a parked worker (a failed fork is retried after
         // the next reap, when resources may have come back).
         let mut empty: Vec<usize> = (0..self.mailboxes.len()).collect();
+        // Far ends of report socket pairs kept for reuse, by number
+        // (`report_pool`): index 0 is never used.
+        let mut kept: Vec<Option<OwnedFd>> = std::iter::repeat_with(|| None)
+            .take(wire::KEPT_PAIRS as usize + 1)
+            .collect();
         loop {
             while let Some(&i) = empty.last() {
                 let Some((pid, child)) = self.park(i, &mut buf, &mut result_buf) else {
@@ -423,7 +433,8 @@ impl Zygote<'_> {
                             Ok(Some(frame)) => {
                                 // No reference into `rx` may live across the
                                 // fork: a worker does not have that memory.
-                                let Some(job) = self.take_request(&rx, frame, &mut small, &mut buf)
+                                let Some(job) =
+                                    self.take_request(&rx, frame, &mut kept, &mut small, &mut buf)
                                 else {
                                     continue;
                                 };
@@ -468,8 +479,9 @@ impl Zygote<'_> {
                         let Some(pid) = Pid::from_raw((token - REPORT) as i32) else {
                             continue;
                         };
-                        if let Some(child) = children.get(pid) {
+                        if let Some(child) = children.get_mut(pid) {
                             let _ = sys::kill_child(pid);
+                            child.cancelled = true;
                             if let Some(report) = &child.report {
                                 let _ = epoll::delete(&epoll, report);
                             }
@@ -478,7 +490,7 @@ impl Zygote<'_> {
                 }
             }
             if exited {
-                self.reap_exited(&exits, &mut children, &mut empty, &epoll)?;
+                self.reap_exited(&exits, &mut children, &mut empty, &mut kept, &epoll)?;
             }
         }
     }
@@ -493,6 +505,7 @@ impl Zygote<'_> {
         exits: &sys::SignalFd,
         children: &mut Children,
         empty: &mut Vec<usize>,
+        kept: &mut [Option<OwnedFd>],
         epoll: &OwnedFd,
     ) -> Result<(), SysError> {
         // Drained first: a worker that exits after the last look below
@@ -506,14 +519,25 @@ impl Zygote<'_> {
             };
             let frame = Report::Exited { status: status.0 }.encode();
             if let Some(report) = &child.report {
-                send_final(report, &frame);
+                let _ = sys::send_frame(report.as_fd(), &frame, &[]);
             }
             if let Some(i) = child.mailbox {
                 let _ = sys::send_frame(self.mailboxes[i].1, &frame, &[]);
                 // Refilled at the top of the loop.
                 empty.push(i);
             }
-            retire(epoll, child);
+            retire(epoll, &child);
+            // The parent keeps its end after this report unless it
+            // cancelled the task; the far end waits here for the next task
+            // that names the pair.
+            if let (Some(report), false) = (child.report, child.cancelled) {
+                if let Some(slot) = kept
+                    .get_mut(child.pair as usize)
+                    .filter(|_| child.pair != 0)
+                {
+                    *slot = Some(report);
+                }
+            }
         }
         Ok(())
     }
@@ -525,15 +549,25 @@ impl Zygote<'_> {
         &self,
         rx: &[u8],
         frame: sys::Received,
+        kept: &mut [Option<OwnedFd>],
         small: &mut [u8; SMALL_ARG],
         buf: &mut [u8],
     ) -> Option<Prepared> {
         let mut fds = frame.fds.into_iter();
-        let report = fds.next()?;
         let decoded = if frame.truncated {
             None
         } else {
             Request::decode(&rx[..frame.len], self.ring.slots(), self.limits.max_payload).ok()
+        };
+        // The report socket: attached, or kept here from an earlier task.
+        // A pooled one that is not here (which the parent never asks for)
+        // leaves the task without a channel: its end of the pair then has
+        // no far end left, and reads end-of-stream.
+        let report = match &decoded {
+            Some((request, _)) if request.pooled_report => {
+                kept.get_mut(request.pair as usize)?.take()?
+            }
+            _ => fds.next()?,
         };
         // A worker forked here has no earlier doorbell to ring.
         let decoded = decoded.filter(|(request, _)| !request.same_doorbell);
@@ -643,6 +677,8 @@ impl Zygote<'_> {
                     Child {
                         report,
                         mailbox: None,
+                        pair: request.pair,
+                        cancelled: false,
                     },
                 ))
             }
@@ -686,31 +722,10 @@ impl Prepared {
     }
 }
 
-/// Reports `SpawnFailed` (a final report, see [`send_final`]).
+/// Reports `SpawnFailed`, a final report. The pair is not kept: the
+/// parent puts a pair back only after `Exited`.
 fn refuse(report: &OwnedFd, errno: i32) {
-    send_final(report, &Report::SpawnFailed { errno }.encode());
-}
-
-/// Sends a task's final report on its report socket, with the socket's own
-/// end attached, for the parent to reuse the pair (`report_pool`); the
-/// zygote's copy closes when the caller drops it.
-///
-/// Passing an fd can fail where a plain frame would not (`ETOOMANYREFS`,
-/// once the user has more fds in flight than `RLIMIT_NOFILE`; `ENOMEM`):
-/// then the report goes alone, since the exit status matters and the pair
-/// does not. Only a peer that is gone gets nothing.
-fn send_final(report: &OwnedFd, frame: &[u8]) {
-    match sys::send_frame(report.as_fd(), frame, &[report.as_fd()]) {
-        Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.errno(),
-                Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
-            ) => {}
-        Err(_) => {
-            let _ = sys::send_frame(report.as_fd(), frame, &[]);
-        }
-    }
+    let _ = sys::send_frame(report.as_fd(), &Report::SpawnFailed { errno }.encode(), &[]);
 }
 
 impl Zygote<'_> {
@@ -755,6 +770,8 @@ impl Zygote<'_> {
                     Child {
                         report: None,
                         mailbox: Some(i),
+                        pair: 0,
+                        cancelled: false,
                     },
                 ))
             }
@@ -813,9 +830,11 @@ mod tests {
         assert_eq!(ready(&epoll), 1, "the stand-in is ready");
         retire(
             &epoll,
-            Child {
+            &Child {
                 report: Some(report),
                 mailbox: None,
+                pair: 0,
+                cancelled: false,
             },
         );
         assert_eq!(

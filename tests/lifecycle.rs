@@ -102,6 +102,10 @@ fn main() {
         a_plain_fork_can_touch_a_process_handle,
     ));
     trials.push(Trial::test(
+        "a_plain_fork_child_cannot_hide_a_zygotes_death",
+        a_plain_fork_child_cannot_hide_a_zygotes_death,
+    ));
+    trials.push(Trial::test(
         "a_raw_clone_child_cannot_use_the_parents_zygote",
         a_raw_clone_child_cannot_use_the_parents_zygote,
     ));
@@ -651,9 +655,11 @@ fn a_final_report_whose_fd_cannot_be_received_still_counts() -> TestResult {
         line("status:") == format!("Ok(Some({}))", libc::SIGKILL),
         format!("the exit status was lost: {text:?}"),
     )?;
+    // Final reports carry no fd any more, so nothing can be cut: the pair
+    // is kept, the parent holding its one end (the zygote the other).
     ensure(
-        line("fds kept after the task:") == "0",
-        format!("the task left an fd open: {text:?}"),
+        line("fds kept after the task:") == "1",
+        format!("the task's pair was not kept, or more was left open: {text:?}"),
     )?;
     ensure(
         line("next task:") == "Ok(9)",
@@ -709,6 +715,14 @@ fn a_plain_fork_can_touch_a_process_handle() -> TestResult {
             ("the plain fork exited:", "Some(0)"),
         ],
     )
+}
+
+/// A plain fork of the parent, alive while the parent runs a task, inherits
+/// the parent's fds. None of them may keep the task's report stream open
+/// once the zygote dies: the task must fail with `ZygoteDied`, not hang.
+fn a_plain_fork_child_cannot_hide_a_zygotes_death() -> TestResult {
+    let text = child_stdout("fork-holds-pool")?;
+    lines_say(&text, &[("after the zygote died:", "Ok(Err(ZygoteDied))")])
 }
 
 /// A child made by a raw `clone` system call runs no fork handler, so it
@@ -803,6 +817,7 @@ fn child_mode(mode: &str) {
         "ctrunc-queued" => ctrunc_queued_child(),
         "held-by-the-parent" => held_by_the_parent_child(),
         "plain-fork" => plain_fork_child(),
+        "fork-holds-pool" => fork_holds_pool_child(),
         "raw-clone" => raw_clone_child(),
         "paused-send" => paused_send_child(),
         "held-runtime" => held_runtime_child(),
@@ -1049,8 +1064,8 @@ fn final_report_ctrunc_child() {
         set_fd_limit(limit);
         println!("status: {status:?}");
         drop(p);
-        // Not pooled: no pair can be kept without the far end that did not
-        // arrive, and the task's own end closed with it.
+        // The final report carries no fd, so the pair is kept: our end of
+        // it stays open until `wait_idle`.
         let kept = common::open_fds().difference(&before).count();
         println!("fds kept after the task: {kept}");
         println!("next task: {:?}", z.run(square, 3).await);
@@ -1273,6 +1288,42 @@ fn plain_fork_child() {
         println!("the plain fork exited: {:?}", status.code());
         drop(task);
         z.wait_idle().await;
+    });
+}
+
+fn fork_holds_pool_child() {
+    on_small_zygote(0, |z| async move {
+        // Puts the report socket pair this used back into the pool (`wait`
+        // reads the final report, which hands back its far end; `wait_idle`
+        // would empty the pool).
+        let mut first = z.open(square, 2).await.expect("first task");
+        first.wait().await.expect("first exit");
+        drop(first);
+        // SAFETY: this process has one thread (a current-thread runtime), so
+        // the child may run ordinary code; it waits for its signal, then
+        // leaves through `_exit`.
+        let holder = unsafe { libc::fork() };
+        if holder == 0 {
+            loop {
+                // SAFETY: pause(2) has no preconditions.
+                unsafe { libc::pause() };
+            }
+        }
+        let mut task = z.open(sleep_forever, ()).await.expect("open");
+        // SAFETY: kill(2) with our own zygote's pid, which we have not reaped.
+        unsafe { libc::kill(z.pid() as i32, libc::SIGKILL) };
+        let waited = tokio::time::timeout(Duration::from_secs(20), task.wait()).await;
+        println!(
+            "after the zygote died: {:?}",
+            waited.map(|r| r.map_err(|e| e.kind()))
+        );
+        // SAFETY: kill(2) and waitpid(2) on our own child.
+        unsafe {
+            libc::kill(holder, libc::SIGKILL);
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, into a valid int.
+        unsafe { libc::waitpid(holder, &mut status, 0) };
     });
 }
 
