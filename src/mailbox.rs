@@ -16,7 +16,7 @@
 //!
 //! In reuse mode a worker that returned a value and said it will wait for
 //! another task (`wire::KEY_CONTINUES`) goes `Busy → Ready` again, counting
-//! the tasks it has served; claiming it then takes the idle handshake
+//! that it has served a task; claiming it then takes the idle handshake
 //! (`crate::idle`), which it may lose to the worker's idle timeout.
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -38,12 +38,12 @@ pub(crate) struct Mailboxes {
 enum State {
     /// No worker known to be parked: read the report socket to find out.
     Empty,
-    /// A worker is parked; its pid and pidfd came with `Started`. `served`:
-    /// tasks it has run (0: fresh).
+    /// A worker is parked; its pid and pidfd came with `Started`. `reused`:
+    /// it has run a task (reuse mode), and waits for another.
     Ready {
         pid: u32,
         pidfd: OwnedFd,
-        served: u32,
+        reused: bool,
         kept: Option<Kept>,
     },
     /// A task is using the worker; it owns the report socket until `Exited`.
@@ -67,8 +67,8 @@ pub(crate) struct Claim {
     pub(crate) index: usize,
     pub(crate) pid: u32,
     pub(crate) pidfd: OwnedFd,
-    /// Tasks the worker has run before this one.
-    pub(crate) served: u32,
+    /// The worker has run a task before this one.
+    pub(crate) reused: bool,
     /// Its last task's doorbell and report socket, if it has served one.
     pub(crate) kept: Option<Kept>,
 }
@@ -95,16 +95,16 @@ impl Mailboxes {
         let warm = !fresh
             && states
                 .iter()
-                .any(|s| matches!(s, State::Ready { served, .. } if *served > 0));
+                .any(|s| matches!(s, State::Ready { reused: true, .. }));
         for (index, (state, mailbox)) in states.iter_mut().zip(boxes).enumerate() {
             if matches!(state, State::Empty) {
                 *state = read_parked(mailbox);
             }
-            let served = match state {
-                State::Ready { served, .. } if !warm || *served > 0 => *served,
+            let reused = match state {
+                State::Ready { reused, .. } if !warm || *reused => *reused,
                 _ => continue,
             };
-            if served > 0 {
+            if reused {
                 if fresh {
                     continue;
                 }
@@ -122,7 +122,7 @@ impl Mailboxes {
             let State::Ready {
                 pid,
                 pidfd,
-                served,
+                reused,
                 kept,
             } = std::mem::replace(state, State::Busy)
             else {
@@ -132,7 +132,7 @@ impl Mailboxes {
                 index,
                 pid,
                 pidfd,
-                served,
+                reused,
                 kept,
             });
         }
@@ -157,7 +157,7 @@ impl Mailboxes {
                 *state = State::Ready {
                     pid: claim.pid,
                     pidfd: claim.pidfd,
-                    served: claim.served,
+                    reused: claim.reused,
                     kept: claim.kept,
                 };
             }
@@ -194,7 +194,7 @@ fn read_parked(mailbox: &Mailbox) -> State {
                             state = State::Ready {
                                 pid,
                                 pidfd,
-                                served: 0,
+                                reused: false,
                                 kept: None,
                             }
                         }
@@ -248,9 +248,9 @@ impl MailboxGuard {
         }
     }
 
-    /// Offers the mailbox's worker, which has served `served` tasks and is
-    /// waiting for the next (reuse mode), to the next claimer.
-    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, served: u32, kept: Kept) {
+    /// Offers the mailbox's worker, which has served a task and is waiting
+    /// for the next (reuse mode), to the next claimer.
+    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, kept: Kept) {
         let Some(index) = self.index.take() else {
             return;
         };
@@ -264,7 +264,7 @@ impl MailboxGuard {
                 *state = State::Ready {
                     pid,
                     pidfd,
-                    served,
+                    reused: true,
                     kept: Some(kept),
                 };
             }

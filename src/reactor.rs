@@ -89,8 +89,6 @@ pub(crate) struct TaskIo {
     /// For a task run by a parked worker: its mailbox, held as long as the
     /// lease. Its report socket is then a duplicate of the mailbox's.
     mailbox: Option<MailboxGuard>,
-    /// For a task run by a parked worker: the tasks that worker ran before.
-    served: u32,
     /// The worker said, with its key, that it will wait for another task
     /// (reuse mode): on drop, its mailbox goes back to `Ready`.
     continues: bool,
@@ -246,7 +244,7 @@ impl TaskIo {
             )
             .is_ok()
             {
-                claimed = Some((guard, report, claim.pid, claim.pidfd, claim.served));
+                claimed = Some((guard, report, claim.pid, claim.pidfd));
             }
             drop(fds);
             doorbell = Some(bell);
@@ -255,10 +253,8 @@ impl TaskIo {
             Some(bell) => bell,
             None => ForkLocal::new(register(sys::eventfd()?, Interest::READABLE)?),
         };
-        let mut served = 0;
         let (report, mailbox, pid, pidfd, recycle) = match claimed {
-            Some((guard, report, pid, pidfd, before)) => {
-                served = before;
+            Some((guard, report, pid, pidfd)) => {
                 (report, Some(guard), Some(pid), Some(pidfd), None)
             }
             None => {
@@ -292,7 +288,6 @@ impl TaskIo {
             inner,
             lease: Some(lease.into_inner()),
             mailbox,
-            served,
             continues: false,
             signalled: AtomicBool::new(false),
             delivered: None,
@@ -560,7 +555,7 @@ impl TaskIo {
             report,
             doorbell,
         ) {
-            guard.put_back(pid, pidfd, self.served + 1, Kept { doorbell, report });
+            guard.put_back(pid, pidfd, Kept { doorbell, report });
         }
         self.lease = None;
         if let Some(spent) = self.spent.take() {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{HANG, TestResult, ensure, open_fds, processes};
+use common::{HANG, TestResult, ensure, processes};
 use futures_util::StreamExt;
 use libtest_mimic::Trial;
 use run_in_process::{Builder, ErrorKind, Zygote};
@@ -117,64 +117,19 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
-/// Runs one trial on a fresh runtime, then checks that nothing is left:
-/// no zombie, no worker beyond each zygote's pool, no leaked fd.
+/// Runs one trial on a fresh runtime, then checks that nothing is left. An
+/// idle reused worker's pidfd, doorbell and report socket duplicate are kept
+/// with its mailbox, for its next task; any other new fd is a leak.
 fn checked<F, Fut>(zygote: &Zygote, body: F) -> TestResult
 where
     F: FnOnce(Zygote) -> Fut,
     Fut: Future<Output = TestResult>,
 {
-    let fds_before = open_fds();
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let outcome = tokio::time::timeout(HANG, body(zygote.clone()))
-            .await
-            .unwrap_or_else(|_| Err("trial hung".into()));
-        tokio::time::timeout(HANG, zygote.wait_idle())
-            .await
-            .map_err(|_| "workers were not reaped")?;
-        outcome
-    })?;
-    drop(rt);
-    let me = std::process::id();
-    let procs = processes();
-    let zombies: Vec<_> = procs
-        .iter()
-        .filter(|p| p.ppid == me && p.state == 'Z')
-        .collect();
-    ensure(zombies.is_empty(), format!("zombie children: {zombies:?}"))?;
-    // Each zygote keeps at most its pool: `parked`, or in reuse mode its
-    // share of `max_in_flight`, whichever is larger.
-    let pool = run_in_process::DEFAULT_PARKED as usize;
-    for pid in zygote.pids() {
-        let children: Vec<_> = procs.iter().filter(|p| p.ppid == pid).collect();
-        ensure(
-            children.len() <= pool && children.iter().all(|p| p.state != 'Z'),
-            format!("processes left under zygote {pid}: {children:?}"),
-        )?;
-    }
-    ensure(
-        zygote.workers() == 0,
-        format!("{} workers still counted", zygote.workers()),
-    )?;
-    // An idle reused worker's pidfd, doorbell and report socket duplicate
-    // are kept with its mailbox, for its next task: at most one of each per
-    // worker of the pools. Any other new fd is a leak.
-    let kinds = ["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["];
-    let new: Vec<_> = open_fds().difference(&fds_before).cloned().collect();
-    let leaked: Vec<_> = new
-        .iter()
-        .filter(|fd| !kinds.iter().any(|k| fd.contains(k)))
-        .collect();
-    ensure(leaked.is_empty(), format!("leaked fds: {leaked:?}"))?;
-    for kind in kinds {
-        let kept = new.iter().filter(|fd| fd.contains(kind)).count();
-        ensure(
-            kept <= pool * zygote.pids().len(),
-            format!("more {kind} fds than pooled workers: {new:?}"),
-        )?;
-    }
-    Ok(())
+    common::checked_pooled(
+        zygote,
+        &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+        body,
+    )
 }
 
 fn count(_: ()) -> (u32, u64) {

@@ -35,6 +35,17 @@ where
     F: FnOnce(Zygote) -> Fut,
     Fut: Future<Output = TestResult>,
 {
+    checked_pooled(zygote, &[], body)
+}
+
+/// As [`checked`], for a zygote whose idle workers may keep fds of the
+/// kinds in `kept` (the `/proc/self/fd` link text they contain) in the
+/// parent: at most one of each kind per worker of the pools.
+pub(crate) fn checked_pooled<F, Fut>(zygote: &Zygote, kept: &[&str], body: F) -> TestResult
+where
+    F: FnOnce(Zygote) -> Fut,
+    Fut: Future<Output = TestResult>,
+{
     let fds_before = open_fds();
     let rt = tokio::runtime::Runtime::new()?;
     let outcome = rt.block_on(async {
@@ -48,10 +59,18 @@ where
     });
     drop(rt);
     outcome?;
-    check_hygiene(zygote, &fds_before)
+    check_pooled_hygiene(zygote, &fds_before, kept)
 }
 
 pub(crate) fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> TestResult {
+    check_pooled_hygiene(zygote, fds_before, &[])
+}
+
+fn check_pooled_hygiene(
+    zygote: &Zygote,
+    fds_before: &BTreeSet<String>,
+    kept: &[&str],
+) -> TestResult {
     let me = std::process::id();
     let procs = processes();
     let zombies: Vec<_> = procs
@@ -61,20 +80,32 @@ pub(crate) fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> T
     if !zombies.is_empty() {
         return Err(format!("zombie children: {zombies:?}").into());
     }
-    // The zygote's only children now should be its parked workers: idle,
-    // alive, and no more than it keeps (the default).
-    let children: Vec<_> = procs.iter().filter(|p| p.ppid == zygote.pid()).collect();
-    let parked_max = run_in_process::DEFAULT_PARKED as usize;
-    if children.len() > parked_max || children.iter().any(|p| p.state == 'Z') {
-        return Err(format!("processes left under the zygote: {children:?}").into());
+    // Each zygote's only children now should be its parked (or idle
+    // reused) workers: idle, alive, and no more than it keeps (the default).
+    let pool = run_in_process::DEFAULT_PARKED as usize;
+    for pid in zygote.pids() {
+        let children: Vec<_> = procs.iter().filter(|p| p.ppid == pid).collect();
+        if children.len() > pool || children.iter().any(|p| p.state == 'Z') {
+            return Err(format!("processes left under zygote {pid}: {children:?}").into());
+        }
     }
     if zygote.workers() != 0 {
         return Err(format!("{} workers still counted", zygote.workers()).into());
     }
-    // Fewer fds is fine (a trial may drop a zygote); a new one is a leak.
-    let leaked: Vec<_> = open_fds().difference(fds_before).cloned().collect();
+    // Fewer fds is fine (a trial may drop a zygote); a new one is a leak,
+    // unless it is of a kind idle workers keep, within their number.
+    let new: Vec<_> = open_fds().difference(fds_before).cloned().collect();
+    let leaked: Vec<_> = new
+        .iter()
+        .filter(|fd| !kept.iter().any(|k| fd.contains(k)))
+        .collect();
     if !leaked.is_empty() {
         return Err(format!("leaked fds: {leaked:?}").into());
+    }
+    for kind in kept {
+        if new.iter().filter(|fd| fd.contains(kind)).count() > pool * zygote.pids().len() {
+            return Err(format!("more {kind} fds than pooled workers: {new:?}").into());
+        }
     }
     Ok(())
 }
