@@ -58,7 +58,9 @@
 //! the exit. If the parent dies, the zygote sees end-of-stream on its command
 //! socket (or, as a backstop, `PR_SET_PDEATHSIG`) and kills every worker; if the
 //! zygote dies, every worker gets `SIGKILL` and every pending task fails with
-//! [`ErrorKind::ZygoteDied`]. Each worker leads its own process group: Ctrl-C
+//! [`ErrorKind::ZygoteDied`], except one whose worker had already committed
+//! its result (that result is delivered), and the dead zygote is reaped.
+//! Tasks sent before its death was noticed fail the same way. Each worker leads its own process group: Ctrl-C
 //! at a terminal reaches only the parent, and whatever a task leaves behind
 //! is killed with its group when the worker is reaped.
 //!

@@ -161,6 +161,8 @@ impl TaskIo {
         // where the fd numbers and the wakers a lease would call are not ours.
         let lease = ForkLocal::new(inner.slots.acquire().await);
         let generation = inner.next_gen();
+        // Fork-local like the lease: its drop takes a lock.
+        let spill = ForkLocal::new(inner.spill.begin(generation));
         // Everything that can fail happens before the request is sent: once
         // a worker may be running, nothing but this `TaskIo` (and its reaper)
         // may release the lease.
@@ -284,6 +286,7 @@ impl TaskIo {
             }
         };
         inner.counters.spawned();
+        spill.into_inner().defuse();
         Ok(TaskIo {
             inner,
             lease: Some(lease.into_inner()),
@@ -580,13 +583,9 @@ impl TaskIo {
     /// Takes the spilled result's memfd announced by a `Spilled` record.
     pub(crate) fn take_spill(&self, len: u64) -> Option<OwnedFd> {
         let tag = wire::SpillNotice::tag_for(self.key?, self.generation, len);
-        let issued = self.inner.issued();
-        self.inner.spill.take(
-            self.inner.process.spill.as_fd(),
-            self.generation,
-            tag,
-            |g| g < issued,
-        )
+        self.inner
+            .spill
+            .take(self.inner.process.spill.as_fd(), self.generation, tag)
     }
 }
 
@@ -715,6 +714,9 @@ impl Drop for TaskIo {
             return;
         }
         self.inner.counters.ended(self.outcome());
+        // Nobody takes this task's result any more: a notice for it that
+        // arrives late (a cancelled big result) is dropped, not stashed.
+        self.inner.spill.forget(self.generation);
         if self.lease.is_none() || self.ended() {
             return;
         }

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::process::Signal;
+use tokio::io::Interest;
 
 use crate::confine::Confinement;
+use crate::epoch::ForkLocal;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mailbox::Mailboxes;
+use crate::reactor;
 use crate::report_pool::ReportPool;
 use crate::ring::Ring;
 use crate::slots::Slots;
@@ -88,9 +91,33 @@ impl Inner {
         self.process.pid.as_raw_nonzero().get() as u32
     }
 
-    /// Records that the zygote is gone (seen by a task).
+    /// Records that the zygote is gone (seen by a task), and reaps it once
+    /// it has exited: a dead zygote must not stay a zombie until the last
+    /// handle drops.
     pub(crate) fn mark_dead(&self) {
-        self.dead.store(true, Ordering::Relaxed);
+        if self.dead.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return; // reaped when the last handle drops
+        };
+        let Ok(pidfd) = self.process.pidfd.try_clone() else {
+            return;
+        };
+        let Ok(pidfd) = reactor::register(pidfd, Interest::READABLE) else {
+            return;
+        };
+        // Fork-local: dropped in a fork that inherited this runtime, it must
+        // not deregister an fd of ours from the shared epoll set.
+        let pidfd = ForkLocal::new(pidfd);
+        handle.spawn(async move {
+            // Readable once the zygote has exited; waiting on it then does
+            // not block. `Drop` waits again and ignores the ECHILD.
+            let fd: &tokio::io::unix::AsyncFd<_> = &pidfd;
+            if fd.readable().await.is_ok() {
+                let _ = sys::waitid_pidfd(fd.get_ref().as_fd());
+            }
+        });
     }
 
     /// True once a task has seen the zygote gone.
@@ -101,11 +128,6 @@ impl Inner {
     /// A fresh task generation: unique for this zygote's life.
     pub(crate) fn next_gen(&self) -> u64 {
         self.next_gen.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Generations below this have been handed out.
-    pub(crate) fn issued(&self) -> u64 {
-        self.next_gen.load(Ordering::Relaxed)
     }
 }
 
