@@ -67,6 +67,17 @@ impl Ring {
         ))
     }
 
+    /// Maps the ring `create` made (with the same sizes), from its memfd,
+    /// in a zygote forked by the template (`crate::template`).
+    pub(crate) fn open(fd: OwnedFd, slots: u32, payload_bytes: usize) -> SysResult<Ring> {
+        let slot_words = SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1);
+        Ok(Ring {
+            mem: SharedWords::open(fd, slots as usize * slot_words)?,
+            slots,
+            slot_words,
+        })
+    }
+
     /// See [`SharedWords::keep_from_forks`].
     pub(crate) fn keep_from_forks(&self) -> SysResult<()> {
         self.mem.keep_from_forks()
