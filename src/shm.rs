@@ -60,20 +60,16 @@ impl SharedWords {
             SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
         )?;
         let file = File::from(fd);
-        let words = SharedWords::map(&file, words)?;
+        let words = SharedWords::open(file.as_fd(), words)?;
         Ok((words, file.into()))
     }
 
     /// Maps the memfd `create` made, of `words` words, in another process
     /// that received it: a zygote forked by the template (`crate::template`).
-    pub(crate) fn open(fd: OwnedFd, words: usize) -> SysResult<SharedWords> {
-        SharedWords::map(&File::from(fd), words)
-    }
-
-    fn map(file: &File, words: usize) -> SysResult<SharedWords> {
+    pub(crate) fn open(fd: BorrowedFd<'_>, words: usize) -> SysResult<SharedWords> {
         let map = MmapOptions::new()
             .len(words * 8)
-            .map_raw(file)
+            .map_raw(&fd)
             .map_err(|e| SysError::new("mmap", e))?;
         Ok(SharedWords {
             map: ForkLocal::new(map),

@@ -285,15 +285,8 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
 /// pid is `parent`, from the fds it received: maps the ring and the idle
 /// words, then runs as any zygote does.
 pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> ! {
-    let ring = Ring::open(
-        ends.ring.try_clone().unwrap_or_else(|_| sys::exit_now(1)),
-        limits.slots,
-        limits.slot_bytes,
-    );
-    let idle = SharedWords::open(
-        ends.idle.try_clone().unwrap_or_else(|_| sys::exit_now(1)),
-        limits.parked.max(1) as usize,
-    );
+    let ring = Ring::open(ends.ring.as_fd(), limits.slots, limits.slot_bytes);
+    let idle = SharedWords::open(ends.idle.as_fd(), limits.parked.max(1) as usize);
     let (Ok(ring), Ok(idle)) = (ring, idle) else {
         sys::exit_now(1)
     };
