@@ -98,6 +98,7 @@ mod slots;
 mod spill;
 mod stats;
 mod sys;
+mod template;
 mod wire;
 mod worker;
 mod zygote;

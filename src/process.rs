@@ -6,8 +6,8 @@ use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -25,6 +25,7 @@ use crate::shared::Inner;
 use crate::shm::SealedBytes;
 use crate::stats::Stats;
 use crate::sys::{self, WaitStatus};
+use crate::template::{self, Respawn};
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
 use crate::zygote::{self, Limits};
@@ -71,32 +72,80 @@ pub struct Zygote {
 /// The zygotes of one [`Zygote`] handle ([`Builder::zygotes`]): tasks are
 /// spread across them, each keeping its own ring, slots and workers.
 struct Group {
-    members: Vec<Arc<Inner>>,
+    /// Each behind a lock only so that [`Builder::respawn`] can replace it.
+    members: Vec<RwLock<Arc<Inner>>>,
     /// Where the search for the least busy member starts, so that ties
     /// rotate.
     next: AtomicUsize,
+    /// With [`Builder::respawn`]: what replaces a dead member.
+    respawn: Option<Respawn>,
 }
 
 impl Group {
+    fn member(&self, i: usize) -> Arc<Inner> {
+        Arc::clone(&self.members[i].read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn members(&self) -> Vec<Arc<Inner>> {
+        (0..self.members.len()).map(|i| self.member(i)).collect()
+    }
+
     /// The live member with the fewest tasks in flight (ties rotate), or
-    /// any member if all of them are dead (its tasks then fail as such).
-    fn pick(&self) -> &Arc<Inner> {
+    /// any member if all of them are dead (its tasks then fail as such,
+    /// unless it is respawned first). With respawn, a member seen dead whose
+    /// last respawn did not fail comes first: this call respawns it.
+    fn pick(&self) -> (usize, Arc<Inner>) {
         let n = self.members.len();
+        if let Some(respawn) = &self.respawn {
+            if let Some(picked) = (0..n)
+                .map(|i| (i, self.member(i)))
+                .find(|(i, m)| respawn.wants(*i, m))
+            {
+                return picked;
+            }
+        }
         if n == 1 {
-            return &self.members[0];
+            return (0, self.member(0));
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<&Arc<Inner>> = None;
+        let mut best: Option<(usize, Arc<Inner>)> = None;
         for i in 0..n {
-            let member = &self.members[(start + i) % n];
+            let index = (start + i) % n;
+            let member = self.member(index);
             if member.is_dead() {
                 continue;
             }
-            if best.is_none_or(|b| member.slots.in_use() < b.slots.in_use()) {
-                best = Some(member);
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| member.slots.in_use() < b.slots.in_use())
+            {
+                best = Some((index, member));
             }
         }
-        best.unwrap_or(&self.members[start % n])
+        best.unwrap_or_else(|| (start % n, self.member(start % n)))
+    }
+
+    /// `old`, member `index`, if alive; else the zygote that replaces it,
+    /// respawned now if no other call did (at most one attempt per call).
+    async fn alive(self: &Arc<Self>, index: usize, old: Arc<Inner>) -> Result<Arc<Inner>> {
+        if self.respawn.is_none()
+            || !old.is_dead()
+            || old.check_process().is_err()
+            || tokio::runtime::Handle::try_current().is_err()
+        {
+            // The task fails as it would without respawn.
+            return Ok(old);
+        }
+        // The template's reply and the warm-up hook are waited for on a
+        // blocking thread, not on this runtime's; if this call is dropped,
+        // the respawn still completes, for the next one.
+        let group = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let respawn = group.respawn.as_ref().expect("checked above");
+            respawn.respawn(index, &group.members[index], &old)
+        })
+        .await
+        .map_err(|_| Error::zygote_died())?
     }
 }
 
@@ -111,6 +160,7 @@ pub struct Builder {
     idle_timeout: Duration,
     zygotes: usize,
     warm_up: Option<fn()>,
+    respawn: bool,
     /// Every task's default limits and sandbox (`crate::confine`).
     pub(crate) confinement: Confinement,
 }
@@ -126,6 +176,7 @@ impl Default for Builder {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             zygotes: 1,
             warm_up: None,
+            respawn: false,
             confinement: Confinement::default(),
         }
     }
@@ -249,6 +300,41 @@ impl Builder {
         self
     }
 
+    /// Replaces a zygote that died with a fresh one (default false).
+    ///
+    /// Without it, a zygote that dies (killed, or out of memory) fails its
+    /// tasks in flight with [`ErrorKind::ZygoteDied`] and every later task
+    /// it is picked for, for ever. With it, the tasks in flight still fail
+    /// with `ZygoteDied`, but the next call picked for that zygote starts a
+    /// new one and runs on it. The next call, lazily: a death is noticed
+    /// by a task of that zygote failing, or by a `poll` of the zygote's
+    /// pidfd at each call (one system call per zygote and task, paid only
+    /// with `respawn(true)`). That call pays for the respawn: a fork of a
+    /// small process and the warm-up hook, if any.
+    ///
+    /// The new zygote cannot be forked from this process, which has threads
+    /// by then (see [`ErrorKind::MultiThreaded`]): [`start`](Builder::start)
+    /// forks a *template* first, a copy of this process as it was at
+    /// start-up that never starts a thread nor runs user code, and asks it
+    /// for each new zygote, which then runs the
+    /// [`warm_up`](Builder::warm_up) hook as the first ones did. The
+    /// template costs one more idle process (about as much memory as an
+    /// idle zygote) and two fds.
+    ///
+    /// Respawn is possible while the template lives: it dies with this
+    /// process, and if it is killed, zygotes it respawned die with it and
+    /// later calls fail with `ZygoteDied`, as without this option. A
+    /// respawn that fails (the warm-up hook panics, the fork fails) fails
+    /// the call that attempted it, with the reason; each later call that is
+    /// left only dead zygotes tries once more, and with
+    /// [`zygotes`](Builder::zygotes) above 1 the others serve in the
+    /// meantime. Nothing retries in a loop. The counters in
+    /// [`Zygote::stats`] start again from zero for a respawned zygote.
+    pub fn respawn(mut self, respawn: bool) -> Builder {
+        self.respawn = respawn;
+        self
+    }
+
     fn check(&self) -> Result<()> {
         if self.reuse == 0 {
             return Err(Error::invalid(
@@ -287,31 +373,42 @@ impl Builder {
         let idle_ms = u64::try_from(self.idle_timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(u64::from(!self.idle_timeout.is_zero()));
+        let all: Vec<Limits> = (0..n)
+            .map(|i| {
+                // `max_in_flight` divided among the zygotes, the remainder to
+                // the first ones.
+                let slots = self.max_in_flight / n + u32::from(i < self.max_in_flight % n);
+                let parked = if self.reuse > 1 {
+                    self.parked.max(slots.min(1024))
+                } else {
+                    self.parked
+                };
+                Limits {
+                    slots,
+                    slot_bytes: self.slot_size,
+                    max_payload: self.max_payload,
+                    parked,
+                    reuse: self.reuse,
+                    idle_ms,
+                    warm_up: self.warm_up,
+                }
+            })
+            .collect();
+        // First, so that it copies nothing of the zygotes (it closes what
+        // it inherits anyway).
+        let template = match self.respawn {
+            true => Some(Arc::new(template::spawn(all.clone())?)),
+            false => None,
+        };
         let mut members = Vec::with_capacity(self.zygotes);
-        for i in 0..n {
-            // `max_in_flight` divided among the zygotes, the remainder to
-            // the first ones.
-            let slots = self.max_in_flight / n + u32::from(i < self.max_in_flight % n);
-            let parked = if self.reuse > 1 {
-                self.parked.max(slots.min(1024))
-            } else {
-                self.parked
-            };
-            let limits = Limits {
-                slots,
-                slot_bytes: self.slot_size,
-                max_payload: self.max_payload,
-                parked,
-                reuse: self.reuse,
-                idle_ms,
-                warm_up: self.warm_up,
-            };
+        for &limits in &all {
             // Each zygote is forked from this still single-threaded process
             // (`spawn` checks), never from another zygote. A failure drops
             // the ones already started, which shuts them down.
             let process = zygote::spawn(limits)?;
             members.push(Arc::new(Inner::new(process, limits, self.confinement)));
         }
+        let members_len = members.len();
         if self.warm_up.is_some() {
             // The hooks run in parallel; wait for each.
             for member in &members {
@@ -320,8 +417,9 @@ impl Builder {
         }
         Ok(Zygote {
             group: Arc::new(Group {
-                members,
+                members: members.into_iter().map(RwLock::new).collect(),
                 next: AtomicUsize::new(0),
+                respawn: template.map(|t| Respawn::new(t, members_len)),
             }),
         })
     }
@@ -350,13 +448,13 @@ impl Zygote {
     /// The zygote's process id (the first one's, with
     /// [`Builder::zygotes`]; see [`pids`](Zygote::pids)).
     pub fn pid(&self) -> u32 {
-        self.group.members[0].pid()
+        self.group.member(0).pid()
     }
 
     /// How many tasks may run at once ([`Builder::max_in_flight`]).
     pub fn max_in_flight(&self) -> usize {
         self.group
-            .members
+            .members()
             .iter()
             .map(|m| m.limits.slots as usize)
             .sum()
@@ -367,7 +465,7 @@ impl Zygote {
     /// atomic loads and one short lock per zygote.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();
-        for member in &self.group.members {
+        for member in &self.group.members() {
             member.counters.add_to(&mut stats);
             let in_flight = member.slots.in_use() as u64;
             let parked = member.mailboxes.ready() as u64;
@@ -380,7 +478,7 @@ impl Zygote {
 
     /// The process ids of all the zygotes, in start order.
     pub fn pids(&self) -> Vec<u32> {
-        self.group.members.iter().map(|m| m.pid()).collect()
+        self.group.members().iter().map(|m| m.pid()).collect()
     }
 
     /// Runs `f(arg)` in a fresh worker process and returns its result.
@@ -495,7 +593,7 @@ impl Zygote {
     /// Number of tasks whose worker has not been reaped yet (running, or
     /// exiting). Idle parked workers are not counted.
     pub fn workers(&self) -> usize {
-        self.group.members.iter().map(|m| m.slots.in_use()).sum()
+        self.group.members().iter().map(|m| m.slots.in_use()).sum()
     }
 
     /// Waits until the worker of every task started so far has exited and
@@ -508,7 +606,7 @@ impl Zygote {
     ///
     /// Cancel-safe: it only observes until it returns.
     pub async fn wait_idle(&self) {
-        for member in &self.group.members {
+        for member in &self.group.members() {
             if member.check_process().is_err() {
                 return;
             }
@@ -531,6 +629,8 @@ impl fmt::Debug for Zygote {
 #[must_use = "a task does nothing until `run` or `open` is awaited"]
 pub struct Task<R> {
     inner: Arc<Inner>,
+    /// With respawn: the group and the member `inner` is (`Builder::respawn`).
+    member: Option<(Arc<Group>, usize)>,
     entry: Entry,
     arg: Result<Payload>,
     timeout: Option<Duration>,
@@ -543,7 +643,12 @@ pub struct Task<R> {
 
 impl<R: DeserializeOwned> Task<R> {
     fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
-        let inner = zygote.group.pick();
+        let (index, inner) = zygote.group.pick();
+        let member = zygote
+            .group
+            .respawn
+            .is_some()
+            .then(|| (Arc::clone(&zygote.group), index));
         let limit = inner.limits.max_payload;
         // Large arguments are streamed into a sealed memfd as they are
         // encoded; the limit stops the encoding as soon as it is passed.
@@ -558,13 +663,14 @@ impl<R: DeserializeOwned> Task<R> {
                 PayloadError::Sys(e) => e.into(),
             });
         Task {
-            inner: Arc::clone(inner),
+            confinement: inner.confinement,
+            inner,
+            member,
             entry,
             arg,
             timeout: None,
             grace: DEFAULT_GRACE,
             fresh: false,
-            confinement: inner.confinement,
             _result: PhantomData,
         }
     }
@@ -597,6 +703,10 @@ impl<R: DeserializeOwned> Task<R> {
 
     async fn start(self, want_started: bool) -> Result<TaskIo> {
         let arg = self.arg?;
+        let inner = match self.member {
+            Some((group, index)) => group.alive(index, self.inner).await?,
+            None => self.inner,
+        };
         let open = want_started;
         // A timeout signals the worker, which needs its pidfd.
         let want_started = want_started || self.timeout.is_some();
@@ -607,7 +717,7 @@ impl<R: DeserializeOwned> Task<R> {
             timeout: self.timeout,
         };
         TaskIo::start(
-            self.inner,
+            inner,
             Launch {
                 entry: self.entry as usize as u64,
                 arg: &arg,

@@ -624,6 +624,12 @@ async fn send_request(inner: &Inner, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Re
 }
 
 /// Registers an owned fd with the current tokio runtime's reactor.
+///
+/// The `AsyncFd` must be held by something that forgets it, rather than
+/// drops it, in any process but this one (`TaskIo`'s `Drop`, `ForkLocal`):
+/// a plain `fork` of the parent shares the runtime's epoll instance, and a
+/// drop there would `EPOLL_CTL_DEL` the parent's registration, so the
+/// parent's task would never wake (tests/fork_child.rs).
 pub(crate) fn register(fd: OwnedFd, interest: Interest) -> Result<AsyncFd<OwnedFd>, Error> {
     // SAFETY: SAFETY.md T1. `register_with_interest` requires that the fd stay
     // open, refer to the same open file description, and be what `as_raw_fd`

@@ -32,7 +32,7 @@
 //! `generation` and is never taken for a later task's; a record whose words were
 //! scribbled on fails the mac.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crate::shm::SharedWords;
@@ -65,6 +65,17 @@ impl Ring {
             },
             fd,
         ))
+    }
+
+    /// Maps the ring `create` made (with the same sizes), from its memfd,
+    /// in a zygote forked by the template (`crate::template`).
+    pub(crate) fn open(fd: BorrowedFd<'_>, slots: u32, payload_bytes: usize) -> SysResult<Ring> {
+        let slot_words = SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1);
+        Ok(Ring {
+            mem: SharedWords::open(fd, slots as usize * slot_words)?,
+            slots,
+            slot_words,
+        })
     }
 
     /// See [`SharedWords::keep_from_forks`].

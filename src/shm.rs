@@ -60,15 +60,21 @@ impl SharedWords {
             SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
         )?;
         let file = File::from(fd);
+        let words = SharedWords::open(file.as_fd(), words)?;
+        Ok((words, file.into()))
+    }
+
+    /// Maps the memfd `create` made, of `words` words, in another process
+    /// that received it: a zygote forked by the template (`crate::template`).
+    pub(crate) fn open(fd: BorrowedFd<'_>, words: usize) -> SysResult<SharedWords> {
         let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
+            .len(words * 8)
+            .map_raw(&fd)
             .map_err(|e| SysError::new("mmap", e))?;
-        let words = SharedWords {
+        Ok(SharedWords {
             map: ForkLocal::new(map),
             words,
-        };
-        Ok((words, file.into()))
+        })
     }
 
     /// Takes this mapping, inherited across a fork, as this process's own:

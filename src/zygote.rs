@@ -66,6 +66,10 @@ pub(crate) struct ZygoteProcess {
     /// One word per mailbox for the idle handshake of reused workers
     /// (`crate::idle`).
     pub(crate) idle: SharedWords,
+    /// For a zygote forked by the template (`crate::template`): the
+    /// template, which must outlive it (it is the zygote's parent, and the
+    /// zygote dies with it).
+    pub(crate) template: Option<std::sync::Arc<crate::template::Template>>,
 }
 
 /// The parent's ends of one mailbox: where a parked worker waits for a task.
@@ -99,22 +103,73 @@ pub(crate) const EXIT_WARM_UP_PANICKED: i32 = 3;
 /// Exit code of a zygote whose warm-up hook left a thread running.
 pub(crate) const EXIT_WARM_UP_THREADS: i32 = 4;
 
-/// Forks the zygote. Fails with [`ErrorKind::MultiThreaded`] unless the calling
-/// process has exactly one thread.
-pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
-    let threads = sys::thread_count()?;
-    if threads != 1 {
-        return Err(Error::new(
-            ErrorKind::MultiThreaded,
-            format!(
-                "the zygote must be started while the process has one thread, but it has {threads}; \
-                 call Zygote::start() at the top of main, before any runtime or thread starts"
-            ),
-        ));
+/// The ends of a new zygote's sockets and shared memory: the parent's
+/// ([`Parts`]) and the zygote's ([`ZygoteEnds`]).
+pub(crate) struct Parts {
+    ring: Ring,
+    idle: SharedWords,
+    command: OwnedFd,
+    spill: OwnedFd,
+    mailboxes: Vec<Mailbox>,
+}
+
+/// What a zygote is started with, as fds: for a zygote forked by the
+/// template (`crate::template`), which receives them over a socket.
+pub(crate) struct ZygoteEnds {
+    /// The ring's memfd.
+    pub(crate) ring: OwnedFd,
+    /// The idle words' memfd.
+    pub(crate) idle: OwnedFd,
+    /// The zygote's end of the command socket.
+    pub(crate) command: OwnedFd,
+    /// The workers' end of the spill socket.
+    pub(crate) spill: OwnedFd,
+    /// Per mailbox: the job socket's worker end, the report socket's zygote end.
+    pub(crate) mailboxes: Vec<(OwnedFd, OwnedFd)>,
+}
+
+impl ZygoteEnds {
+    /// The fds in the order the template receives them.
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![
+            self.ring.as_fd(),
+            self.idle.as_fd(),
+            self.command.as_fd(),
+            self.spill.as_fd(),
+        ];
+        for (jobs, reports) in &self.mailboxes {
+            fds.extend([jobs.as_fd(), reports.as_fd()]);
+        }
+        fds
     }
-    // Every later fork of this process starts a new epoch, in which the
-    // rings (and zygote handles) it inherits are inert (`crate::epoch`).
-    epoch::watch_forks()?;
+
+    /// How many fds a zygote of `limits` is started with.
+    pub(crate) fn count(limits: &Limits) -> usize {
+        4 + 2 * limits.parked as usize
+    }
+
+    /// The inverse of [`fds`](ZygoteEnds::fds); `None` unless there are
+    /// exactly [`count`](ZygoteEnds::count) of them.
+    pub(crate) fn from_fds(limits: &Limits, fds: Vec<OwnedFd>) -> Option<ZygoteEnds> {
+        if fds.len() != ZygoteEnds::count(limits) {
+            return None;
+        }
+        let mut fds = fds.into_iter();
+        let mut next = || fds.next().expect("counted");
+        let (ring, idle, command, spill) = (next(), next(), next(), next());
+        let mailboxes = (0..limits.parked).map(|_| (next(), next())).collect();
+        Some(ZygoteEnds {
+            ring,
+            idle,
+            command,
+            spill,
+            mailboxes,
+        })
+    }
+}
+
+/// Creates the ring, the idle words and the sockets of a new zygote.
+pub(crate) fn parts(limits: Limits) -> Result<(Parts, ZygoteEnds), Error> {
     let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (idle, idle_fd) =
         SharedWords::create("run-in-process-idle", limits.parked.max(1) as usize)?;
@@ -128,6 +183,71 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
         mailboxes.push(Mailbox { jobs, reports });
         mailbox_ends.push((jobs_worker, reports_zygote));
     }
+    Ok((
+        Parts {
+            ring,
+            idle,
+            command,
+            spill,
+            mailboxes,
+        },
+        ZygoteEnds {
+            ring: ring_fd,
+            idle: idle_fd,
+            command: command_zygote,
+            spill: spill_workers,
+            mailboxes: mailbox_ends,
+        },
+    ))
+}
+
+impl Parts {
+    /// The parent's view of the zygote `pid`, once it has its ends.
+    pub(crate) fn into_process(self, pid: Pid, pidfd: OwnedFd) -> ZygoteProcess {
+        // The zygote has its mapping; no later fork of ours (another
+        // zygote) may have one: its workers could scribble on this ring,
+        // and every one of their forks and exits would pay for it. (It
+        // cannot fail on a live mapping; if it did, the zygote would
+        // still work, so it is not worth failing `start` for.)
+        let _ = self.ring.keep_from_forks();
+        let _ = self.idle.keep_from_forks();
+        ZygoteProcess {
+            pid,
+            pidfd,
+            command: self.command,
+            spill: self.spill,
+            ring: self.ring,
+            mailboxes: self.mailboxes,
+            idle: self.idle,
+            template: None,
+        }
+    }
+}
+
+/// Checks that the calling process has one thread, for a fork into Rust
+/// code (SAFETY.md F1), and makes every later fork start a new epoch.
+pub(crate) fn check_single_threaded() -> Result<(), Error> {
+    let threads = sys::thread_count()?;
+    if threads != 1 {
+        return Err(Error::new(
+            ErrorKind::MultiThreaded,
+            format!(
+                "the zygote must be started while the process has one thread, but it has {threads}; \
+                 call Zygote::start() at the top of main, before any runtime or thread starts"
+            ),
+        ));
+    }
+    // Every later fork of this process starts a new epoch, in which the
+    // rings (and zygote handles) it inherits are inert (`crate::epoch`).
+    epoch::watch_forks()?;
+    Ok(())
+}
+
+/// Forks the zygote. Fails with [`ErrorKind::MultiThreaded`] unless the calling
+/// process has exactly one thread.
+pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
+    check_single_threaded()?;
+    let (parts, ends) = parts(limits)?;
     let parent = sys::getpid();
     // Buffered output flushed now is written once, by us, instead of once by
     // us and once more by every worker that later flushes its inherited copy.
@@ -144,61 +264,75 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
         sys::contain_child(|| {
             // Every ring this process inherited but its own is inert here
             // (the parent keeps them out of this fork, see `crate::epoch`).
-            ring.adopt();
-            idle.adopt();
-            sys::reset_signals();
-            worker::install_hooks();
-            let zygote = Zygote {
-                ring: &ring,
-                idle: idle.words(),
-                command: command_zygote.as_fd(),
-                spill: spill_workers.as_fd(),
-                mailboxes: mailbox_ends
-                    .iter()
-                    .map(|(j, r)| (j.as_fd(), r.as_fd()))
-                    .collect(),
-                parent,
-                pid: sys::getpid(),
-                limits,
-            };
-            zygote.serve()
+            parts.ring.adopt();
+            parts.idle.adopt();
+            become_zygote(&parts.ring, &parts.idle, &ends, parent, limits)
         })
     }
     sys::restore_signal_mask(blocked);
     match forked? {
         Forked::Child => unreachable!("the child never returns from contain_child"),
         Forked::Parent(pid) => {
-            drop(command_zygote);
-            drop(spill_workers);
-            drop(mailbox_ends);
-            drop(ring_fd);
-            drop(idle_fd);
+            drop(ends);
             // Race-free: the zygote is our unreaped child (SAFETY.md P2).
             let pidfd = sys::pidfd_open_child(pid)?;
-            // The zygote has its mapping; no later fork of ours (another
-            // zygote) may have one: its workers could scribble on this ring,
-            // and every one of their forks and exits would pay for it. (It
-            // cannot fail on a live mapping; if it did, the zygote would
-            // still work, so it is not worth failing `start` for.)
-            let _ = ring.keep_from_forks();
-            let _ = idle.keep_from_forks();
-            Ok(ZygoteProcess {
-                pid,
-                pidfd,
-                command,
-                spill,
-                ring,
-                mailboxes,
-                idle,
-            })
+            Ok(parts.into_process(pid, pidfd))
         }
     }
+}
+
+/// Serves as a zygote forked by the template (`crate::template`), whose
+/// pid is `parent`, from the fds it received: maps the ring and the idle
+/// words, then runs as any zygote does.
+pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> ! {
+    let ring = Ring::open(ends.ring.as_fd(), limits.slots, limits.slot_bytes);
+    let idle = SharedWords::open(ends.idle.as_fd(), limits.parked.max(1) as usize);
+    let (Ok(ring), Ok(idle)) = (ring, idle) else {
+        sys::exit_now(1)
+    };
+    match become_zygote(&ring, &idle, &ends, parent, limits) {}
+}
+
+/// The zygote's life after the fork that made it.
+fn become_zygote(
+    ring: &Ring,
+    idle: &SharedWords,
+    ends: &ZygoteEnds,
+    parent: Pid,
+    limits: Limits,
+) -> std::convert::Infallible {
+    sys::reset_signals();
+    worker::install_hooks();
+    let zygote = Zygote {
+        ring,
+        idle: idle.words(),
+        command: ends.command.as_fd(),
+        spill: ends.spill.as_fd(),
+        mailboxes: ends
+            .mailboxes
+            .iter()
+            .map(|(j, r)| (j.as_fd(), r.as_fd()))
+            .collect(),
+        parent,
+        pid: sys::getpid(),
+        limits,
+    };
+    zygote.serve()
 }
 
 impl ZygoteProcess {
     /// Blocks until the zygote has run its warm-up hook and says it is
     /// ready; fails if it exited instead.
     pub(crate) fn wait_ready(&self) -> Result<(), Error> {
+        self.wait_ready_or(|| Ok(sys::waitid_pidfd(self.pidfd.as_fd())?.code()))
+    }
+
+    /// As [`wait_ready`](ZygoteProcess::wait_ready), for a zygote that is
+    /// not our child: `exit_code` learns how it exited from its parent.
+    pub(crate) fn wait_ready_or(
+        &self,
+        exit_code: impl FnOnce() -> Result<Option<i32>, Error>,
+    ) -> Result<(), Error> {
         let mut buf = [0u8; wire::REPORT_LEN + 1];
         loop {
             match sys::recv_frame(self.command.as_fd(), &mut buf) {
@@ -222,8 +356,7 @@ impl ZygoteProcess {
                 // End of stream: the zygote exited (it is the only holder
                 // of the other end until it parks workers, after this).
                 Ok(None) | Err(_) => {
-                    let status = sys::waitid_pidfd(self.pidfd.as_fd())?;
-                    let why = match status.code() {
+                    let why = match exit_code()? {
                         Some(EXIT_WARM_UP_PANICKED) => "the warm-up hook panicked",
                         Some(EXIT_WARM_UP_THREADS) => {
                             "the warm-up hook left a thread running, and a zygote with \

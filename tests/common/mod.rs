@@ -66,7 +66,7 @@ pub(crate) fn check_hygiene(zygote: &Zygote, fds_before: &BTreeSet<String>) -> T
     check_pooled_hygiene(zygote, fds_before, &[])
 }
 
-fn check_pooled_hygiene(
+pub(crate) fn check_pooled_hygiene(
     zygote: &Zygote,
     fds_before: &BTreeSet<String>,
     kept: &[&str],
