@@ -5,9 +5,10 @@
 //! `cargo run --release --example soak -- --tasks 20000 --seed 1`
 //!
 //! Options: `--tasks N`, `--seed S`, `--zygotes Z` (default 2), `--in-flight K`
-//! (default 16), `--checkpoints C` (default 20), `--zygote-kills N` (default 1:
-//! SIGKILL a zygote N times during the run; at most `Z - 1` unless the
-//! zygotes respawn), `--no-cancel-big` (leave out cancelled large results).
+//! (default 16), `--checkpoints C` (default 20), `--zygote-kills N` (default 4:
+//! SIGKILL a zygote N times during the run, spread evenly; the zygotes
+//! respawn, `Builder::respawn`), `--no-respawn` (then at most `Z - 1` kills),
+//! `--no-cancel-big` (leave out cancelled large results).
 //! Exits with status 1 if any task ended the wrong way or anything leaked.
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub(crate) struct Config {
     pub(crate) in_flight: usize,
     pub(crate) checkpoints: u64,
     pub(crate) zygote_kills: u64,
+    pub(crate) respawn: bool,
     pub(crate) cancel_big: bool,
 }
 
@@ -39,7 +41,8 @@ impl Default for Config {
             zygotes: 2,
             in_flight: 16,
             checkpoints: 20,
-            zygote_kills: 1,
+            zygote_kills: 4,
+            respawn: true,
             cancel_big: true,
         }
     }
@@ -63,6 +66,7 @@ impl Config {
                 "--checkpoints" => config.checkpoints = value()?.max(2),
                 "--zygote-kills" => config.zygote_kills = value()?,
                 "--no-cancel-big" => config.cancel_big = false,
+                "--no-respawn" => config.respawn = false,
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -305,12 +309,15 @@ pub(crate) struct Checkpoint {
     pub(crate) strays: usize,
 }
 
-fn checkpoint(z: &Zygote, tasks: u64, parked: usize) -> Checkpoint {
+fn checkpoint(z: &Zygote, tasks: u64, parked: usize, respawn: bool) -> Checkpoint {
     let me = std::process::id();
     let zygotes = z.pids();
-    let mut zombies = 0;
-    let mut strays = 0;
+    // (pid, ppid, state) of every process.
+    let mut procs = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
@@ -318,21 +325,38 @@ fn checkpoint(z: &Zygote, tasks: u64, parked: usize) -> Checkpoint {
             continue;
         };
         let mut fields = rest.split(' ');
-        let state = fields.next().unwrap_or("?");
+        let state = fields.next().unwrap_or("?").to_string();
         let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        let ours = ppid == me || zygotes.contains(&ppid);
-        if ours && state == "Z" {
+        procs.push((pid, ppid, state));
+    }
+    let children = |of: u32| procs.iter().filter(move |p| p.1 == of);
+    let mut zombies = 0;
+    let mut strays = 0;
+    // This process's children: the zygotes it started, and with respawn the
+    // template, whose only children are the zygotes it respawned.
+    let mut templates = 0;
+    for (pid, _, state) in children(me) {
+        if state == "Z" {
             zombies += 1;
-        } else if ppid == me && !zygotes.contains(&pid) {
+        } else if zygotes.contains(pid) {
+        } else if respawn && templates == 0 {
+            templates += 1;
+            for (child, _, state) in children(*pid) {
+                if state == "Z" {
+                    zombies += 1;
+                } else if !zygotes.contains(child) {
+                    strays += 1;
+                }
+            }
+        } else {
             strays += 1;
         }
     }
     // Each zygote keeps up to `parked` idle workers; more is a stray.
     for zygote in &zygotes {
-        let children = std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
-            .unwrap_or_default();
-        strays += children.split_whitespace().count().saturating_sub(parked);
+        let workers: Vec<_> = children(*zygote).collect();
+        zombies += workers.iter().filter(|w| w.2 == "Z").count();
+        strays += workers.len().saturating_sub(parked);
     }
     let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
     let rss_kib = std::fs::read_to_string("/proc/self/status")
@@ -449,6 +473,7 @@ pub(crate) fn start(config: &Config) -> Result<Zygote, Error> {
     Zygote::builder()
         .zygotes(config.zygotes)
         .max_in_flight(config.in_flight.max(config.zygotes) as u32)
+        .respawn(config.respawn)
         .start()
 }
 
@@ -458,14 +483,20 @@ pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::e
     let rt = tokio::runtime::Runtime::new()?;
     let mut rng = Rng(config.seed);
     let mut report = Report::default();
-    // The kills allowed: never the last live zygote.
-    let kills = config.zygote_kills.min(config.zygotes as u64 - 1);
+    // The kills allowed: without respawn, never the last live zygote.
+    let kills = if config.respawn {
+        config.zygote_kills
+    } else {
+        config.zygote_kills.min(config.zygotes as u64 - 1)
+    };
     let per_checkpoint = config.tasks.div_ceil(config.checkpoints).max(1);
     let kill_every = (kills > 0).then(|| config.checkpoints.div_ceil(kills + 1).max(1));
     let start = Instant::now();
     rt.block_on(async {
         // The baseline, before any task.
-        report.checkpoints.push(checkpoint(&z, 0, parked));
+        report
+            .checkpoints
+            .push(checkpoint(&z, 0, parked, config.respawn));
         let mut done = 0;
         let mut round = 0;
         while done < config.tasks {
@@ -508,7 +539,9 @@ pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::e
                 }
             }
             z.wait_idle().await;
-            report.checkpoints.push(checkpoint(&z, done, parked));
+            report
+                .checkpoints
+                .push(checkpoint(&z, done, parked, config.respawn));
         }
     });
     report.elapsed = start.elapsed();
