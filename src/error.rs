@@ -101,6 +101,16 @@ impl Limit {
 pub struct Error {
     kind: ErrorKind,
     repr: Repr,
+    /// What a failed task left besides its error, boxed to keep `Error`
+    /// small on the success path.
+    extra: Option<Box<Extra>>,
+}
+
+/// A failed task's captured stderr and panic backtrace.
+#[derive(Default)]
+struct Extra {
+    stderr: Option<Vec<u8>>,
+    backtrace: Option<String>,
 }
 
 enum Repr {
@@ -164,6 +174,49 @@ impl Error {
         }
     }
 
+    /// What the task wrote to stderr before it failed, up to its capture
+    /// limit, when its stderr was captured
+    /// ([`Task::stderr`](crate::Task::stderr)`(`[`Output::Capture`](crate::Output::Capture)`)`):
+    /// the panic message as printed, or a C library's last words before a
+    /// crash.
+    ///
+    /// ```no_run
+    /// # async fn demo(zygote: run_in_process::Zygote) {
+    /// use run_in_process::Output;
+    /// fn fail(_: ()) -> u8 { eprintln!("no config"); std::process::exit(3) }
+    /// let e = zygote.task(fail, ()).stderr(Output::Capture).run().await.unwrap_err();
+    /// assert_eq!(e.stderr(), Some(&b"no config\n"[..]));
+    /// # }
+    /// ```
+    pub fn stderr(&self) -> Option<&[u8]> {
+        self.extra.as_ref()?.stderr.as_deref()
+    }
+
+    /// For [`ErrorKind::Panicked`]: the backtrace the worker took when the
+    /// task panicked, if `RUST_BACKTRACE` was set (and not `0`) in the
+    /// worker's environment, which [`Task::env`](crate::Task::env) can set.
+    /// At most 32 KiB, and cut with the panic message to the result slot
+    /// ([`Builder::slot_size`](crate::Builder::slot_size)). Under a
+    /// [`memory_limit`](crate::Task::memory_limit) the worker clears
+    /// `RUST_BACKTRACE`, so there is none.
+    pub fn backtrace(&self) -> Option<&str> {
+        self.extra.as_ref()?.backtrace.as_deref()
+    }
+
+    /// This error with the task's captured stderr.
+    pub(crate) fn with_stderr(mut self, stderr: Vec<u8>) -> Error {
+        self.extra.get_or_insert_default().stderr = Some(stderr);
+        self
+    }
+
+    /// This error with a panic's backtrace, if there is one.
+    pub(crate) fn with_backtrace(mut self, backtrace: Option<String>) -> Error {
+        if backtrace.is_some() {
+            self.extra.get_or_insert_default().backtrace = backtrace;
+        }
+        self
+    }
+
     /// True if this error means the task did not produce its result because the
     /// zygote went away (shorthand for `kind() == ErrorKind::ZygoteDied`).
     pub fn is_zygote_died(&self) -> bool {
@@ -174,6 +227,7 @@ impl Error {
         Error {
             kind: ErrorKind::Panicked,
             repr: Repr::Panic(message),
+            extra: None,
         }
     }
 
@@ -181,6 +235,7 @@ impl Error {
         Error {
             kind: ErrorKind::Signaled,
             repr: Repr::Signal(signal),
+            extra: None,
         }
     }
 
@@ -188,6 +243,7 @@ impl Error {
         Error {
             kind: ErrorKind::Exited,
             repr: Repr::Exit(code),
+            extra: None,
         }
     }
 
@@ -195,6 +251,7 @@ impl Error {
         Error {
             kind: ErrorKind::TimedOut,
             repr: Repr::TimedOut(after),
+            extra: None,
         }
     }
 
@@ -202,6 +259,7 @@ impl Error {
         Error {
             kind,
             repr: Repr::Message(message.into()),
+            extra: None,
         }
     }
 
@@ -215,6 +273,7 @@ impl Error {
         Error {
             kind: ErrorKind::ResourceLimit,
             repr: Repr::Limit(limit, detail),
+            extra: None,
         }
     }
 
@@ -224,6 +283,7 @@ impl Error {
             Some(limit) => Error {
                 kind: ErrorKind::Confinement,
                 repr: Repr::Limit(limit, message),
+                extra: None,
             },
             None => Error::new(ErrorKind::Confinement, message),
         }
@@ -242,6 +302,7 @@ impl Error {
         Error {
             kind: ErrorKind::Io,
             repr: Repr::Io(call, source),
+            extra: None,
         }
     }
 }
@@ -268,6 +329,8 @@ impl fmt::Debug for Error {
         f.debug_struct("Error")
             .field("kind", &self.kind)
             .field("message", &self.to_string())
+            .field("stderr", &self.stderr().map(String::from_utf8_lossy))
+            .field("backtrace", &self.backtrace().is_some())
             .finish()
     }
 }

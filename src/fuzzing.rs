@@ -118,6 +118,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
             arg: ArgPlace::Inline(arg.len() as u64),
             worker: if i == 1 { 4242 } else { 0 },
             confinement: crate::confine::Confinement::default(),
+            io: crate::wire::IoPlan::default(),
         };
         out.push(("request", req.encode(arg)));
     }
@@ -143,6 +144,11 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
                     .deny_exec()
                     .deny_fs_writes(),
             ),
+        },
+        io: crate::wire::IoPlan {
+            env: true,
+            stdout: crate::wire::Stdio::Pipe,
+            stderr: crate::wire::Stdio::Null,
         },
     };
     out.push(("request", memfd.encode(&[])));

@@ -80,12 +80,15 @@ mod blob;
 mod budget;
 mod codec;
 mod confine;
+mod env;
 mod epoch;
 mod error;
 mod idle;
 mod limits;
 mod mailbox;
 mod map;
+mod output;
+mod panic_report;
 mod payload;
 mod process;
 mod reactor;
@@ -111,6 +114,7 @@ use serde::de::DeserializeOwned;
 
 pub use crate::blob::Blob;
 pub use crate::error::{Error, ErrorKind, Limit, Result};
+pub use crate::output::{Captured, DEFAULT_CAPTURE_LIMIT, Output, OutputReader};
 pub use crate::process::{
     Builder, DEFAULT_GRACE, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PAYLOAD,
     DEFAULT_PARKED, DEFAULT_SLOT_SIZE, Process, State, Task, Zygote,

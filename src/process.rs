@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::blob;
 use crate::codec;
 use crate::confine::Confinement;
+use crate::env::EnvSettings;
 use crate::error::{Error, ErrorKind, Result};
+use crate::output::{Captured, OutputReader, OutputSettings, Streams};
 use crate::payload::{Payload, PayloadError};
 use crate::reactor::{Deadlines, Launch, Record, TaskIo};
 use crate::shared::Inner;
@@ -163,6 +165,8 @@ pub struct Builder {
     respawn: bool,
     /// Every task's default limits and sandbox (`crate::confine`).
     pub(crate) confinement: Confinement,
+    /// Every task's default capture limit (`crate::output`).
+    pub(crate) capture_limit: usize,
 }
 
 impl Default for Builder {
@@ -178,6 +182,7 @@ impl Default for Builder {
             warm_up: None,
             respawn: false,
             confinement: Confinement::default(),
+            capture_limit: crate::output::DEFAULT_CAPTURE_LIMIT,
         }
     }
 }
@@ -406,7 +411,9 @@ impl Builder {
             // (`spawn` checks), never from another zygote. A failure drops
             // the ones already started, which shuts them down.
             let process = zygote::spawn(limits)?;
-            members.push(Arc::new(Inner::new(process, limits, self.confinement)));
+            let mut inner = Inner::new(process, limits, self.confinement);
+            inner.capture_limit = self.capture_limit;
+            members.push(Arc::new(inner));
         }
         let members_len = members.len();
         if self.warm_up.is_some() {
@@ -638,6 +645,10 @@ pub struct Task<R> {
     fresh: bool,
     /// Limits and sandbox (`crate::confine`).
     pub(crate) confinement: Confinement,
+    /// Environment and working directory (`crate::env`).
+    pub(crate) env: EnvSettings,
+    /// Stdout and stderr (`crate::output`).
+    pub(crate) output: OutputSettings,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -664,6 +675,8 @@ impl<R: DeserializeOwned> Task<R> {
             });
         Task {
             confinement: inner.confinement,
+            env: EnvSettings::default(),
+            output: OutputSettings::new(inner.capture_limit),
             inner,
             member,
             entry,
@@ -695,14 +708,18 @@ impl<R: DeserializeOwned> Task<R> {
     /// In reuse mode ([`Builder::reuse`]), runs this task in a worker that
     /// has run no other task before it. (The worker may serve later tasks,
     /// which then see what this one left behind.) Without reuse every task
-    /// is fresh, and this changes nothing.
+    /// is fresh, and this changes nothing. A task with confinement, env,
+    /// working directory or output settings is always fresh, and its worker
+    /// serves no other task: none of them can be undone.
     pub fn fresh(mut self) -> Task<R> {
         self.fresh = true;
         self
     }
 
-    async fn start(self, want_started: bool) -> Result<TaskIo> {
+    async fn start(self, want_started: bool) -> Result<(TaskIo, Streams)> {
         let arg = self.arg?;
+        // Bad env input fails here, before anything is sent or forked.
+        let io = crate::output::prepare(&self.env, &self.output)?;
         let inner = match self.member {
             Some((group, index)) => group.alive(index, self.inner).await?,
             None => self.inner,
@@ -716,7 +733,7 @@ impl<R: DeserializeOwned> Task<R> {
             grace: self.grace,
             timeout: self.timeout,
         };
-        TaskIo::start(
+        let task = TaskIo::start(
             inner,
             Launch {
                 entry: self.entry as usize as u64,
@@ -727,9 +744,20 @@ impl<R: DeserializeOwned> Task<R> {
                 // A `Process` waits for its worker's exit.
                 last: open,
                 confinement: self.confinement,
+                io: io.plan,
+                io_fds: io.fds().collect(),
             },
         )
-        .await
+        .await?;
+        Ok((task, io.start()?))
+    }
+
+    /// `run`, for `run_captured`.
+    pub(crate) async fn run_with_output(self) -> Result<Captured<R>> {
+        let (io, output) = self.start(false).await?;
+        let mut process = Process::<R>::new(io, output);
+        let value = process.result_of().await?;
+        Ok(process.output.captured(value))
     }
 
     /// Runs the task to completion and returns its result.
@@ -742,8 +770,8 @@ impl<R: DeserializeOwned> Task<R> {
     ///
     /// As [`Zygote::run`].
     pub async fn run(self) -> Result<R> {
-        let io = self.start(false).await?;
-        Process::<R>::new(io).result().await
+        let (io, output) = self.start(false).await?;
+        Process::<R>::new(io, output).result().await
     }
 
     /// Starts the task and returns a handle once its worker process exists.
@@ -756,8 +784,8 @@ impl<R: DeserializeOwned> Task<R> {
     ///
     /// As [`Zygote::run`].
     pub async fn open(self) -> Result<Process<R>> {
-        let io = self.start(true).await?;
-        let mut process = Process::new(io);
+        let (io, output) = self.start(true).await?;
+        let mut process = Process::new(io, output);
         process.wait_started().await?;
         Ok(process)
     }
@@ -783,6 +811,8 @@ pub struct Process<R> {
     io: TaskIo,
     /// Taken by `terminate` from `&self`; moved into `io` by the next await.
     stop_requested: std::sync::Mutex<bool>,
+    /// Captured stdout and stderr (`crate::output`).
+    output: Streams,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -796,11 +826,56 @@ impl<R: DeserializeOwned> fmt::Debug for Process<R> {
 }
 
 impl<R: DeserializeOwned> Process<R> {
-    fn new(io: TaskIo) -> Process<R> {
+    fn new(io: TaskIo, output: Streams) -> Process<R> {
         Process {
             io,
             stop_requested: std::sync::Mutex::new(false),
+            output,
             _result: PhantomData,
+        }
+    }
+
+    /// The task's captured stdout, if it was set to
+    /// [`Output::Capture`](crate::Output::Capture) and not taken yet, as a
+    /// tokio [`AsyncRead`](tokio::io::AsyncRead) (compare tokio's
+    /// `Child::stdout`). It yields the first
+    /// [`capture_limit`](Task::capture_limit) bytes, then end-of-file when
+    /// the stream ends; the task never waits for it to be read.
+    ///
+    /// ```no_run
+    /// # async fn demo(zygote: run_in_process::Zygote) -> Result<(), Box<dyn std::error::Error>> {
+    /// use run_in_process::Output;
+    /// use tokio::io::AsyncReadExt;
+    /// fn hello(_: ()) { println!("hello") }
+    /// let mut process = zygote.task(hello, ()).stdout(Output::Capture).open().await?;
+    /// let mut text = String::new();
+    /// process.take_stdout().unwrap().read_to_string(&mut text).await?;
+    /// assert_eq!(text, "hello\n");
+    /// # Ok(()) }
+    /// ```
+    pub fn take_stdout(&mut self) -> Option<OutputReader> {
+        self.output.take_reader(false)
+    }
+
+    /// The task's captured stderr; as [`take_stdout`](Process::take_stdout).
+    /// Taking it does not take it from the task's [`Error::stderr`].
+    pub fn take_stderr(&mut self) -> Option<OutputReader> {
+        self.output.take_reader(true)
+    }
+
+    /// Waits, once the task is over, for its captured streams to end: so a
+    /// result or an error has all the output.
+    async fn collect_output(&mut self) {
+        while !self.output.done() {
+            if self.io.ended() {
+                self.output.worker_exited();
+                self.output.wait_done().await;
+                return;
+            }
+            tokio::select! {
+                () = self.output.wait_done() => return,
+                () = self.io.pump() => {}
+            }
         }
     }
 
@@ -942,9 +1017,21 @@ impl<R: DeserializeOwned> Process<R> {
     ///
     /// Dropping the future drops the `Process`, which kills the worker.
     pub async fn result(mut self) -> Result<R> {
+        self.result_of().await
+    }
+
+    async fn result_of(&mut self) -> Result<R> {
+        let result = self.result_only().await;
+        result.map_err(|e| self.output.annotate(e))
+    }
+
+    async fn result_only(&mut self) -> Result<R> {
         self.io.inner.check_process()?;
         loop {
             self.sync_stop_request();
+            if (self.io.record.is_some() || self.io.ended()) && !self.output.done() {
+                self.collect_output().await;
+            }
             if let Some(record) = self.io.record.take() {
                 return self.decode(record);
             }
@@ -985,7 +1072,11 @@ impl<R: DeserializeOwned> Process<R> {
         match taken.kind {
             RecordKind::Value => codec::decode(&taken.payload, limit)
                 .map_err(|e| Error::codec(format!("cannot decode the result: {e}"))),
-            RecordKind::Panic => Err(Error::panicked(text())),
+            RecordKind::Panic => {
+                let (message, backtrace) = crate::panic_report::split(&taken.payload);
+                Err(Error::panicked(message).with_backtrace(backtrace))
+            }
+            RecordKind::Setup => Err(crate::output::setup_error(&taken.payload)),
             RecordKind::EncodeFailed => Err(Error::codec(text())),
             RecordKind::Unconfined => Err(crate::confine::unconfined_error(&taken.payload)),
             RecordKind::Spilled => {
@@ -1005,6 +1096,17 @@ impl<R: DeserializeOwned> Process<R> {
                 self.io.keep_until_reaped(bytes, fd);
                 value
             }
+        }
+    }
+}
+
+impl<R> Drop for Process<R> {
+    fn drop(&mut self) {
+        // A worker known to have exited writes no more: its streams end
+        // after one last drain, even if a process it left holds them open.
+        // (A running worker is killed as the `TaskIo` drops, which ends them.)
+        if self.io.inner.check_process().is_ok() && self.io.ended() {
+            self.output.worker_exited();
         }
     }
 }

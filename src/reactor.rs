@@ -44,7 +44,7 @@ use crate::shm::SealedBytes;
 use crate::slots::Lease;
 use crate::stats::Outcome;
 use crate::sys::{self, WaitStatus};
-use crate::wire::{self, RecordKind, Report, WireError};
+use crate::wire::{self, IoPlan, RecordKind, Report, WireError};
 
 /// What became of the task's result record.
 pub(crate) enum Record {
@@ -79,6 +79,10 @@ pub(crate) struct Launch<'a> {
     pub(crate) last: bool,
     /// Limits and sandbox (`crate::confine`).
     pub(crate) confinement: Confinement,
+    /// Env, cwd and output settings (`crate::output`), and their fds, sent
+    /// after the argument's.
+    pub(crate) io: IoPlan,
+    pub(crate) io_fds: Vec<BorrowedFd<'a>>,
 }
 
 /// One task's I/O state in the parent.
@@ -142,10 +146,13 @@ impl TaskIo {
             fresh,
             last,
             confinement,
+            io,
+            io_fds,
         } = launch;
         // Confinement cannot be undone, so a confined task never runs in a
-        // worker that ran another task (and its worker is not reused).
-        let fresh = fresh || !confinement.is_default();
+        // worker that ran another task (and its worker is not reused); nor
+        // can env, cwd or output settings.
+        let fresh = fresh || !confinement.is_default() || !io.is_default();
         inner.check_process()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::io(
@@ -187,14 +194,20 @@ impl TaskIo {
                 arg: place,
                 worker,
                 confinement,
+                io,
             }
             .encode(inline)
         };
         fn with_arg<'a>(
             doorbell: Option<BorrowedFd<'a>>,
             arg: Option<BorrowedFd<'a>>,
+            io: &[BorrowedFd<'a>],
         ) -> Vec<BorrowedFd<'a>> {
-            doorbell.into_iter().chain(arg).collect()
+            doorbell
+                .into_iter()
+                .chain(arg)
+                .chain(io.iter().copied())
+                .collect()
         }
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
@@ -232,7 +245,11 @@ impl TaskIo {
             };
             let bell = ForkLocal::new(bell);
             let guard = MailboxGuard::new(Arc::clone(&inner.mailboxes), claim.index);
-            let fds = with_arg((!same_doorbell).then(|| bell.get_ref().as_fd()), arg_fd);
+            let fds = with_arg(
+                (!same_doorbell).then(|| bell.get_ref().as_fd()),
+                arg_fd,
+                &io_fds,
+            );
             // The job socket is empty (the zygote drains it before parking a
             // worker, and a reused worker read its last job), so this
             // non-blocking send cannot find it full. It fails if the worker
@@ -270,7 +287,7 @@ impl TaskIo {
                 let theirs = ForkLocal::new(pair.theirs);
                 let mut with_report: Vec<BorrowedFd<'_>> =
                     theirs.as_ref().map(|fd| fd.as_fd()).into_iter().collect();
-                with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd));
+                with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd, &io_fds));
                 send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
@@ -456,7 +473,9 @@ impl TaskIo {
         match self.delivered {
             Some(Ok(RecordKind::Value | RecordKind::Spilled)) => return Outcome::Completed,
             Some(Ok(RecordKind::Panic)) => return Outcome::Panicked,
-            Some(Ok(RecordKind::EncodeFailed | RecordKind::Unconfined) | Err(())) => {
+            Some(
+                Ok(RecordKind::EncodeFailed | RecordKind::Unconfined | RecordKind::Setup) | Err(()),
+            ) => {
                 return Outcome::Lost;
             }
             None => {}

@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub(crate) limits: Limits,
     /// Every task's default limits and sandbox (`Builder::memory_limit`, ...).
     pub(crate) confinement: Confinement,
+    /// Every task's default capture limit (`Builder::capture_limit`).
+    pub(crate) capture_limit: usize,
     pub(crate) slots: Arc<Slots>,
     pub(crate) spill: Arc<SpillReceiver>,
     pub(crate) mailboxes: Arc<Mailboxes>,
@@ -51,6 +53,7 @@ impl Inner {
     pub(crate) fn new(process: ZygoteProcess, limits: Limits, confinement: Confinement) -> Inner {
         Inner {
             confinement,
+            capture_limit: crate::output::DEFAULT_CAPTURE_LIMIT,
             slots: Arc::new(Slots::new(limits.slots)),
             spill: Arc::new(SpillReceiver::new(limits.slots as usize)),
             mailboxes: Arc::new(Mailboxes::new(limits.parked as usize)),

@@ -365,8 +365,9 @@ pub(crate) fn seqpacket_pair() -> SysResult<(OwnedFd, OwnedFd)> {
     .call("socketpair")
 }
 
-/// Most fds that one frame carries (a spawn request: socket, eventfd, argument).
-pub(crate) const MAX_FRAME_FDS: usize = 3;
+/// Most fds that one frame carries (a spawn request: socket, eventfd,
+/// argument, env memfd, stdout and stderr pipes).
+pub(crate) const MAX_FRAME_FDS: usize = 6;
 
 /// `sendmsg(sock, frame, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`.
 ///
@@ -506,6 +507,24 @@ pub(crate) fn poll_readable(
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(SysError::new("poll", e)),
         }
+    }
+}
+
+/// `pipe2(O_CLOEXEC)`, then `O_NONBLOCK` on the read end only; see
+/// `pipe(2)`. Returns `(read, write)`. The write end stays blocking: it
+/// becomes a worker's stdout or stderr, where `EAGAIN` would fail a print.
+pub(crate) fn pipe_nonblocking_reader() -> SysResult<(OwnedFd, OwnedFd)> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).call("pipe2")?;
+    rustix::io::ioctl_fionbio(&read, true).call("ioctl(FIONBIO)")?;
+    Ok((read, write))
+}
+
+/// `dup2(fd, 1)` or `dup2(fd, 2)` (`stream` 1 or 2); see `dup2(2)`. The new
+/// fd 1 or 2 is not `CLOEXEC`, as stdio must not be.
+pub(crate) fn redirect_stdio(fd: BorrowedFd<'_>, stream: i32) -> SysResult<()> {
+    match stream {
+        1 => rustix::stdio::dup2_stdout(fd).call("dup2"),
+        _ => rustix::stdio::dup2_stderr(fd).call("dup2"),
     }
 }
 

@@ -84,7 +84,9 @@ impl Respawn {
         match self.template.respawn(index, old.limits) {
             Ok(mut process) => {
                 process.template = Some(Arc::clone(&self.template));
-                let new = Arc::new(Inner::new(process, old.limits, old.confinement));
+                let mut new = Inner::new(process, old.limits, old.confinement);
+                new.capture_limit = old.capture_limit;
+                let new = Arc::new(new);
                 *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
                 failed.store(false, Ordering::Relaxed);
                 Ok(new)

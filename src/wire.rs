@@ -21,7 +21,7 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair` |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair`; bit 5 = an env/cwd memfd attached; bits 6–7 and 8–9 = stdout and stderr: 0 inherit, 1 `/dev/null`, 2 a pipe attached |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | `pair`: number of the task's report socket pair (`report_pool`), 0 = not kept; at most 1024 |
@@ -35,7 +35,9 @@
 //! the worker before the task's code runs (`crate::confine`).
 //!
 //! It carries two fds (the zygote's end of the task's report socket, the
-//! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
+//! task's eventfd) and a third, the argument memfd, when flag bit 0 is set;
+//! then, in this order, the env/cwd memfd (bit 5, `crate::env`) and the
+//! write ends of the stdout and stderr pipes (mode 2, `crate::output`).
 //! A job sent straight to a parked worker carries no report socket, and no
 //! eventfd either when flag bit 3 is set.
 //!
@@ -74,6 +76,9 @@
 //!   request may mark a reused worker's last task, or reuse its last
 //!   doorbell; the key's low bit says whether the worker waits for another
 //!   task.
+//! * 5: spawn requests carry the task's I/O plan (env/cwd memfd, stdout and
+//!   stderr modes and pipes); a `Panic` record may carry a backtrace; a
+//!   record may say that the task's I/O could not be set up (`Setup`).
 
 use std::fmt;
 
@@ -81,7 +86,7 @@ use crate::confine::Confinement;
 use crate::sandbox::Sandbox;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 4;
+pub(crate) const VERSION: u16 = 5;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";
@@ -115,6 +120,11 @@ pub(crate) const FLAG_SAME_DOORBELL: u32 = 8;
 /// Request flag, on the cold path: no report socket attached; use the far
 /// end the zygote kept under the request's `pair` number (`report_pool`).
 pub(crate) const FLAG_POOLED_REPORT: u32 = 16;
+/// Request flag: the env/cwd settings travel in a memfd (`crate::env`).
+pub(crate) const FLAG_ENV_MEMFD: u32 = 32;
+/// Where the stdout and stderr modes ([`Stdio`]) sit in the flags.
+const STDOUT_SHIFT: u32 = 6;
+const STDERR_SHIFT: u32 = 8;
 /// Largest report-pair number a request may carry.
 pub(crate) const MAX_PAIR: u32 = 1024;
 /// Report pairs kept for reuse, numbered `1..=KEPT_PAIRS` on both sides.
@@ -238,6 +248,73 @@ pub(crate) enum ArgPlace {
     Memfd(u64),
 }
 
+/// Where a task's stdout or stderr goes (`crate::output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Stdio {
+    /// The worker's own, inherited from the zygote.
+    #[default]
+    Inherit,
+    /// `/dev/null`, opened by the worker.
+    Null,
+    /// The write end of a pipe that travels with the request.
+    Pipe,
+}
+
+impl Stdio {
+    fn bits(self) -> u32 {
+        match self {
+            Stdio::Inherit => 0,
+            Stdio::Null => 1,
+            Stdio::Pipe => 2,
+        }
+    }
+
+    fn from_bits(bits: u32) -> Option<Stdio> {
+        match bits & 3 {
+            0 => Some(Stdio::Inherit),
+            1 => Some(Stdio::Null),
+            2 => Some(Stdio::Pipe),
+            _ => None,
+        }
+    }
+}
+
+/// A task's I/O plan: which of its settings travel with the request, and
+/// so which fds follow the argument's (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct IoPlan {
+    /// An env/cwd memfd is attached.
+    pub(crate) env: bool,
+    pub(crate) stdout: Stdio,
+    pub(crate) stderr: Stdio,
+}
+
+impl IoPlan {
+    /// True for a task with no I/O settings. Like confinement, the settings
+    /// cannot be undone in a worker (a task may keep the redirected fds or
+    /// read the environment later), so a worker that ran a task with any
+    /// other plan runs no other task.
+    pub(crate) fn is_default(&self) -> bool {
+        *self == IoPlan::default()
+    }
+
+    fn flags(&self) -> u32 {
+        let mut flags = self.stdout.bits() << STDOUT_SHIFT | self.stderr.bits() << STDERR_SHIFT;
+        if self.env {
+            flags |= FLAG_ENV_MEMFD;
+        }
+        flags
+    }
+
+    fn from_flags(flags: u32) -> Option<IoPlan> {
+        Some(IoPlan {
+            env: flags & FLAG_ENV_MEMFD != 0,
+            stdout: Stdio::from_bits(flags >> STDOUT_SHIFT)?,
+            stderr: Stdio::from_bits(flags >> STDERR_SHIFT)?,
+        })
+    }
+}
+
 /// A decoded spawn request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Request {
@@ -259,6 +336,8 @@ pub(crate) struct Request {
     pub(crate) worker: u32,
     /// Limits and sandbox to apply before the task runs.
     pub(crate) confinement: Confinement,
+    /// Env, cwd and output settings, applied before the confinement.
+    pub(crate) io: IoPlan,
 }
 
 /// Confinement flag: leave `RLIMIT_CORE` as inherited.
@@ -352,6 +431,7 @@ impl Request {
         if self.pooled_report {
             flags |= FLAG_POOLED_REPORT;
         }
+        flags |= self.io.flags();
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.worker.to_le_bytes());
@@ -397,7 +477,11 @@ impl Request {
             | FLAG_WANT_STARTED
             | FLAG_LAST
             | FLAG_SAME_DOORBELL
-            | FLAG_POOLED_REPORT;
+            | FLAG_POOLED_REPORT
+            | FLAG_ENV_MEMFD
+            | 3 << STDOUT_SHIFT
+            | 3 << STDERR_SHIFT;
+        let io = IoPlan::from_flags(flags).ok_or(WireError::Flags(flags))?;
         // A pooled report socket is named by its number, which is never 0.
         if flags & !known != 0 || (flags & FLAG_POOLED_REPORT != 0 && pair == 0) {
             return Err(WireError::Flags(flags));
@@ -420,6 +504,7 @@ impl Request {
                 arg,
                 worker,
                 confinement,
+                io,
             },
             inline,
         ))
@@ -547,6 +632,10 @@ pub(crate) enum RecordKind {
     /// The worker could not apply the task's confinement, so the task did
     /// not run: a one-byte [`ConfineFailure`] code, then a UTF-8 message.
     Unconfined = 5,
+    /// The worker could not set up the task's I/O (its working directory,
+    /// its output), so the task did not run: a UTF-8 message
+    /// (`crate::output::SetupFailure`).
+    Setup = 6,
 }
 
 /// What an [`RecordKind::Unconfined`] record's first byte names.
@@ -582,6 +671,7 @@ impl RecordKind {
             3 => RecordKind::EncodeFailed,
             4 => RecordKind::Spilled,
             5 => RecordKind::Unconfined,
+            6 => RecordKind::Setup,
             _ => return None,
         })
     }
@@ -709,6 +799,7 @@ mod tests {
             arg: ArgPlace::Inline(5),
             worker: 0,
             confinement: Confinement::default(),
+            io: IoPlan::default(),
         };
         let frame = req.encode(b"hello");
         assert_eq!(
@@ -739,6 +830,7 @@ mod tests {
             arg: ArgPlace::Inline(2),
             worker: 77,
             confinement: Confinement::default(),
+            io: IoPlan::default(),
         };
         let frame = req.encode(b"ab");
         assert_eq!(Request::decode(&frame, 4, 100), Err(WireError::Length(9)));
@@ -765,6 +857,11 @@ mod tests {
                 open_files: Some(16),
                 core_dumps: true,
                 sandbox: Some(Sandbox::new().deny_network().deny_fs_writes()),
+            },
+            io: IoPlan {
+                env: true,
+                stdout: Stdio::Null,
+                stderr: Stdio::Pipe,
             },
         };
         let frame = req.encode(&[]);
@@ -835,6 +932,7 @@ mod tests {
             arg: ArgPlace::Inline(0),
             worker: 4242,
             confinement: Confinement::default(),
+            io: IoPlan::default(),
         }
         .encode(&[]);
         assert!(Dismissal::decode(&job).is_err());
@@ -919,7 +1017,7 @@ mod tests {
                 };
                 let req = Request {
                     generation, want_started, last: want_started, same_doorbell: !want_started, pair: 0, pooled_report: false,
-                    entry, slot, arg: place, worker, confinement,
+                    entry, slot, arg: place, worker, confinement, io: IoPlan::default(),
                 };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);

@@ -22,6 +22,7 @@ use rustix::process::Pid;
 
 use crate::confine::{self, Confinement};
 use crate::idle;
+use crate::output::{IoFds, SetupFailure};
 use crate::payload::Payload;
 use crate::ring::Ring;
 use crate::shm::SealedBytes;
@@ -89,6 +90,8 @@ pub(crate) struct Job<'a> {
     pub(crate) result_buf: Vec<u8>,
     /// Limits and sandbox, applied just before the task's code runs.
     pub(crate) confinement: Confinement,
+    /// Env, cwd and output (`crate::output`), applied before the confinement.
+    pub(crate) io: IoFds,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -154,9 +157,17 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         // Not an fd: `close_fds_except` ignores it.
         ArgSource::Inline(_) => -1,
     };
+    let [env, out, err] = job.io.raw();
     prepare(
         job.zygote,
-        &[sys::raw(&job.doorbell), sys::raw(job.spill), arg_fd],
+        &[
+            sys::raw(&job.doorbell),
+            sys::raw(job.spill),
+            arg_fd,
+            env,
+            out,
+            err,
+        ],
     );
     let key = match sys::random_u64() {
         Ok(k) => k,
@@ -261,8 +272,16 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         let Some(doorbell) = doorbell else {
             sys::exit_now(EXIT_BAD_JOB);
         };
-        let arg_fd = fds.next();
+        let arg_fd = match request.arg {
+            ArgPlace::Memfd(_) => fds.next(),
+            ArgPlace::Inline(_) => None,
+        };
+        let Some(io) = IoFds::take(request.io, &mut fds) else {
+            sys::exit_now(EXIT_BAD_JOB);
+        };
         drop(fds);
+        // Env, cwd and output cannot be undone either.
+        let plain = request.confinement.is_default() && request.io.is_default();
         idle::busy(idle);
         if served == 0 {
             // Before any user code runs: nothing this task leaves behind may
@@ -271,15 +290,15 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
             // worker shares between its tasks is what reuse gives up).
             // Closing every fd but the task's own also drops any the job
             // frame carried beyond them.
+            let [env, out, err] = io.raw();
             let keep = [
                 sys::raw(&doorbell),
                 sys::raw(spill),
                 arg_fd.as_ref().map_or(-1, sys::raw),
-                if reused && request.confinement.is_default() {
-                    sys::raw(jobs)
-                } else {
-                    -1
-                },
+                if reused && plain { sys::raw(jobs) } else { -1 },
+                env,
+                out,
+                err,
             ];
             // SAFETY: SAFETY.md F3. Still single-threaded (no code of a task
             // has run yet), and of the fds this closes, the mailbox's job
@@ -301,8 +320,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         };
         served += 1;
         // Confinement cannot be undone: a confined task's worker ends with it.
-        let may_continue =
-            reused && served < reuse && !request.last && request.confinement.is_default();
+        let may_continue = reused && served < reuse && !request.last && plain;
         let outcome = execute(
             Job {
                 ring,
@@ -316,6 +334,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 zygote,
                 result_buf,
                 confinement: request.confinement,
+                io,
             },
             keys.next(),
             may_continue.then_some(idle),
@@ -464,8 +483,11 @@ fn execute(
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
         Ok(arg) => 'task: {
             // After everything the worker does for itself, before any code
-            // of the task: confinement that cannot be applied is reported,
-            // and the task does not run.
+            // of the task: I/O that cannot be set up, or confinement that
+            // cannot be applied, is reported, and the task does not run.
+            if let Err(failed) = std::mem::take(&mut job.io).apply() {
+                break 'task Published::setup_failed(failed);
+            }
             if let Err(refused) = confine::apply(&job.confinement, job.own_fds()) {
                 break 'task Published::unconfined(refused);
             }
@@ -478,7 +500,7 @@ fn execute(
                 Err(payload) => {
                     let recorded = PANIC.lock().ok().and_then(|mut m| m.take());
                     let message = recorded.unwrap_or_else(|| payload_text(&payload));
-                    failed(RecordKind::Panic, message)
+                    failed(RecordKind::Panic, crate::panic_report::payload(message))
                 }
             }
         }
@@ -570,6 +592,11 @@ enum Published {
 }
 
 impl Published {
+    /// A `Setup` record: the task's I/O could not be set up.
+    fn setup_failed(failure: SetupFailure) -> Published {
+        Published::Message(RecordKind::Setup, failure.encode().into_bytes())
+    }
+
     /// An `Unconfined` record: the failure's code byte, then its message.
     fn unconfined((code, message): (ConfineFailure, String)) -> Published {
         let mut payload = vec![code as u8];
@@ -656,6 +683,8 @@ pub(crate) fn install_hooks() {
             ),
             None => payload_text(info.payload()),
         };
+        crate::output::print_panic(&message);
+        crate::panic_report::record();
         if let Ok(mut slot) = PANIC.lock() {
             *slot = Some(message);
         }

@@ -38,6 +38,7 @@ use rustix::process::Pid;
 
 use crate::epoch;
 use crate::error::{Error, ErrorKind};
+use crate::output::IoFds;
 use crate::ring::Ring;
 use crate::shm::SharedWords;
 use crate::sys::{self, Forked, SysError};
@@ -725,11 +726,16 @@ impl Zygote<'_> {
                 }
             },
         };
+        let Some(io) = IoFds::take(request.io, &mut fds) else {
+            refuse(&report, libc::EINVAL);
+            return None;
+        };
         Some(Prepared {
             request,
             report,
             doorbell,
             arg,
+            io,
         })
     }
 
@@ -748,6 +754,7 @@ impl Zygote<'_> {
             report,
             doorbell,
             arg,
+            io,
         } = job;
         let arg = match arg {
             JobArg::Copied(Copied::Small(n)) => ArgSource::Inline(&small[..n]),
@@ -773,11 +780,15 @@ impl Zygote<'_> {
                     zygote,
                     result_buf: std::mem::take(result_buf),
                     confinement: request.confinement,
+                    io,
                 })
             }),
             Ok(Forked::Parent(pid)) => {
                 drop(arg);
                 drop(doorbell);
+                // The capture pipes' write ends above all: a stream reaches
+                // end-of-file only once every copy is closed.
+                drop(io);
                 // The zygote itself needs no pidfd (it is the worker's
                 // parent: its signals and its reap cannot hit another
                 // process); the parent gets one only if it asked.
@@ -829,6 +840,8 @@ struct Prepared {
     report: OwnedFd,
     doorbell: OwnedFd,
     arg: JobArg,
+    /// Env memfd and capture pipes (`crate::output`).
+    io: IoFds,
 }
 
 enum JobArg {
