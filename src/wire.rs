@@ -74,6 +74,8 @@
 //!   request may mark a reused worker's last task, or reuse its last
 //!   doorbell; the key's low bit says whether the worker waits for another
 //!   task.
+//! * 5: ring slots are whole pages (slot isolation, `ring::Ring::isolate`),
+//!   so a slot's capacity is its size rounded up to that.
 
 use std::fmt;
 
@@ -81,7 +83,7 @@ use crate::confine::Confinement;
 use crate::sandbox::Sandbox;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 4;
+pub(crate) const VERSION: u16 = 5;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";

@@ -256,9 +256,10 @@ fn write_where_a_neighbour_was(_: ()) -> u64 {
     let Some(at) = neighbour() else { return 0 };
     let words = at as *mut u64;
     for (i, value) in [1u64, 1, 1, 8, 0x4141_4141].into_iter().enumerate().rev() {
+        let word = words.wrapping_add(i);
         // SAFETY: none: this is the attack. The address is where another
         // task's slot was mapped; it must now be inaccessible.
-        unsafe { words.add(i).write_volatile(value) };
+        unsafe { word.write_volatile(value) };
     }
     1
 }
