@@ -199,7 +199,9 @@ impl Builder {
 
     /// Bytes of shared memory per task for its result (default 64 KiB).
     /// Larger results still work; they travel through a sealed memfd instead,
-    /// which costs a few more system calls.
+    /// which costs a few more system calls. Each slot, with its 64-byte
+    /// header, is rounded up to whole pages, so that a worker can keep only
+    /// its own slot mapped (see the README, "Slot isolation").
     pub fn slot_size(mut self, bytes: usize) -> Builder {
         self.slot_size = bytes.clamp(64, 1 << 30);
         self

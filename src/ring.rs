@@ -17,6 +17,11 @@
 //! | 5..8 | nobody     | reserved, zero                                            |
 //! | 8..  | worker     | payload bytes, little-endian within each word             |
 //!
+//! Each slot is a whole number of pages, so that a worker can keep only its
+//! own slot mapped ([`Ring::isolate`], SAFETY.md S4): a worker never maps
+//! another task's slot while its task's code runs (except in reuse mode,
+//! between a reused worker's tasks; see `worker::isolate`).
+//!
 //! The worker writes the payload and the header with Relaxed stores, then
 //! stores `generation` into `commit` with Release; it is its last write to the slot.
 //! The parent loads `commit` with Acquire and proceeds only when it equals its
@@ -51,11 +56,19 @@ pub(crate) struct Ring {
     slot_words: usize,
 }
 
+/// Words per slot for `payload_bytes` of payload: header and payload, rounded
+/// up to whole pages.
+fn slot_words(payload_bytes: usize) -> usize {
+    let page_words = rustix::param::page_size() / 8;
+    (SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1)).div_ceil(page_words) * page_words
+}
+
 impl Ring {
     /// Creates a ring of `slots` slots with at least `payload_bytes` of payload
-    /// capacity each (rounded up to whole words).
+    /// capacity each: each slot, header and payload, fills whole pages (see
+    /// [`Ring::isolate`]), so the capacity is rounded up to that.
     pub(crate) fn create(slots: u32, payload_bytes: usize) -> SysResult<(Ring, OwnedFd)> {
-        let slot_words = SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1);
+        let slot_words = slot_words(payload_bytes);
         let (mem, fd) = SharedWords::create("run-in-process-ring", slots as usize * slot_words)?;
         Ok((
             Ring {
@@ -70,7 +83,7 @@ impl Ring {
     /// Maps the ring `create` made (with the same sizes), from its memfd,
     /// in a zygote forked by the template (`crate::template`).
     pub(crate) fn open(fd: BorrowedFd<'_>, slots: u32, payload_bytes: usize) -> SysResult<Ring> {
-        let slot_words = SLOT_HEADER_WORDS + payload_bytes.div_ceil(8).max(1);
+        let slot_words = slot_words(payload_bytes);
         Ok(Ring {
             mem: SharedWords::open(fd, slots as usize * slot_words)?,
             slots,
@@ -97,16 +110,35 @@ impl Ring {
         self.slots
     }
 
-    /// The words of slot `index`, or `None` if out of range.
+    /// The words of slot `index`, or `None` if out of range or not mapped
+    /// here (after [`Ring::isolate`], every slot but one).
     pub(crate) fn slot(&self, index: u32) -> Option<Slot<'_>> {
         if index >= self.slots {
             return None;
         }
-        let start = index as usize * self.slot_words;
         self.mem
-            .words()
-            .get(start..start + self.slot_words)
+            .range(index as usize * self.slot_words, self.slot_words)
             .map(|words| Slot { words })
+    }
+
+    /// Slot isolation, in a worker: keeps only slot `index` of the ring
+    /// mapped in this process (`SharedWords::keep_only`), so that nothing the
+    /// task does to memory it can reach changes another task's slot.
+    /// Slots are whole pages (see [`Ring::create`]), so the others can go
+    /// without touching this one.
+    ///
+    /// # Safety
+    ///
+    /// No [`Slot`] of this ring but slot `index`'s may be live in this
+    /// process, now or later (later [`Ring::slot`] calls return `None` for
+    /// them).
+    pub(crate) unsafe fn isolate(&self, index: u32) -> SysResult<()> {
+        // Out of range: `keep_only` refuses it.
+        let start = (index as usize).saturating_mul(self.slot_words);
+        // SAFETY: SAFETY.md S4. Every slice of the ring's words is handed
+        // out inside a `Slot`, and the caller promises that none outside
+        // slot `index` is live.
+        unsafe { self.mem.keep_only(start, self.slot_words) }
     }
 }
 
@@ -294,5 +326,23 @@ mod tests {
     #[test]
     fn slot_index_out_of_range_is_none() {
         assert!(ring().slot(4).is_none());
+    }
+
+    #[test]
+    fn slots_are_whole_pages_and_an_isolated_ring_keeps_only_its_slot() {
+        let page = rustix::param::page_size();
+        let r = ring();
+        assert_eq!(r.slot_words * 8 % page, 0);
+        assert!(r.slot(0).unwrap().capacity() >= 64);
+        // SAFETY: SAFETY.md S4. No `Slot` of `r` is live.
+        unsafe { r.isolate(2) }.unwrap();
+        for i in [0, 1, 3] {
+            assert!(r.slot(i).is_none(), "slot {i} is still handed out");
+        }
+        let s = r.slot(2).unwrap();
+        s.publish(9, 5, RecordKind::Value, b"kept");
+        assert_eq!(s.take(9, 5, 0).unwrap().unwrap().payload, b"kept");
+        // SAFETY: as above; an out-of-range slot is refused.
+        assert!(unsafe { ring().isolate(4) }.is_err());
     }
 }

@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
@@ -37,6 +37,10 @@ use crate::sys::{self, SysError, SysResult};
 pub(crate) struct SharedWords {
     map: ForkLocal<MmapRaw>,
     words: usize,
+    /// The words still mapped to the memfd here, `kept_start..kept_end`: all
+    /// of them, unless a worker gave up the rest ([`SharedWords::keep_only`]).
+    kept_start: AtomicUsize,
+    kept_end: AtomicUsize,
 }
 
 impl SharedWords {
@@ -55,10 +59,7 @@ impl SharedWords {
         sys::ftruncate(fd.as_fd(), len as u64)?;
         // A worker must not be able to shrink the file under the parent's
         // mapping (the parent would take SIGBUS on its next access) nor grow it.
-        sys::add_seals(
-            fd.as_fd(),
-            SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-        )?;
+        sys::add_seals(fd.as_fd(), SealFlags::SHRINK | SealFlags::GROW)?;
         let file = File::from(fd);
         let words = SharedWords::open(file.as_fd(), words)?;
         Ok((words, file.into()))
@@ -74,7 +75,22 @@ impl SharedWords {
         Ok(SharedWords {
             map: ForkLocal::new(map),
             words,
+            kept_start: AtomicUsize::new(0),
+            kept_end: AtomicUsize::new(words),
         })
+    }
+
+    /// Seals the memfd against writes through any mapping, `write(2)` or
+    /// hole made from now on, and its seals against change: for the process
+    /// that made the last writable mapping of it (the parent for a zygote it
+    /// forks, which inherits the mapping; a respawned zygote for its own),
+    /// so that no process that gets hold of the file again, through
+    /// /proc/<pid>/map_files as root, can write it (SAFETY.md S4). Failing
+    /// the write seal (a kernel before 5.1) leaves that door open, not the
+    /// ring broken.
+    pub(crate) fn seal_writes(fd: BorrowedFd<'_>) -> SysResult<()> {
+        let _ = sys::add_seals(fd, SealFlags::FUTURE_WRITE);
+        sys::add_seals(fd, SealFlags::SEAL)
     }
 
     /// Takes this mapping, inherited across a fork, as this process's own:
@@ -100,26 +116,146 @@ impl SharedWords {
             .map_err(|e| SysError::new("madvise", e))
     }
 
-    /// The mapping as atomic words. All cross-process access goes through
-    /// this. Empty in a process of another epoch (see `crate::epoch`).
+    /// The mapping as atomic words: [`SharedWords::range`] over all of them,
+    /// or empty if this process gave up some of them.
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        if !self.is_own() {
-            return &[];
-        }
-        let ptr = self.map.as_ptr().cast::<AtomicU64>();
-        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
-        // SAFETY: SAFETY.md S1. The pointer comes from a mapping of exactly
-        // `words * 8` bytes owned by `self` and live in this process: it was
-        // made in this epoch or adopted by this zygote (`crate::epoch`), so it
-        // is valid for the returned lifetime; mmap returns page-aligned
-        // memory, which satisfies AtomicU64's alignment; AtomicU64 has the
-        // same size as u64 and every bit pattern is a valid value; the
-        // memfd's size is sealed, so the pages cannot disappear under us (no
-        // SIGBUS). Other processes may write these words at any time, which
-        // `&[AtomicU64]` permits: we only ever access them through atomic
-        // operations.
-        unsafe { std::slice::from_raw_parts(ptr, self.words) }
+        self.range(0, self.words).unwrap_or(&[])
     }
+
+    /// Words `start..start + len` of the mapping. All cross-process access
+    /// goes through this. `None` if the range is out of bounds, or not all
+    /// mapped to the memfd in this process ([`SharedWords::keep_only`]), or
+    /// this is a process of another epoch (see `crate::epoch`).
+    pub(crate) fn range(&self, start: usize, len: usize) -> Option<&[AtomicU64]> {
+        let end = start.checked_add(len)?;
+        let kept = self.kept_start.load(Ordering::Relaxed)..self.kept_end.load(Ordering::Relaxed);
+        if !self.is_own() || start < kept.start || end > kept.end {
+            return None;
+        }
+        debug_assert!(kept.end <= self.words);
+        let ptr = self.map.as_ptr().cast::<AtomicU64>().wrapping_add(start);
+        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
+        // SAFETY: SAFETY.md S1, S4. The range lies within the mapping of
+        // exactly `words * 8` bytes owned by `self` and live in this
+        // process: it was made in this epoch or adopted by this zygote
+        // (`crate::epoch`), so it is valid for the returned lifetime, and
+        // within `kept_start..kept_end`, the words `keep_only` left mapped
+        // to the memfd (all of them in the parent and the zygote, which
+        // never call it); mmap returns page-aligned memory, which satisfies
+        // AtomicU64's alignment; AtomicU64 has the same size as u64 and
+        // every bit pattern is a valid value; the memfd's size is sealed, so
+        // the pages cannot disappear under us (no SIGBUS). Other processes
+        // may write these words at any time, which `&[AtomicU64]` permits:
+        // we only ever access them through atomic operations.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+
+    /// Gives up, in this process, every word of the mapping but
+    /// `start..start + len`: the rest is replaced by inaccessible anonymous
+    /// memory (`mmap(MAP_FIXED, PROT_NONE)`), so this process no longer maps
+    /// those pages of the memfd at all, and nothing it does to its own
+    /// address space (`mprotect`, writes) can reach them again. Then, where
+    /// the kernel has it (Linux 6.10), the whole range is sealed with
+    /// `mseal`, so that the kept part cannot be grown with `mremap` over
+    /// the memfd's next pages, nor the file remapped at another offset
+    /// (`remap_file_pages`). A worker's slot isolation (SAFETY.md S4).
+    ///
+    /// Does nothing in a process of another epoch. Fails if the kept range
+    /// is out of bounds or does not start and end on page boundaries (or at
+    /// the end of the mapping), or if the kernel refused the replacement;
+    /// the caller must then not run untrusted code.
+    ///
+    /// # Safety
+    ///
+    /// No slice handed out by [`SharedWords::range`] or
+    /// [`SharedWords::words`] outside the kept range may be live in this
+    /// process, now or later: the memory behind it is gone. (Later calls
+    /// refuse such ranges.) Meant for a worker, before its task's code runs.
+    pub(crate) unsafe fn keep_only(&self, start: usize, len: usize) -> SysResult<()> {
+        if !self.is_own() {
+            return Ok(());
+        }
+        let invalid = |what| {
+            SysError::new(
+                "mmap",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+            )
+        };
+        let page = rustix::param::page_size();
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= self.words)
+            .ok_or_else(|| invalid("kept range out of bounds"))?;
+        let (start_byte, end_byte, all) = (start * 8, end * 8, self.words * 8);
+        if start_byte % page != 0 || (end_byte % page != 0 && end_byte != all) {
+            return Err(invalid("kept range not page-aligned"));
+        }
+        // Narrowed first: from here on `range` refuses the words that go.
+        self.kept_start.store(start, Ordering::Relaxed);
+        self.kept_end.store(end, Ordering::Relaxed);
+        let base = self.map.as_mut_ptr();
+        let round_up = |n: usize| n.div_ceil(page) * page;
+        for (from, to) in [(0, start_byte), (round_up(end_byte), round_up(all))] {
+            if from >= to {
+                continue;
+            }
+            let at = base.wrapping_add(from).cast::<std::ffi::c_void>();
+            // SAFETY: SAFETY.md S4. `at..at + (to - from)` lies within this
+            // mapping, which `self` owns, on page boundaries (checked
+            // above; the mapping's own length is rounded up to a page by
+            // the kernel). MAP_FIXED replaces exactly those pages, which
+            // belong to nothing but this mapping, and the caller promises
+            // that no reference into them is live; `range` no longer hands
+            // them out. When `self` is dropped, memmap2 unmaps the whole
+            // original range, which is then this mapping's kept part and
+            // these placeholders: still only memory `self` owns.
+            unsafe {
+                rustix::mm::mmap_anonymous(
+                    at,
+                    to - from,
+                    rustix::mm::ProtFlags::empty(),
+                    rustix::mm::MapFlags::PRIVATE
+                        | rustix::mm::MapFlags::FIXED
+                        | rustix::mm::MapFlags::NORESERVE,
+                )
+            }
+            .map_err(|e| SysError::new("mmap", e))?;
+        }
+        mseal(base.cast(), round_up(all));
+        Ok(())
+    }
+}
+
+/// `mseal(addr, len, 0)` (Linux 6.10), best effort: the kept slot can then
+/// no longer be grown with `mremap` (over the memfd's next pages, other
+/// tasks' slots), nor the range unmapped, remapped or its protection
+/// changed. `ENOSYS` on older kernels, where that one hole stays open
+/// (README, "Slot isolation"). The number is 462 on every architecture the
+/// crate builds seccomp filters for (they share the generic syscall table
+/// for new calls).
+fn mseal(addr: *mut std::ffi::c_void, len: usize) {
+    #[cfg(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    ))]
+    {
+        const SYS_MSEAL: libc::c_long = 462;
+        // SAFETY: SAFETY.md S4. `mseal` changes no memory and unmaps
+        // nothing: it only makes later `munmap`, `mremap`, `mprotect` and
+        // `MAP_FIXED` calls over the range fail with EPERM. The range is this
+        // mapping's; were it dropped later (a worker never drops its ring,
+        // which belongs to the zygote's frame), memmap2's `munmap` would
+        // fail and the pages would stay mapped until exit: a leak, not an
+        // unmapping of anybody else's memory.
+        let _ = unsafe { libc::syscall(SYS_MSEAL, addr, len, 0usize) };
+    }
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )))]
+    let _ = (addr, len);
 }
 
 // `SharedWords` is Send and Sync because `MmapRaw` is, and it only hands out

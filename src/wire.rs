@@ -79,6 +79,8 @@
 //! * 5: spawn requests carry the task's I/O plan (env/cwd memfd, stdout and
 //!   stderr modes and pipes); a `Panic` record may carry a backtrace; a
 //!   record may say that the task's I/O could not be set up (`Setup`).
+//! * 6: ring slots are whole pages (slot isolation, `ring::Ring::isolate`),
+//!   so a slot's capacity is its size rounded up to that.
 
 use std::fmt;
 
@@ -86,7 +88,7 @@ use crate::confine::Confinement;
 use crate::sandbox::Sandbox;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 5;
+pub(crate) const VERSION: u16 = 6;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";

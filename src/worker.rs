@@ -105,6 +105,8 @@ const EXIT_BAD_JOB: i32 = 123;
 const EXIT_DISMISSED: i32 = 124;
 /// Exit code of a worker that could not unblock `SIGCHLD`.
 const EXIT_SIGNAL_MASK: i32 = 125;
+/// Exit code of a worker that could not give up the other tasks' slots.
+const EXIT_NOT_ISOLATED: i32 = 126;
 
 /// True in the zygote and, inherited, in every worker (a store in each
 /// worker would cost a copy-on-write fault); false in the parent, where
@@ -169,6 +171,7 @@ pub(crate) fn run(job: Job<'_>) -> ! {
             err,
         ],
     );
+    isolate(job.ring, job.slot);
     let key = match sys::random_u64() {
         Ok(k) => k,
         Err(_) => sys::exit_now(EXIT_NO_KEY),
@@ -199,6 +202,27 @@ pub(crate) fn prepare(zygote: Pid, keep: &[RawFd]) {
     // sockets, epoll, other tasks' pidfds) are never used again here, because
     // a worker leaves through `_exit` without returning.
     unsafe { sys::close_fds_except(keep) };
+}
+
+/// Slot isolation (SAFETY.md S4): gives up every slot of the ring but
+/// `slot`, before the task's code runs; exits if that fails, so no task
+/// runs able to reach another's slot.
+///
+/// Every worker does this before its last task: a fresh worker before its
+/// one task, a reused one (`Builder::reuse`) only before the task after
+/// which it exits, because it serves each task in whatever slot that
+/// task's lease holds. Until then a reused worker keeps the whole ring, and
+/// its tasks can reach other tasks' slots, as every worker could before
+/// (a forgery still fails the MAC: a `Codec` error, never a wrong value).
+fn isolate(ring: &Ring, slot: u32) {
+    // SAFETY: SAFETY.md S4. The worker's own code holds no `Slot` here:
+    // `execute` and `publish` make theirs when they need them and drop
+    // them before returning, and no task's code can reach the ring, which
+    // belongs to the zygote's frame (it lies in no static). Later calls of
+    // `ring.slot` return `None` for every other slot.
+    if unsafe { ring.isolate(slot) }.is_err() {
+        sys::exit_now(EXIT_NOT_ISOLATED);
+    }
 }
 
 /// What a parked worker is given by the zygote.
@@ -321,6 +345,10 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         served += 1;
         // Confinement cannot be undone: a confined task's worker ends with it.
         let may_continue = reused && served < reuse && !request.last && plain;
+        if !may_continue {
+            // This worker's last task: it will need no other slot.
+            isolate(ring, request.slot);
+        }
         let outcome = execute(
             Job {
                 ring,

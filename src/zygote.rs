@@ -249,6 +249,9 @@ pub(crate) fn check_single_threaded() -> Result<(), Error> {
 pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
     check_single_threaded()?;
     let (parts, ends) = parts(limits)?;
+    // The zygote inherits our mappings; nobody maps these files again.
+    SharedWords::seal_writes(ends.ring.as_fd())?;
+    SharedWords::seal_writes(ends.idle.as_fd())?;
     let parent = sys::getpid();
     // Buffered output flushed now is written once, by us, instead of once by
     // us and once more by every worker that later flushes its inherited copy.
@@ -291,6 +294,13 @@ pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> 
     let (Ok(ring), Ok(idle)) = (ring, idle) else {
         sys::exit_now(1)
     };
+    // Ours is the last mapping made of either file (see `spawn`).
+    if SharedWords::seal_writes(ends.ring.as_fd())
+        .and_then(|()| SharedWords::seal_writes(ends.idle.as_fd()))
+        .is_err()
+    {
+        sys::exit_now(1)
+    }
     match become_zygote(&ring, &idle, &ends, parent, limits) {}
 }
 
