@@ -96,6 +96,7 @@ mod slots;
 mod spill;
 mod stats;
 mod sys;
+mod trace;
 mod wire;
 mod worker;
 mod zygote;

@@ -25,6 +25,7 @@ use crate::shared::Inner;
 use crate::shm::SealedBytes;
 use crate::stats::Stats;
 use crate::sys::{self, WaitStatus};
+use crate::trace::TaskTrace;
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
 use crate::zygote::{self, Limits};
@@ -477,7 +478,7 @@ impl Zygote {
         R: Serialize + DeserializeOwned,
     {
         assert_zero_sized(&f);
-        Task::new(self, entry::<F, A, R>, &arg)
+        Task::new(self, entry::<F, A, R>, std::any::type_name::<F>(), &arg)
     }
 
     /// Like [`task`](Zygote::task), for an async function.
@@ -489,7 +490,12 @@ impl Zygote {
         R: Serialize + DeserializeOwned,
     {
         assert_zero_sized(&f);
-        Task::new(self, entry_async::<F, Fut, A, R>, &arg)
+        Task::new(
+            self,
+            entry_async::<F, Fut, A, R>,
+            std::any::type_name::<F>(),
+            &arg,
+        )
     }
 
     /// Number of tasks whose worker has not been reaped yet (running, or
@@ -532,6 +538,8 @@ impl fmt::Debug for Zygote {
 pub struct Task<R> {
     inner: Arc<Inner>,
     entry: Entry,
+    /// The task function's type name, for its span (`crate::trace`).
+    name: &'static str,
     arg: Result<Payload>,
     timeout: Option<Duration>,
     grace: Duration,
@@ -542,7 +550,7 @@ pub struct Task<R> {
 }
 
 impl<R: DeserializeOwned> Task<R> {
-    fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
+    fn new<A: Serialize>(zygote: &Zygote, entry: Entry, name: &'static str, arg: &A) -> Task<R> {
         let inner = zygote.group.pick();
         let limit = inner.limits.max_payload;
         // Large arguments are streamed into a sealed memfd as they are
@@ -560,6 +568,7 @@ impl<R: DeserializeOwned> Task<R> {
         Task {
             inner: Arc::clone(inner),
             entry,
+            name,
             arg,
             timeout: None,
             grace: DEFAULT_GRACE,
@@ -596,6 +605,9 @@ impl<R: DeserializeOwned> Task<R> {
     }
 
     async fn start(self, want_started: bool) -> Result<TaskIo> {
+        // The span opens at submission, and closes at once if the argument
+        // could not be encoded.
+        let trace = TaskTrace::new(self.name);
         let arg = self.arg?;
         let open = want_started;
         // A timeout signals the worker, which needs its pidfd.
@@ -617,6 +629,7 @@ impl<R: DeserializeOwned> Task<R> {
                 // A `Process` waits for its worker's exit.
                 last: open,
                 confinement: self.confinement,
+                trace,
             },
         )
         .await

@@ -44,6 +44,7 @@ use crate::shm::SealedBytes;
 use crate::slots::Lease;
 use crate::stats::Outcome;
 use crate::sys::{self, WaitStatus};
+use crate::trace::{TaskTrace, TraceOutcome};
 use crate::wire::{self, RecordKind, Report, WireError};
 
 /// What became of the task's result record.
@@ -79,6 +80,8 @@ pub(crate) struct Launch<'a> {
     pub(crate) last: bool,
     /// Limits and sandbox (`crate::confine`).
     pub(crate) confinement: Confinement,
+    /// The task's span and trace buffer (`crate::trace`).
+    pub(crate) trace: TaskTrace,
 }
 
 /// One task's I/O state in the parent.
@@ -128,6 +131,8 @@ pub(crate) struct TaskIo {
     /// the reaper rather than on the caller's path (for 64 MiB, the
     /// `munmap` and the freeing of the pages take about 26 ms here).
     spent: Option<(SealedBytes, OwnedFd)>,
+    /// Closed, with the worker's events forwarded, when this is dropped.
+    trace: TaskTrace,
 }
 
 impl TaskIo {
@@ -142,7 +147,11 @@ impl TaskIo {
             fresh,
             last,
             confinement,
+            trace,
         } = launch;
+        // Held across awaits: see below.
+        let trace = ForkLocal::new(trace);
+        let trace_level = trace.level();
         // Confinement cannot be undone, so a confined task never runs in a
         // worker that ran another task (and its worker is not reused).
         let fresh = fresh || !confinement.is_default();
@@ -185,14 +194,17 @@ impl TaskIo {
                 arg: place,
                 worker,
                 confinement,
+                trace: trace_level,
             }
             .encode(inline)
         };
+        // The trace buffer goes last (see `wire`).
         fn with_arg<'a>(
             doorbell: Option<BorrowedFd<'a>>,
             arg: Option<BorrowedFd<'a>>,
+            trace: Option<BorrowedFd<'a>>,
         ) -> Vec<BorrowedFd<'a>> {
-            doorbell.into_iter().chain(arg).collect()
+            doorbell.into_iter().chain(arg).chain(trace).collect()
         }
         // A parked worker if one is waiting: the job goes straight to it, and
         // the fork already happened. Otherwise the zygote forks one now.
@@ -230,7 +242,11 @@ impl TaskIo {
             };
             let bell = ForkLocal::new(bell);
             let guard = MailboxGuard::new(Arc::clone(&inner.mailboxes), claim.index);
-            let fds = with_arg((!same_doorbell).then(|| bell.get_ref().as_fd()), arg_fd);
+            let fds = with_arg(
+                (!same_doorbell).then(|| bell.get_ref().as_fd()),
+                arg_fd,
+                trace.buffer(),
+            );
             // The job socket is empty (the zygote drains it before parking a
             // worker, and a reused worker read its last job), so this
             // non-blocking send cannot find it full. It fails if the worker
@@ -268,7 +284,11 @@ impl TaskIo {
                 let theirs = ForkLocal::new(pair.theirs);
                 let mut with_report: Vec<BorrowedFd<'_>> =
                     theirs.as_ref().map(|fd| fd.as_fd()).into_iter().collect();
-                with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd));
+                with_report.extend(with_arg(
+                    Some(doorbell.get_ref().as_fd()),
+                    arg_fd,
+                    trace.buffer(),
+                ));
                 send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
@@ -307,6 +327,7 @@ impl TaskIo {
             timed_out: false,
             pending_signal: None,
             spent: None,
+            trace: trace.into_inner(),
         })
     }
 
@@ -712,9 +733,20 @@ impl Drop for TaskIo {
             std::mem::forget(self.lease.take());
             std::mem::forget(self.mailbox.take());
             std::mem::forget(self.recycle.take());
+            self.trace.leak();
             return;
         }
-        self.inner.counters.ended(self.outcome());
+        let outcome = self.outcome();
+        self.inner.counters.ended(outcome);
+        self.trace.finish(
+            TraceOutcome::of(
+                outcome,
+                self.delivered,
+                self.spawn_errno.is_some(),
+                self.zygote_gone,
+            ),
+            self.pid,
+        );
         if self.lease.is_none() || self.ended() {
             return;
         }

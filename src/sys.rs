@@ -365,8 +365,9 @@ pub(crate) fn seqpacket_pair() -> SysResult<(OwnedFd, OwnedFd)> {
     .call("socketpair")
 }
 
-/// Most fds that one frame carries (a spawn request: socket, eventfd, argument).
-pub(crate) const MAX_FRAME_FDS: usize = 3;
+/// Most fds that one frame carries (a spawn request: socket, eventfd,
+/// argument, trace buffer).
+pub(crate) const MAX_FRAME_FDS: usize = 4;
 
 /// `sendmsg(sock, frame, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`.
 ///

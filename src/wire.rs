@@ -21,7 +21,7 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair` |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair`; bit 5 = a trace buffer attached (the last fd), bits 8–10 = the most verbose level to keep in it (1 = ERROR … 5 = TRACE), only with bit 5 |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | `pair`: number of the task's report socket pair (`report_pool`), 0 = not kept; at most 1024 |
@@ -37,7 +37,8 @@
 //! It carries two fds (the zygote's end of the task's report socket, the
 //! task's eventfd) and a third, the argument memfd, when flag bit 0 is set.
 //! A job sent straight to a parked worker carries no report socket, and no
-//! eventfd either when flag bit 3 is set.
+//! eventfd either when flag bit 3 is set. Flag bit 5 adds the task's trace
+//! buffer, a memfd (`crate::trace`), after all the others.
 //!
 //! **Report**, zygote → parent, on the task's own report socket (16 bytes):
 //! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
@@ -115,6 +116,11 @@ pub(crate) const FLAG_SAME_DOORBELL: u32 = 8;
 /// Request flag, on the cold path: no report socket attached; use the far
 /// end the zygote kept under the request's `pair` number (`report_pool`).
 pub(crate) const FLAG_POOLED_REPORT: u32 = 16;
+/// Request flag: the task's trace buffer (`crate::trace`) is attached,
+/// after every other fd; bits 8–10 hold the level to keep.
+pub(crate) const FLAG_TRACE: u32 = 32;
+/// Where a traced request's level sits in its flags.
+const TRACE_LEVEL_SHIFT: u32 = 8;
 /// Largest report-pair number a request may carry.
 pub(crate) const MAX_PAIR: u32 = 1024;
 /// Report pairs kept for reuse, numbered `1..=KEPT_PAIRS` on both sides.
@@ -259,6 +265,9 @@ pub(crate) struct Request {
     pub(crate) worker: u32,
     /// Limits and sandbox to apply before the task runs.
     pub(crate) confinement: Confinement,
+    /// 0: no trace buffer; 1 (ERROR) to 5 (TRACE): a trace buffer is
+    /// attached, keeping events up to that level ([`FLAG_TRACE`]).
+    pub(crate) trace: u8,
 }
 
 /// Confinement flag: leave `RLIMIT_CORE` as inherited.
@@ -352,6 +361,9 @@ impl Request {
         if self.pooled_report {
             flags |= FLAG_POOLED_REPORT;
         }
+        if self.trace != 0 {
+            flags |= FLAG_TRACE | u32::from(self.trace.min(5)) << TRACE_LEVEL_SHIFT;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.worker.to_le_bytes());
@@ -397,9 +409,16 @@ impl Request {
             | FLAG_WANT_STARTED
             | FLAG_LAST
             | FLAG_SAME_DOORBELL
-            | FLAG_POOLED_REPORT;
+            | FLAG_POOLED_REPORT
+            | FLAG_TRACE
+            | 7 << TRACE_LEVEL_SHIFT;
         // A pooled report socket is named by its number, which is never 0.
         if flags & !known != 0 || (flags & FLAG_POOLED_REPORT != 0 && pair == 0) {
+            return Err(WireError::Flags(flags));
+        }
+        // A level with the trace flag, and only then.
+        let trace = (flags >> TRACE_LEVEL_SHIFT & 7) as u8;
+        if (flags & FLAG_TRACE != 0) != (1..=5).contains(&trace) {
             return Err(WireError::Flags(flags));
         }
         let arg = match flags & FLAG_ARG_MEMFD {
@@ -420,6 +439,7 @@ impl Request {
                 arg,
                 worker,
                 confinement,
+                trace,
             },
             inline,
         ))
@@ -708,6 +728,7 @@ mod tests {
             slot: 3,
             arg: ArgPlace::Inline(5),
             worker: 0,
+            trace: 0,
             confinement: Confinement::default(),
         };
         let frame = req.encode(b"hello");
@@ -738,6 +759,7 @@ mod tests {
             slot: 9,
             arg: ArgPlace::Inline(2),
             worker: 77,
+            trace: 0,
             confinement: Confinement::default(),
         };
         let frame = req.encode(b"ab");
@@ -759,6 +781,7 @@ mod tests {
             slot: 1,
             arg: ArgPlace::Inline(0),
             worker: 0,
+            trace: 0,
             confinement: Confinement {
                 memory: Some(64 << 20),
                 cpu_secs: Some(1),
@@ -834,6 +857,7 @@ mod tests {
             slot: 0,
             arg: ArgPlace::Inline(0),
             worker: 4242,
+            trace: 0,
             confinement: Confinement::default(),
         }
         .encode(&[]);
@@ -912,6 +936,7 @@ mod tests {
                 want_started in any::<bool>(),
                 worker in any::<u32>(),
                 confinement in confinement(),
+                trace in 0..=5u8,
             ) {
                 let inline = match place {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
@@ -919,7 +944,7 @@ mod tests {
                 };
                 let req = Request {
                     generation, want_started, last: want_started, same_doorbell: !want_started, pair: 0, pooled_report: false,
-                    entry, slot, arg: place, worker, confinement,
+                    entry, slot, arg: place, worker, confinement, trace,
                 };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);

@@ -89,6 +89,9 @@ pub(crate) struct Job<'a> {
     pub(crate) result_buf: Vec<u8>,
     /// Limits and sandbox, applied just before the task's code runs.
     pub(crate) confinement: Confinement,
+    /// The task's trace buffer and level (`crate::trace`), if the parent
+    /// traces it.
+    pub(crate) trace: Option<(OwnedFd, u8)>,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -154,9 +157,15 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         // Not an fd: `close_fds_except` ignores it.
         ArgSource::Inline(_) => -1,
     };
+    let trace_fd = job.trace.as_ref().map_or(-1, |(fd, _)| sys::raw(fd));
     prepare(
         job.zygote,
-        &[sys::raw(&job.doorbell), sys::raw(job.spill), arg_fd],
+        &[
+            sys::raw(&job.doorbell),
+            sys::raw(job.spill),
+            arg_fd,
+            trace_fd,
+        ],
     );
     let key = match sys::random_u64() {
         Ok(k) => k,
@@ -261,7 +270,15 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         let Some(doorbell) = doorbell else {
             sys::exit_now(EXIT_BAD_JOB);
         };
-        let arg_fd = fds.next();
+        // The argument's memfd only if there is one: a trace buffer may
+        // follow.
+        let arg_fd = matches!(request.arg, ArgPlace::Memfd(_))
+            .then(|| fds.next())
+            .flatten();
+        let trace = (request.trace != 0)
+            .then(|| fds.next())
+            .flatten()
+            .map(|fd| (fd, request.trace));
         drop(fds);
         idle::busy(idle);
         if served == 0 {
@@ -275,6 +292,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 sys::raw(&doorbell),
                 sys::raw(spill),
                 arg_fd.as_ref().map_or(-1, sys::raw),
+                trace.as_ref().map_or(-1, |(fd, _)| sys::raw(fd)),
                 if reused && request.confinement.is_default() {
                     sys::raw(jobs)
                 } else {
@@ -316,6 +334,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 zygote,
                 result_buf,
                 confinement: request.confinement,
+                trace,
             },
             keys.next(),
             may_continue.then_some(idle),
@@ -463,6 +482,13 @@ fn execute(
         Err(message) => failed(RecordKind::EncodeFailed, message),
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
         Ok(arg) => 'task: {
+            // Before confinement (which may forbid `mmap`) and any code of
+            // the task; the guard lives until the result is published.
+            #[cfg(feature = "tracing")]
+            let _trace = job
+                .trace
+                .take()
+                .and_then(|(fd, level)| crate::trace::Worker::begin(fd, level));
             // After everything the worker does for itself, before any code
             // of the task: confinement that cannot be applied is reported,
             // and the task does not run.

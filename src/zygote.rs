@@ -592,11 +592,21 @@ impl Zygote<'_> {
                 }
             },
         };
+        // The trace buffer (`crate::trace`), last.
+        let trace = match (request.trace, fds.next()) {
+            (0, _) => None,
+            (level, Some(fd)) => Some((fd, level)),
+            (_, None) => {
+                refuse(&report, libc::EINVAL);
+                return None;
+            }
+        };
         Some(Prepared {
             request,
             report,
             doorbell,
             arg,
+            trace,
         })
     }
 
@@ -615,6 +625,7 @@ impl Zygote<'_> {
             report,
             doorbell,
             arg,
+            trace,
         } = job;
         let arg = match arg {
             JobArg::Copied(Copied::Small(n)) => ArgSource::Inline(&small[..n]),
@@ -640,11 +651,13 @@ impl Zygote<'_> {
                     zygote,
                     result_buf: std::mem::take(result_buf),
                     confinement: request.confinement,
+                    trace,
                 })
             }),
             Ok(Forked::Parent(pid)) => {
                 drop(arg);
                 drop(doorbell);
+                drop(trace);
                 // The zygote itself needs no pidfd (it is the worker's
                 // parent: its signals and its reap cannot hit another
                 // process); the parent gets one only if it asked.
@@ -696,6 +709,7 @@ struct Prepared {
     report: OwnedFd,
     doorbell: OwnedFd,
     arg: JobArg,
+    trace: Option<(OwnedFd, u8)>,
 }
 
 enum JobArg {
