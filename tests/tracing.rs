@@ -321,6 +321,33 @@ async fn a_flood_is_bounded_and_counted(z: Zygote, rec: Recorder) -> TestResult 
     )
 }
 
+fn traced_confined(_: ()) -> u64 {
+    tracing::info!("confined and still heard");
+    7
+}
+
+async fn a_confined_task_is_traced_too(z: Zygote, rec: Recorder) -> TestResult {
+    // The buffer is mapped before the sandbox and the fd limit apply, and
+    // its fd closed: neither takes anything from the task.
+    let sandbox = run_in_process::Sandbox::new()
+        .deny_network()
+        .deny_exec()
+        .deny_fs_writes();
+    let task = z
+        .task(traced_confined, ())
+        .sandbox(sandbox)
+        .open_files_limit(6);
+    ensure(task.run().await? == 7, "value")?;
+    let (serial, _) = rec.task_span("traced_confined")?;
+    let events = rec.events_in(serial);
+    ensure(
+        events
+            .iter()
+            .any(|e| field(&e.fields, "message") == "confined and still heard"),
+        format!("{events:?}"),
+    )
+}
+
 fn main() {
     let zygote = Zygote::builder()
         .max_in_flight(4)
@@ -344,5 +371,6 @@ fn main() {
     trial!(spans_carry_name_pid_and_outcome);
     trial!(worker_events_arrive_in_the_task_span);
     trial!(a_flood_is_bounded_and_counted);
+    trial!(a_confined_task_is_traced_too);
     libtest_mimic::run(&args, trials).exit();
 }
