@@ -553,6 +553,10 @@ fn main() {
 
     let zygote_rss = rss_kib(zygote.pid());
     let parked_private = parked_private_kib(&zygote);
+    #[cfg(feature = "tracing")]
+    let tracing_row = tracing_rows(&rt, &zygote, n);
+    #[cfg(not(feature = "tracing"))]
+    let tracing_row = String::new();
     drop(zygote);
     drop(cold_zygote);
     drop(blob_zygote);
@@ -699,6 +703,7 @@ fn main() {
         ratio(&cold_shared, &cold),
     );
 
+    out += &tracing_row;
     print!("{out}");
     let _ = std::fs::create_dir_all("target");
     let _ = std::fs::write("target/compare.svg", svg(&rows, &date));
@@ -706,6 +711,33 @@ fn main() {
         let _ = f.write_all(out.as_bytes());
         println!("\n(written to target/compare.md and target/compare.svg)");
     }
+}
+
+/// With `--features tracing`: noop runs with no subscriber, then with one
+/// (a registry and a layer that does nothing, as this thread's default,
+/// which enables every task span and so its trace buffer), in alternating
+/// rounds. Without a subscriber the feature should cost nothing.
+#[cfg(feature = "tracing")]
+fn tracing_rows(rt: &tokio::runtime::Runtime, z: &Zygote, n: usize) -> String {
+    use tracing_subscriber::layer::SubscriberExt;
+    struct Nothing;
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Nothing {}
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        for _ in 0..5 {
+            off.extend(runs(z, n / 5, Duration::ZERO).await);
+            let _default =
+                tracing::subscriber::set_default(tracing_subscriber::registry().with(Nothing));
+            on.extend(runs(z, n / 5, Duration::ZERO).await);
+        }
+    });
+    let (off, on) = (Stats::of(off), Stats::of(on));
+    format!(
+        "- tracing feature, a subscriber / none: {:.2}x (p50 {} vs {}, alternating rounds)\n",
+        on.p50.as_secs_f64() / off.p50.as_secs_f64(),
+        us(on.p50),
+        us(off.p50),
+    )
 }
 
 /// How a confined noop task is set up, for the confinement rows.

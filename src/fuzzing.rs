@@ -117,6 +117,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
             slot: i as u32,
             arg: ArgPlace::Inline(arg.len() as u64),
             worker: if i == 1 { 4242 } else { 0 },
+            trace: 0,
             confinement: crate::confine::Confinement::default(),
             io: crate::wire::IoPlan::default(),
         };
@@ -133,6 +134,7 @@ pub fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
         slot: 3,
         arg: ArgPlace::Memfd(1 << 20),
         worker: 0,
+        trace: 0,
         confinement: crate::confine::Confinement {
             memory: Some(64 << 20),
             cpu_secs: Some(1),

@@ -102,6 +102,7 @@ mod spill;
 mod stats;
 mod sys;
 mod template;
+mod trace;
 mod wire;
 mod worker;
 mod zygote;

@@ -28,6 +28,7 @@ use crate::shm::SealedBytes;
 use crate::stats::Stats;
 use crate::sys::{self, WaitStatus};
 use crate::template::{self, Respawn};
+use crate::trace::TaskTrace;
 use crate::wire::RecordKind;
 use crate::worker::{Entry, Outcome, Output};
 use crate::zygote::{self, Limits};
@@ -584,7 +585,7 @@ impl Zygote {
         R: Serialize + DeserializeOwned,
     {
         assert_zero_sized(&f);
-        Task::new(self, entry::<F, A, R>, &arg)
+        Task::new(self, entry::<F, A, R>, std::any::type_name::<F>(), &arg)
     }
 
     /// Like [`task`](Zygote::task), for an async function.
@@ -596,7 +597,12 @@ impl Zygote {
         R: Serialize + DeserializeOwned,
     {
         assert_zero_sized(&f);
-        Task::new(self, entry_async::<F, Fut, A, R>, &arg)
+        Task::new(
+            self,
+            entry_async::<F, Fut, A, R>,
+            std::any::type_name::<F>(),
+            &arg,
+        )
     }
 
     /// Number of tasks whose worker has not been reaped yet (running, or
@@ -641,6 +647,8 @@ pub struct Task<R> {
     /// With respawn: the group and the member `inner` is (`Builder::respawn`).
     member: Option<(Arc<Group>, usize)>,
     entry: Entry,
+    /// The task function's type name, for its span (`crate::trace`).
+    name: &'static str,
     arg: Result<Payload>,
     timeout: Option<Duration>,
     grace: Duration,
@@ -655,7 +663,7 @@ pub struct Task<R> {
 }
 
 impl<R: DeserializeOwned> Task<R> {
-    fn new<A: Serialize>(zygote: &Zygote, entry: Entry, arg: &A) -> Task<R> {
+    fn new<A: Serialize>(zygote: &Zygote, entry: Entry, name: &'static str, arg: &A) -> Task<R> {
         let (index, inner) = zygote.group.pick();
         let member = zygote
             .group
@@ -682,6 +690,7 @@ impl<R: DeserializeOwned> Task<R> {
             inner,
             member,
             entry,
+            name,
             arg,
             timeout: None,
             grace: DEFAULT_GRACE,
@@ -719,6 +728,9 @@ impl<R: DeserializeOwned> Task<R> {
     }
 
     async fn start(self, want_started: bool) -> Result<(TaskIo, Streams)> {
+        // The span opens at submission, and closes at once if the argument
+        // could not be encoded.
+        let trace = TaskTrace::new(self.name);
         let arg = self.arg?;
         // Bad env input fails here, before anything is sent or forked.
         let io = crate::output::prepare(&self.env, &self.output)?;
@@ -748,6 +760,7 @@ impl<R: DeserializeOwned> Task<R> {
                 confinement: self.confinement,
                 io: io.plan,
                 io_fds: io.fds().collect(),
+                trace,
             },
         )
         .await?;

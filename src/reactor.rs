@@ -44,6 +44,7 @@ use crate::shm::SealedBytes;
 use crate::slots::Lease;
 use crate::stats::Outcome;
 use crate::sys::{self, WaitStatus};
+use crate::trace::{TaskTrace, TraceOutcome};
 use crate::wire::{self, IoPlan, RecordKind, Report, WireError};
 
 /// What became of the task's result record.
@@ -83,6 +84,8 @@ pub(crate) struct Launch<'a> {
     /// after the argument's.
     pub(crate) io: IoPlan,
     pub(crate) io_fds: Vec<BorrowedFd<'a>>,
+    /// The task's span and trace buffer (`crate::trace`).
+    pub(crate) trace: TaskTrace,
 }
 
 /// One task's I/O state in the parent.
@@ -132,6 +135,8 @@ pub(crate) struct TaskIo {
     /// the reaper rather than on the caller's path (for 64 MiB, the
     /// `munmap` and the freeing of the pages take about 26 ms here).
     spent: Option<(SealedBytes, OwnedFd)>,
+    /// Closed, with the worker's events forwarded, when this is dropped.
+    trace: TaskTrace,
 }
 
 impl TaskIo {
@@ -148,7 +153,11 @@ impl TaskIo {
             confinement,
             io,
             io_fds,
+            trace,
         } = launch;
+        // Held across awaits: see below.
+        let trace = ForkLocal::new(trace);
+        let trace_level = trace.level();
         // Confinement cannot be undone, so a confined task never runs in a
         // worker that ran another task (and its worker is not reused); nor
         // can env, cwd or output settings.
@@ -195,18 +204,22 @@ impl TaskIo {
                 worker,
                 confinement,
                 io,
+                trace: trace_level,
             }
             .encode(inline)
         };
+        // The trace buffer goes last (see `wire`).
         fn with_arg<'a>(
             doorbell: Option<BorrowedFd<'a>>,
             arg: Option<BorrowedFd<'a>>,
             io: &[BorrowedFd<'a>],
+            trace: Option<BorrowedFd<'a>>,
         ) -> Vec<BorrowedFd<'a>> {
             doorbell
                 .into_iter()
                 .chain(arg)
                 .chain(io.iter().copied())
+                .chain(trace)
                 .collect()
         }
         // A parked worker if one is waiting: the job goes straight to it, and
@@ -249,6 +262,7 @@ impl TaskIo {
                 (!same_doorbell).then(|| bell.get_ref().as_fd()),
                 arg_fd,
                 &io_fds,
+                trace.buffer(),
             );
             // The job socket is empty (the zygote drains it before parking a
             // worker, and a reused worker read its last job), so this
@@ -287,7 +301,12 @@ impl TaskIo {
                 let theirs = ForkLocal::new(pair.theirs);
                 let mut with_report: Vec<BorrowedFd<'_>> =
                     theirs.as_ref().map(|fd| fd.as_fd()).into_iter().collect();
-                with_report.extend(with_arg(Some(doorbell.get_ref().as_fd()), arg_fd, &io_fds));
+                with_report.extend(with_arg(
+                    Some(doorbell.get_ref().as_fd()),
+                    arg_fd,
+                    &io_fds,
+                    trace.buffer(),
+                ));
                 send_request(&inner, &frame, &with_report).await?;
                 // From now on the zygote holds the only copy of the far end,
                 // so its death still ends the stream.
@@ -327,6 +346,7 @@ impl TaskIo {
             timed_out: false,
             pending_signal: None,
             spent: None,
+            trace: trace.into_inner(),
         })
     }
 
@@ -736,9 +756,20 @@ impl Drop for TaskIo {
             std::mem::forget(self.lease.take());
             std::mem::forget(self.mailbox.take());
             std::mem::forget(self.recycle.take());
+            self.trace.leak();
             return;
         }
-        self.inner.counters.ended(self.outcome());
+        let outcome = self.outcome();
+        self.inner.counters.ended(outcome);
+        self.trace.finish(
+            TraceOutcome::of(
+                outcome,
+                self.delivered,
+                self.spawn_errno.is_some(),
+                self.zygote_gone,
+            ),
+            self.pid,
+        );
         // Nobody takes this task's result any more: a notice for it that
         // arrives late (a cancelled big result) is dropped, not stashed.
         self.inner.spill.forget(self.generation);

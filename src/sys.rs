@@ -366,8 +366,8 @@ pub(crate) fn seqpacket_pair() -> SysResult<(OwnedFd, OwnedFd)> {
 }
 
 /// Most fds that one frame carries (a spawn request: socket, eventfd,
-/// argument, env memfd, stdout and stderr pipes).
-pub(crate) const MAX_FRAME_FDS: usize = 6;
+/// argument, env memfd, stdout and stderr pipes, trace buffer).
+pub(crate) const MAX_FRAME_FDS: usize = 7;
 
 /// `sendmsg(sock, frame, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`.
 ///

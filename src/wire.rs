@@ -21,7 +21,7 @@
 //! | 8      | 8    | `generation`: task generation, unique per zygote            |
 //! | 16     | 8    | `entry`: address of the monomorphised task function  |
 //! | 24     | 4    | `slot`: ring slot the worker must write its result to |
-//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair`; bit 5 = an env/cwd memfd attached; bits 6–7 and 8–9 = stdout and stderr: 0 inherit, 1 `/dev/null`, 2 a pipe attached |
+//! | 28     | 4    | flags: bit 0 = argument in a sealed memfd; bit 1 = report `Started`; bit 2 = last task of a reused worker; bit 3 = no doorbell attached, reuse the last; bit 4 = no report socket attached, use the one kept under `pair`; bit 5 = an env/cwd memfd attached; bits 6–7 and 8–9 = stdout and stderr: 0 inherit, 1 `/dev/null`, 2 a pipe attached; bit 10 = a trace buffer attached (the last fd), bits 11–13 = the most verbose level to keep in it (1 = ERROR … 5 = TRACE), only with bit 10 |
 //! | 32     | 8    | argument length in bytes                             |
 //! | 40     | 4    | `worker`: pid of the parked worker the job is for; 0 = the worker the zygote forks for it |
 //! | 44     | 4    | `pair`: number of the task's report socket pair (`report_pool`), 0 = not kept; at most 1024 |
@@ -39,7 +39,8 @@
 //! then, in this order, the env/cwd memfd (bit 5, `crate::env`) and the
 //! write ends of the stdout and stderr pipes (mode 2, `crate::output`).
 //! A job sent straight to a parked worker carries no report socket, and no
-//! eventfd either when flag bit 3 is set.
+//! eventfd either when flag bit 3 is set. Flag bit 10 adds the task's trace
+//! buffer, a memfd (`crate::trace`), after all the others.
 //!
 //! **Report**, zygote → parent, on the task's own report socket (16 bytes):
 //! magic `RIPr`, version, kind (1 = started, 2 = exited, 3 = spawn failed),
@@ -127,6 +128,11 @@ pub(crate) const FLAG_ENV_MEMFD: u32 = 32;
 /// Where the stdout and stderr modes ([`Stdio`]) sit in the flags.
 const STDOUT_SHIFT: u32 = 6;
 const STDERR_SHIFT: u32 = 8;
+/// Request flag: the task's trace buffer (`crate::trace`) is attached,
+/// after every other fd; bits 11–13 hold the level to keep.
+pub(crate) const FLAG_TRACE: u32 = 1 << 10;
+/// Where a traced request's level sits in its flags.
+const TRACE_LEVEL_SHIFT: u32 = 11;
 /// Largest report-pair number a request may carry.
 pub(crate) const MAX_PAIR: u32 = 1024;
 /// Report pairs kept for reuse, numbered `1..=KEPT_PAIRS` on both sides.
@@ -340,6 +346,9 @@ pub(crate) struct Request {
     pub(crate) confinement: Confinement,
     /// Env, cwd and output settings, applied before the confinement.
     pub(crate) io: IoPlan,
+    /// 0: no trace buffer; 1 (ERROR) to 5 (TRACE): a trace buffer is
+    /// attached, keeping events up to that level ([`FLAG_TRACE`]).
+    pub(crate) trace: u8,
 }
 
 /// Confinement flag: leave `RLIMIT_CORE` as inherited.
@@ -434,6 +443,9 @@ impl Request {
             flags |= FLAG_POOLED_REPORT;
         }
         flags |= self.io.flags();
+        if self.trace != 0 {
+            flags |= FLAG_TRACE | u32::from(self.trace.min(5)) << TRACE_LEVEL_SHIFT;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.worker.to_le_bytes());
@@ -482,10 +494,17 @@ impl Request {
             | FLAG_POOLED_REPORT
             | FLAG_ENV_MEMFD
             | 3 << STDOUT_SHIFT
-            | 3 << STDERR_SHIFT;
+            | 3 << STDERR_SHIFT
+            | FLAG_TRACE
+            | 7 << TRACE_LEVEL_SHIFT;
         let io = IoPlan::from_flags(flags).ok_or(WireError::Flags(flags))?;
         // A pooled report socket is named by its number, which is never 0.
         if flags & !known != 0 || (flags & FLAG_POOLED_REPORT != 0 && pair == 0) {
+            return Err(WireError::Flags(flags));
+        }
+        // A level with the trace flag, and only then.
+        let trace = (flags >> TRACE_LEVEL_SHIFT & 7) as u8;
+        if (flags & FLAG_TRACE != 0) != (1..=5).contains(&trace) {
             return Err(WireError::Flags(flags));
         }
         let arg = match flags & FLAG_ARG_MEMFD {
@@ -507,6 +526,7 @@ impl Request {
                 worker,
                 confinement,
                 io,
+                trace,
             },
             inline,
         ))
@@ -800,6 +820,7 @@ mod tests {
             slot: 3,
             arg: ArgPlace::Inline(5),
             worker: 0,
+            trace: 0,
             confinement: Confinement::default(),
             io: IoPlan::default(),
         };
@@ -831,6 +852,7 @@ mod tests {
             slot: 9,
             arg: ArgPlace::Inline(2),
             worker: 77,
+            trace: 0,
             confinement: Confinement::default(),
             io: IoPlan::default(),
         };
@@ -853,6 +875,7 @@ mod tests {
             slot: 1,
             arg: ArgPlace::Inline(0),
             worker: 0,
+            trace: 0,
             confinement: Confinement {
                 memory: Some(64 << 20),
                 cpu_secs: Some(1),
@@ -933,6 +956,7 @@ mod tests {
             slot: 0,
             arg: ArgPlace::Inline(0),
             worker: 4242,
+            trace: 0,
             confinement: Confinement::default(),
             io: IoPlan::default(),
         }
@@ -1012,6 +1036,7 @@ mod tests {
                 want_started in any::<bool>(),
                 worker in any::<u32>(),
                 confinement in confinement(),
+                trace in 0..=5u8,
             ) {
                 let inline = match place {
                     ArgPlace::Inline(n) => vec![0x5a; n as usize],
@@ -1019,7 +1044,7 @@ mod tests {
                 };
                 let req = Request {
                     generation, want_started, last: want_started, same_doorbell: !want_started, pair: 0, pooled_report: false,
-                    entry, slot, arg: place, worker, confinement, io: IoPlan::default(),
+                    entry, slot, arg: place, worker, confinement, io: IoPlan::default(), trace,
                 };
                 let frame = req.encode(&inline);
                 let decoded = Request::decode(&frame, u32::MAX, u64::MAX);

@@ -92,6 +92,9 @@ pub(crate) struct Job<'a> {
     pub(crate) confinement: Confinement,
     /// Env, cwd and output (`crate::output`), applied before the confinement.
     pub(crate) io: IoFds,
+    /// The task's trace buffer and level (`crate::trace`), if the parent
+    /// traces it.
+    pub(crate) trace: Option<(OwnedFd, u8)>,
 }
 
 /// Exit code of a worker that found its zygote already gone.
@@ -160,6 +163,7 @@ pub(crate) fn run(job: Job<'_>) -> ! {
         ArgSource::Inline(_) => -1,
     };
     let [env, out, err] = job.io.raw();
+    let trace_fd = job.trace.as_ref().map_or(-1, |(fd, _)| sys::raw(fd));
     prepare(
         job.zygote,
         &[
@@ -169,6 +173,7 @@ pub(crate) fn run(job: Job<'_>) -> ! {
             env,
             out,
             err,
+            trace_fd,
         ],
     );
     isolate(job.ring, job.slot);
@@ -303,6 +308,11 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         let Some(io) = IoFds::take(request.io, &mut fds) else {
             sys::exit_now(EXIT_BAD_JOB);
         };
+        // The trace buffer, last.
+        let trace = (request.trace != 0)
+            .then(|| fds.next())
+            .flatten()
+            .map(|fd| (fd, request.trace));
         drop(fds);
         // Env, cwd and output cannot be undone either.
         let plain = request.confinement.is_default() && request.io.is_default();
@@ -323,6 +333,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 env,
                 out,
                 err,
+                trace.as_ref().map_or(-1, |(fd, _)| sys::raw(fd)),
             ];
             // SAFETY: SAFETY.md F3. Still single-threaded (no code of a task
             // has run yet), and of the fds this closes, the mailbox's job
@@ -363,6 +374,7 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
                 result_buf,
                 confinement: request.confinement,
                 io,
+                trace,
             },
             keys.next(),
             may_continue.then_some(idle),
@@ -510,6 +522,13 @@ fn execute(
         Err(message) => failed(RecordKind::EncodeFailed, message),
         Ok(_) if job.entry == 0 => failed(RecordKind::EncodeFailed, "null task entry".into()),
         Ok(arg) => 'task: {
+            // Before confinement (which may forbid `mmap`) and any code of
+            // the task; the guard lives until the result is published.
+            #[cfg(feature = "tracing")]
+            let _trace = job
+                .trace
+                .take()
+                .and_then(|(fd, level)| crate::trace::Worker::begin(fd, level));
             // After everything the worker does for itself, before any code
             // of the task: I/O that cannot be set up, or confinement that
             // cannot be applied, is reported, and the task does not run.

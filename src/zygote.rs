@@ -740,12 +740,22 @@ impl Zygote<'_> {
             refuse(&report, libc::EINVAL);
             return None;
         };
+        // The trace buffer (`crate::trace`), last.
+        let trace = match (request.trace, fds.next()) {
+            (0, _) => None,
+            (level, Some(fd)) => Some((fd, level)),
+            (_, None) => {
+                refuse(&report, libc::EINVAL);
+                return None;
+            }
+        };
         Some(Prepared {
             request,
             report,
             doorbell,
             arg,
             io,
+            trace,
         })
     }
 
@@ -765,6 +775,7 @@ impl Zygote<'_> {
             doorbell,
             arg,
             io,
+            trace,
         } = job;
         let arg = match arg {
             JobArg::Copied(Copied::Small(n)) => ArgSource::Inline(&small[..n]),
@@ -791,6 +802,7 @@ impl Zygote<'_> {
                     result_buf: std::mem::take(result_buf),
                     confinement: request.confinement,
                     io,
+                    trace,
                 })
             }),
             Ok(Forked::Parent(pid)) => {
@@ -799,6 +811,7 @@ impl Zygote<'_> {
                 // The capture pipes' write ends above all: a stream reaches
                 // end-of-file only once every copy is closed.
                 drop(io);
+                drop(trace);
                 // The zygote itself needs no pidfd (it is the worker's
                 // parent: its signals and its reap cannot hit another
                 // process); the parent gets one only if it asked.
@@ -852,6 +865,7 @@ struct Prepared {
     arg: JobArg,
     /// Env memfd and capture pipes (`crate::output`).
     io: IoFds,
+    trace: Option<(OwnedFd, u8)>,
 }
 
 enum JobArg {
