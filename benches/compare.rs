@@ -205,6 +205,7 @@ fn main() {
     let (mut cold, mut warm, mut warm_paced) = (Vec::new(), Vec::new(), Vec::new());
     let mut reused = Vec::new();
     let (mut limited, mut memory_limited, mut sandboxed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut with_env, mut captured) = (Vec::new(), Vec::new());
     let (mut cold_heap, mut cold_shared) = (Vec::new(), Vec::new());
     let (mut spawn_blocking, mut true_cmd) = (Vec::new(), Vec::new());
     let (mut procspawn_spawn, mut procspawn_pool) = (Vec::new(), Vec::new());
@@ -233,6 +234,8 @@ fn main() {
             limited.extend(confined_runs(&zygote, per / 2, Confined::Limits).await);
             memory_limited.extend(confined_runs(&zygote, per / 2, Confined::Memory).await);
             sandboxed.extend(confined_runs(&zygote, per / 2, Confined::Sandbox).await);
+            with_env.extend(confined_runs(&zygote, per / 2, Confined::Env).await);
+            captured.extend(confined_runs(&zygote, per / 2, Confined::Capture).await);
             cold_heap.extend(runs(&heap_warm, per / 2, Duration::ZERO).await);
             cold_shared.extend(runs(&shared_warm, per / 2, Duration::ZERO).await);
             spawn_blocking.extend(
@@ -271,6 +274,7 @@ fn main() {
         Stats::of(memory_limited),
         Stats::of(sandboxed),
     );
+    let (with_env, captured) = (Stats::of(with_env), Stats::of(captured));
     let (cold_heap, cold_shared) = (Stats::of(cold_heap), Stats::of(cold_shared));
     rows.push(Row::new("floor: fork + _exit + waitpid", fork_wait));
     rows.push(Row::new(
@@ -310,6 +314,14 @@ fn main() {
         (
             "run_in_process: noop run, sandbox (seccomp + Landlock)",
             sandboxed,
+        ),
+        (
+            "run_in_process: noop run, one env var + current_dir",
+            with_env,
+        ),
+        (
+            "run_in_process: noop run_captured (stdout + stderr)",
+            captured,
         ),
     ] {
         rows.push(Row::new(name, stats).vs(&warm, "unconfined back to back"));
@@ -749,6 +761,10 @@ enum Confined {
     Memory,
     /// The full sandbox: seccomp, Landlock, `no_new_privs`.
     Sandbox,
+    /// Task I/O: one environment variable and a working directory.
+    Env,
+    /// Task I/O: stdout and stderr captured (two pipes, two drains).
+    Capture,
 }
 
 /// `n` sequential confined noop runs, parked workers; the time of each.
@@ -768,6 +784,12 @@ async fn confined_runs(z: &Zygote, n: usize, how: Confined) -> Vec<Duration> {
                     .deny_exec()
                     .deny_fs_writes(),
             ),
+            Confined::Env => task.env("RUN_IN_PROCESS_BENCH", "1").current_dir("/"),
+            Confined::Capture => {
+                black_box(task.run_captured().await.expect("captured run").value);
+                times.push(t.elapsed());
+                continue;
+            }
         };
         black_box(task.run().await.expect("confined run"));
         times.push(t.elapsed());
