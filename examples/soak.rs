@@ -173,15 +173,21 @@ fn spins(_: u64) -> u64 {
     }
 }
 
-/// A result too big for a ring slot: it goes through a spill memfd.
-fn big((n, len): (u64, usize)) -> Vec<u8> {
-    pattern(n, len)
+/// A result too big for a ring slot: it goes through a spill memfd. As a
+/// byte string (`ByteBuf`), as large results should be: a `Vec<u8>` is a
+/// sequence of `u8`s to serde, encoded one element at a time.
+fn big((n, len): (u64, usize)) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(pattern(n, len))
 }
 
+/// Task `n`'s bytes: its own fill, and a counter every 4093 bytes (a prime,
+/// so a shifted or truncated copy does not match). Cheap even unoptimised.
 fn pattern(n: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (n as usize).wrapping_add(i * 31) as u8)
-        .collect()
+    let mut bytes = vec![n as u8; len];
+    for (i, b) in bytes.iter_mut().step_by(4093).enumerate() {
+        *b = i as u8 ^ 0x5a;
+    }
+    bytes
 }
 
 // ---------------------------------------------------------------------------
@@ -290,7 +296,7 @@ async fn one(z: &Zygote, kind: Kind, n: u64, r: u64, killing: bool) -> Result<Se
                 run.await
             };
             match outcome {
-                Ok(v) if v.len() == len && v == pattern(n, len) => Ok(Seen::As(kind)),
+                Ok(v) if v.len() == len && *v == pattern(n, len) => Ok(Seen::As(kind)),
                 Ok(v) => wrong(format!("WRONG result of {} bytes", v.len())),
                 Err(e) => failed(e, &|_| false),
             }
