@@ -95,6 +95,7 @@ mod shm;
 mod slots;
 mod spill;
 mod stats;
+mod sync;
 mod sys;
 mod wire;
 mod worker;
