@@ -100,6 +100,7 @@ mod shm;
 mod slots;
 mod spill;
 mod stats;
+mod sync;
 mod sys;
 mod template;
 mod trace;

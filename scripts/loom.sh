@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The loom model of the result ring's publish/take protocol (src/ring/model.rs,
+# docs/verification.md): every interleaving of a parent and its workers over a
+# heap-backed two-slot ring. The scenarios are small enough to search
+# without a preemption bound (seconds); LOOM_MAX_PREEMPTIONS=N bounds it.
+#
+#   bash scripts/loom.sh
+#
+# `--cfg loom` swaps the ring's atomics for loom's (src/sync.rs); it builds
+# into its own target directory so that it does not invalidate normal builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export RUSTFLAGS="${RUSTFLAGS:-} --cfg loom"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom"
+exec cargo test --release --lib ring::model -- --test-threads=1 "$@"
