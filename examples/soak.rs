@@ -261,7 +261,12 @@ async fn one(z: &Zygote, kind: Kind, n: u64, r: u64, killing: bool) -> Result<Se
             }
         }
         Kind::Timeout => {
-            let task = z.task(spins, n).timeout(Duration::from_millis(10));
+            // A short grace: the spinner never looks at `stop_requested`, so
+            // it is killed when the grace ends (2 s by default).
+            let task = z
+                .task(spins, n)
+                .timeout(Duration::from_millis(10))
+                .grace(Duration::from_millis(5));
             match task.run().await {
                 Ok(v) => wrong(format!("returned {v}")),
                 Err(e) => failed(e, &|e| e.kind() == ErrorKind::TimedOut),
