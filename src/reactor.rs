@@ -582,8 +582,8 @@ impl TaskIo {
     /// Puts a reused worker that is waiting for its next task back in its
     /// mailbox (reuse mode), and frees the slot: the worker publishes only
     /// into the slot of the task it is given, under that task's generation.
+    /// (Only from `Drop`, which has forgotten the task's spill notice.)
     fn offer_again(&mut self) {
-        self.inner.spill.forget(self.generation);
         // Both taken out of this runtime's epoll set, for the next task to
         // register with its own. The doorbell was drained when the key was
         // read, and the report socket holds nothing for us: the worker has
@@ -770,10 +770,13 @@ impl Drop for TaskIo {
             ),
             self.pid,
         );
+        if self.lease.is_none() {
+            return; // released: `release` forgot it
+        }
         // Nobody takes this task's result any more: a notice for it that
         // arrives late (a cancelled big result) is dropped, not stashed.
         self.inner.spill.forget(self.generation);
-        if self.lease.is_none() || self.ended() {
+        if self.ended() {
             return;
         }
         if self.continues && !self.signalled.load(Ordering::Relaxed) {
