@@ -58,6 +58,20 @@ thread_local! {
     static OFFER: RefCell<Option<Forwardable>> = const { RefCell::new(None) };
 }
 
+/// Registers this thread's destructors of the thread-locals above, so that
+/// every process forked from it later finds them registered.
+///
+/// The zygote calls it once, before it forks any worker. Otherwise each
+/// worker's first `offering` would register `OFFER`'s destructor with glibc
+/// (`__cxa_thread_atexit_impl`), whose lazily bound call into the dynamic
+/// loader looked a symbol up in every loaded library: about a dozen page
+/// faults and a `calloc` on every task's path, after its result was ready.
+/// No destructor runs in either process: both leave through `_exit`.
+pub(crate) fn register_thread_locals() {
+    let _ = SOURCE.try_with(|_| ());
+    let _ = OFFER.try_with(|_| ());
+}
+
 /// Runs `decode` with `bytes`' mapping as this thread's source, so that a
 /// [`Blob`] decoded from it borrows the mapping instead of copying.
 pub(crate) fn decoding_from<T>(bytes: &SealedBytes, decode: impl FnOnce() -> T) -> T {

@@ -314,6 +314,7 @@ fn become_zygote(
 ) -> std::convert::Infallible {
     sys::reset_signals();
     worker::install_hooks();
+    crate::blob::register_thread_locals();
     let zygote = Zygote {
         ring,
         idle: idle.words(),
