@@ -1,4 +1,4 @@
-//! Measures this crate's per-task delay: from `run` (or `open`) to the result in the caller, for small and large payloads (and a mapped `Blob` passed on), with 1–64 tasks in flight, from cancellation to a freed slot, and with a large parent heap.
+//! Measures this crate's per-task delay: from `run` (or `open`) to the result in the caller, for small and large payloads (one large byte string or two, and a mapped `Blob` passed on), with 1–64 tasks in flight, from cancellation to a freed slot, and with a large parent heap.
 //!
 //! Compare with `benches/floors.rs` (fork and wake-up floors) and
 //! `benches/peers.rs` (other ways to run a function elsewhere), measured the
@@ -73,6 +73,7 @@ fn main() {
     payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip", echo);
     payload_round_trip(&mut c, &rt, &zygote, "payload_round_trip_blob", echo_blob);
     blob_passed_on(&mut c, &rt, &zygote);
+    large_strings(&mut c, &rt, &zygote);
     throughput(&mut c, &rt, &zygote);
     cancel_to_idle(&mut c, &rt, &zygote);
     // Last: it leaves 2 GiB resident until it returns.
@@ -227,6 +228,44 @@ fn blob_passed_on(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
                     for _ in 0..iters {
                         let arg = (blob.clone(), 0u8);
                         black_box(zygote.run(first_of, arg).await.expect("run"));
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// `run(first_bytes, arg)` where `arg` is 64 MiB of heap bytes as one `Blob`
+/// (`one_64MiB`) or as two of 32 MiB (`two_32MiB`), which the parent copies
+/// into the argument's memfd; the worker maps them and reads a byte of each.
+/// Each source is in its own heap allocation, at the same offset within a
+/// page; the second string's copy runs at full speed only if the writer
+/// aligns every large string of a payload, not just the first.
+fn large_strings(c: &mut Criterion, rt: &Runtime, zygote: &Zygote) {
+    fn first_bytes(blobs: Vec<Blob>) -> u8 {
+        blobs
+            .iter()
+            .map(|b| first_byte(b.clone()))
+            .fold(0, u8::wrapping_add)
+    }
+    let mut g = c.benchmark_group("large_strings");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(64 << 20));
+    for (label, parts) in [("one_64MiB", 1), ("two_32MiB", 2)] {
+        let arg: Vec<Blob> = (0..parts).map(|_| make_blob((64 << 20) / parts)).collect();
+        let sum = rt
+            .block_on(zygote.run(first_bytes, arg.clone()))
+            .expect("run(first_bytes)");
+        assert_eq!(sum, 0, "{label}: the worker read other bytes");
+        g.bench_with_input(BenchmarkId::from_parameter(label), &arg, |b, arg| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        black_box(zygote.run(first_bytes, arg.clone()).await.expect("run"));
                     }
                     start.elapsed()
                 })

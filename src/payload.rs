@@ -12,19 +12,22 @@
 //! over the limit fails after `limit` bytes instead of after allocating all of
 //! them.
 //!
-//! When the byte string that makes the payload spill is large (a `Blob` or a
-//! `serde_bytes` buffer, written in one piece), the memfd starts with up to
-//! 4095 bytes of padding (a hole), chosen so that the string lands at a file
-//! offset with the same offset within 4 KiB as its source address. The
-//! kernel copies with `rep movsb`, which on the AMD host we measured runs
-//! at half speed when the destination sits a few bytes above the source
-//! modulo 4 KiB: a page-aligned 64 MiB buffer behind a 4-byte length prefix
-//! took 56–88 ms to write instead of 35–51 ms. Readers take the payload as
-//! the memfd's last `len` bytes (`SealedBytes::open`). Only that first large
-//! string can be aligned so: the payload is one contiguous postcard encoding,
-//! which has no room for padding between two values, so a later large string
-//! lands wherever the bytes before it end (it still decodes as a mapped
-//! `Blob`: borrowing needs no alignment).
+//! Every large string or byte string that the writer hands to `write(2)`
+//! straight from where it is (a `Blob`, a `serde_bytes` buffer or a `String`
+//! of at least a chunk, written in one piece) lands at a file offset with the
+//! same offset within 4 KiB as its source address, however many the payload
+//! holds. The kernel copies with `rep movsb`, which on the AMD host we
+//! measured runs at half speed when the destination sits a few bytes above
+//! the source modulo 4 KiB: a page-aligned 64 MiB buffer behind a 4-byte
+//! length prefix took 56–88 ms to write instead of 35–51 ms. The codec puts
+//! a pad marker (up to 4095 zero bytes) between each large string's length
+//! and its bytes (see `codec`), and the writer chooses each pad's length
+//! ([`PayloadWriter::pad_for`]). A string copied into a buffer first (the
+//! inline bytes, or the chunk buffer) gets none, and so does one whose pad
+//! would take the payload past the limit. The memfd holds the payload from
+//! its first byte; readers take it as the memfd's last `len` bytes
+//! (`SealedBytes::open`), which lets a forwarded memfd (below) hold more
+//! before it.
 //!
 //! A mapped `Blob` whose bytes make the payload spill may not be copied at
 //! all. If its memfd already holds exactly the payload as its tail (the bytes
@@ -32,16 +35,19 @@
 //! `shm::PAD_MAX` bytes), the writer forwards a duplicate of that memfd,
 //! which is sealed already, instead of making a new one. That is the case
 //! when a task's `Blob` result is passed as the next task's argument, or an
-//! argument is returned as the result. Should anything follow the `Blob`,
+//! argument is returned as the result. The writer picks the `Blob`'s pad so
+//! that the bytes before it can match the source memfd's: usually the
+//! aligned one is that very pad, since the mapping is page-aligned, but the
+//! writer reads the pad the source has. Should anything follow the `Blob`,
 //! the writer falls back to copying it, having lost nothing but a `dup`.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::blob::{self, Forwardable};
-use crate::codec::ByteSink;
+use crate::codec::{self, ByteSink};
 use crate::epoch::ForkLocal;
 use crate::shm;
 use crate::sys::{self, SysError};
@@ -50,9 +56,9 @@ use crate::sys::{self, SysError};
 const CHUNK: usize = 64 * 1024;
 
 /// The period of the copy alignment that the padding matches (see the module
-/// docs); one more than `shm::PAD_MAX`.
+/// docs); a pad marker can move a string to any offset within it.
 const ALIGN: usize = 4096;
-const _: () = assert!(ALIGN as u64 - 1 == shm::PAD_MAX);
+const _: () = assert!(ALIGN - 1 == codec::PAD_MAX && codec::LARGE <= CHUNK);
 
 /// An encoded value, wherever it ended up.
 pub(crate) enum Payload {
@@ -187,21 +193,75 @@ impl PayloadWriter {
     }
 
     /// Moves what is buffered into a new memfd; later bytes go there too.
-    /// `next` is what made the payload spill: if it is large, padding aligns
-    /// it with its source (see the module docs).
-    fn spill(&mut self, next: &[u8]) -> Result<&mut File, PayloadError> {
+    fn spill(&mut self) -> Result<&mut File, PayloadError> {
         let fd = sys::memfd_create(self.name).map_err(PayloadError::Sys)?;
         let mut file = File::from(fd);
-        if next.len() >= CHUNK {
-            let pad = (next.as_ptr() as usize).wrapping_sub(self.buf.len()) % ALIGN;
-            // A hole: reads as zeros, and nobody reads it.
-            file.seek(SeekFrom::Start(pad as u64))
-                .map_err(|e| PayloadError::Sys(SysError::new("lseek", e)))?;
-        }
         write_out(&mut file, &self.buf)?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(self.memfd.insert(file))
+    }
+
+    /// Length of the payload so far: flushed, buffered and to be forwarded.
+    fn written(&self) -> u64 {
+        let forwarded = self.forward.as_ref().map_or(0, |f| f.bytes.range.len());
+        self.flushed + self.buf.len() as u64 + forwarded as u64
+    }
+
+    /// The padding for a large string of `bytes`, whose marker comes next
+    /// (see the module docs): none if the payload stays inline or the string
+    /// will be copied into the chunk buffer; the source's, if it is a mapped
+    /// `Blob` that may be forwarded; otherwise what aligns it with its source,
+    /// unless that would take the payload past the limit.
+    fn pad_for(&self, bytes: &[u8]) -> usize {
+        // Where the string would start with no padding.
+        let at = self.written() + 2;
+        let end = at.saturating_add(bytes.len() as u64);
+        if self.memfd.is_none() && self.forward.is_none() && end <= self.inline_max as u64 {
+            return 0;
+        }
+        if let Some(pad) = self.source_pad(bytes) {
+            return pad;
+        }
+        if bytes.len() < CHUNK {
+            return 0;
+        }
+        let pad = (bytes.as_ptr() as usize).wrapping_sub(at as usize) % ALIGN;
+        if end.saturating_add(pad as u64) > self.limit {
+            return 0;
+        }
+        pad
+    }
+
+    /// The padding that makes what is buffered, then a marker and the
+    /// padding, the bytes before `bytes` in the memfd they are in, if they
+    /// are a mapped `Blob`'s and might be forwarded (see `forwarding`).
+    fn source_pad(&self, bytes: &[u8]) -> Option<usize> {
+        if self.memfd.is_some() || self.forward.is_some() {
+            return None;
+        }
+        let offer = blob::offered(bytes).filter(|o| o.range.end == o.map.len())?;
+        let before = &offer.map[..offer.range.start];
+        // The zeros just before the bytes: the padding is all of them, or all
+        // but the marker's high byte, or none (its marker then among them).
+        let zeros = before
+            .iter()
+            .rev()
+            .take(codec::PAD_MAX + 2)
+            .take_while(|&&b| b == 0)
+            .count();
+        [zeros, zeros.saturating_sub(1), 0]
+            .into_iter()
+            .find(|&pad| {
+                let Some(marker_at) = before.len().checked_sub(pad + 2) else {
+                    return false;
+                };
+                let marker = &before[marker_at..marker_at + 2];
+                let head = marker_at.checked_sub(self.buf.len());
+                pad <= codec::PAD_MAX
+                    && marker == (pad as u16).to_le_bytes()
+                    && head.is_some_and(|h| before[h..marker_at] == self.buf[..])
+            })
     }
 
     /// `data`, the bytes that make the payload spill, as bytes to forward,
@@ -222,9 +282,7 @@ impl PayloadWriter {
 
     /// The slow path of `push` and `extend`: limit, spill, chunked writes.
     fn accept(&mut self, data: &[u8]) -> Result<(), PayloadError> {
-        let forwarded = self.forward.as_ref().map_or(0, |f| f.bytes.range.len());
-        let len = (self.flushed + self.buf.len() as u64 + forwarded as u64)
-            .saturating_add(data.len() as u64);
+        let len = self.written().saturating_add(data.len() as u64);
         if len > self.limit {
             return Err(PayloadError::OverLimit(self.limit));
         }
@@ -232,7 +290,7 @@ impl PayloadWriter {
             // More follows the forwarded bytes, so they are not the tail of
             // this payload after all: copy them, as if never offered.
             let bytes = forward.bytes.bytes();
-            let file = self.spill(bytes)?;
+            let file = self.spill()?;
             write_out(file, bytes)?;
             self.flushed += bytes.len() as u64;
         }
@@ -242,7 +300,7 @@ impl PayloadWriter {
                 self.fast_until = 0;
                 return Ok(());
             }
-            self.spill(data)?;
+            self.spill()?;
         }
         match &mut self.memfd {
             None => self.buf.extend_from_slice(data),
@@ -312,6 +370,22 @@ impl ByteSink for PayloadWriter {
         let accepted = self.accept(bytes);
         self.refuse(accepted)
     }
+
+    fn extend_large(&mut self, bytes: &[u8]) -> Result<(), ()> {
+        let pad = self.pad_for(bytes);
+        let marker = (pad as u16).to_le_bytes();
+        let room = self.limit.saturating_sub(self.written());
+        if self.memfd.is_none() && self.forward.is_none() && (2 + pad) as u64 <= room {
+            // Still in memory: the string itself decides whether the payload
+            // spills, and whether it is forwarded, not its padding.
+            self.buf.extend_from_slice(&marker);
+            self.buf.extend_from_slice(codec::zeros(pad));
+        } else {
+            self.extend(&marker)?;
+            self.extend(codec::zeros(pad))?;
+        }
+        self.extend(bytes)
+    }
 }
 
 fn write_out(file: &mut File, bytes: &[u8]) -> Result<(), PayloadError> {
@@ -346,45 +420,115 @@ mod tests {
             assert_eq!(payload.len(), expected.len() as u64);
             assert_eq!(bytes(&payload), expected, "len {len}");
 
+            // A large one in one piece may be padded, but decodes the same.
             let buf = serde_bytes::ByteBuf::from(value);
-            let expected = crate::codec::encode(&buf).unwrap();
             let payload = Payload::encode(&buf, "test", 64, u64::MAX).unwrap();
-            assert_eq!(bytes(&payload), expected, "bytes len {len}");
+            assert_eq!(
+                decoded::<serde_bytes::ByteBuf>(&payload),
+                buf,
+                "bytes len {len}"
+            );
+        }
+    }
+
+    /// `payload` decoded as the receiver decodes it.
+    fn decoded<T: serde::de::DeserializeOwned>(payload: &Payload) -> T {
+        match payload {
+            Payload::Inline(b) => crate::codec::decode(b, usize::MAX).unwrap(),
+            Payload::Sealed { fd, len } => {
+                let sealed = SealedBytes::open(fd.as_fd(), *len, u64::MAX).unwrap();
+                crate::blob::decoding_from(&sealed, || {
+                    crate::codec::decode(sealed.bytes(), usize::MAX)
+                })
+                .unwrap()
+            }
         }
     }
 
     #[test]
-    fn a_large_byte_string_lands_aligned_with_its_source() {
-        let mut source = memmap2::MmapMut::map_anon(300_000).unwrap();
+    fn every_large_byte_string_lands_aligned_with_its_source() {
+        let mut source = memmap2::MmapMut::map_anon(1 << 20).unwrap();
         source
             .iter_mut()
             .enumerate()
-            .for_each(|(i, b)| *b = i as u8);
-        // Behind a 3-byte length: page-aligned, then 100 bytes into a page.
-        for skip in [0usize, 100] {
-            let value = serde_bytes::Bytes::new(&source[skip..]);
-            let expected = crate::codec::encode(&value).unwrap();
-            let Payload::Sealed { fd, len } =
-                Payload::encode(&value, "test", 64, u64::MAX).unwrap()
-            else {
+            .for_each(|(i, b)| *b = (i % 251) as u8);
+        // Each starts at a different offset within its page (the mapping's
+        // are aligned), and each length prefix shifts the ones after it.
+        let parts: Vec<&[u8]> = [(0, 200_000), (100, 150_000), (4000, 100_000), (1, 120_000)]
+            .iter()
+            .scan(0usize, |at, &(skew, len)| {
+                let start = at.next_multiple_of(ALIGN) + skew;
+                *at = start + len;
+                Some(&source[start..start + len])
+            })
+            .collect();
+        let text = String::from_utf8(vec![b'x'; 100_000]).unwrap();
+        let value = (
+            5u8,
+            parts
+                .iter()
+                .map(|p| serde_bytes::Bytes::new(p))
+                .collect::<Vec<_>>(),
+            "between",
+            Some(crate::Blob::from_static(b"")),
+            &text,
+        );
+        // Spilling at once, or after an inline room the size of a slot.
+        for inline_max in [64, 60_000] {
+            let payload = Payload::encode(&value, "test", inline_max, u64::MAX).unwrap();
+            let Payload::Sealed { fd, len } = &payload else {
                 panic!("a large value spills")
             };
-            let size = rustix::fs::fstat(&*fd).unwrap().st_size as usize;
-            let pad = size - len as usize;
-            let header = expected.len() - value.len();
             assert_eq!(
-                (pad + header) % ALIGN,
-                (source.as_ptr() as usize + skip) % ALIGN
+                rustix::fs::fstat(&**fd).unwrap().st_size as u64,
+                *len,
+                "no room before the payload"
             );
-            assert_eq!(bytes(&Payload::Sealed { fd, len }), expected, "skip {skip}");
+            // Decoded as the receiver does, each Blob points into the
+            // mapping, which starts at the memfd's first byte.
+            let sealed = SealedBytes::open(fd.as_fd(), *len, u64::MAX).unwrap();
+            let (n, blobs, between, empty, last): (u8, Vec<Blob>, String, Option<Blob>, Blob) =
+                crate::blob::decoding_from(&sealed, || {
+                    crate::codec::decode(sealed.bytes(), usize::MAX)
+                })
+                .unwrap();
+            assert_eq!(
+                (n, between.as_str(), empty),
+                (5, "between", Some(Blob::new()))
+            );
+            assert_eq!(blobs.len(), parts.len());
+            let base = sealed.mapping().expect("mapped").as_ptr() as usize;
+            let sources = parts.iter().copied().chain([text.as_bytes()]);
+            for (i, (blob, source)) in blobs.iter().chain([&last]).zip(sources).enumerate() {
+                assert!(blob.is_mapped(), "string {i}");
+                assert_eq!(blob, source, "string {i}");
+                let offset = blob.as_ptr() as usize - base;
+                assert_eq!(
+                    offset % ALIGN,
+                    source.as_ptr() as usize % ALIGN,
+                    "string {i} at file offset {offset}, inline_max {inline_max}"
+                );
+            }
         }
         // Many small writes: no padding.
         let value: Vec<u16> = (0..50_000).collect();
-        let Payload::Sealed { fd, len } = Payload::encode(&value, "test", 64, u64::MAX).unwrap()
-        else {
-            panic!("a large value spills")
-        };
-        assert_eq!(rustix::fs::fstat(&*fd).unwrap().st_size as u64, len);
+        let payload = Payload::encode(&value, "test", 64, u64::MAX).unwrap();
+        assert_eq!(bytes(&payload), crate::codec::encode(&value).unwrap());
+    }
+
+    #[test]
+    fn padding_never_takes_a_payload_past_the_limit() {
+        let value = serde_bytes::ByteBuf::from(vec![3u8; 200_000]);
+        let unpadded = crate::codec::encode(&value).unwrap().len() as u64;
+        for limit in [unpadded, unpadded + 1, unpadded + 4095] {
+            let payload = Payload::encode(&value, "test", 64, limit).unwrap();
+            assert!(payload.len() <= limit, "limit {limit}");
+            assert_eq!(decoded::<serde_bytes::ByteBuf>(&payload), value);
+        }
+        assert!(matches!(
+            Payload::encode(&value, "test", 64, unpadded - 1),
+            Err(PayloadError::OverLimit(_))
+        ));
     }
 
     /// `value` sealed in a memfd with `pad` bytes of padding, as a writer
@@ -415,16 +559,18 @@ mod tests {
 
     use crate::Blob;
 
-    /// Encodes `value`, which must spill, checks its bytes are the codec's,
+    /// Encodes `value`, which must spill, checks that it decodes unchanged,
     /// and returns the memfd's inode.
-    fn spilled_inode<T: serde::Serialize>(value: &T) -> u64 {
-        let expected = crate::codec::encode(value).unwrap();
-        let Payload::Sealed { fd, len } = Payload::encode(value, "test", 64, u64::MAX).unwrap()
-        else {
+    fn spilled_inode<T>(value: &T) -> u64
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let payload = Payload::encode(value, "test", 64, u64::MAX).unwrap();
+        let Payload::Sealed { fd, .. } = &payload else {
             panic!("a large value spills")
         };
         let ino = inode(fd.as_fd());
-        assert_eq!(bytes(&Payload::Sealed { fd, len }), expected);
+        assert_eq!(&decoded::<T>(&payload), value);
         ino
     }
 
@@ -436,6 +582,58 @@ mod tests {
         // The end of a tuple whose first field is passed on unchanged.
         let (tuple, ino) = received(&(7u32, pattern(100_000)), 12);
         assert_eq!(spilled_inode(&tuple), ino);
+        // As a worker's writer leaves it: the Blob aligned by its own pad.
+        for skip in [0, 1, 100, 4000] {
+            let sent =
+                Payload::encode(&(9u8, pattern(300_000).slice(skip..)), "test", 64, u64::MAX)
+                    .unwrap();
+            let Payload::Sealed { fd, .. } = &sent else {
+                panic!("a large value spills")
+            };
+            let ino = inode(fd.as_fd());
+            let value: (u8, Blob) = decoded(&sent);
+            assert!(value.1.is_mapped());
+            assert_eq!(spilled_inode(&value), ino, "skip {skip}");
+        }
+        // Whatever pad the source chose, the writer finds it.
+        for k in [0, 1, 2, 255, 256, 257, 258, 4094, 4095] {
+            let (tuple, ino) = received_with(&(7u32, pattern(100_000)), 3, k);
+            assert_eq!(spilled_inode(&tuple), ino, "pad {k}");
+        }
+    }
+
+    /// As [`received`], with every large string padded by `k` bytes.
+    fn received_with<T: serde::Serialize + serde::de::DeserializeOwned>(
+        value: &T,
+        lead: usize,
+        k: usize,
+    ) -> (T, u64) {
+        struct Padding(Vec<u8>, usize);
+        impl ByteSink for Padding {
+            fn push(&mut self, byte: u8) -> Result<(), ()> {
+                self.0.push(byte);
+                Ok(())
+            }
+            fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
+                self.0.extend_from_slice(bytes);
+                Ok(())
+            }
+            fn extend_large(&mut self, bytes: &[u8]) -> Result<(), ()> {
+                self.0.extend_from_slice(&(self.1 as u16).to_le_bytes());
+                self.0.extend_from_slice(codec::zeros(self.1));
+                self.extend(bytes)
+            }
+        }
+        let mut sink = Padding(vec![0u8; lead], k);
+        crate::codec::encode_to(value, &mut sink).unwrap();
+        let fd = shm::sealed_copy(&sink.0).unwrap();
+        let len = (sink.0.len() - lead) as u64;
+        let sealed = SealedBytes::open(fd.as_fd(), len, u64::MAX).unwrap();
+        let value = crate::blob::decoding_from(&sealed, || {
+            crate::codec::decode(sealed.bytes(), usize::MAX)
+        })
+        .unwrap();
+        (value, inode(fd.as_fd()))
     }
 
     #[test]

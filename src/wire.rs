@@ -82,6 +82,10 @@
 //!   record may say that the task's I/O could not be set up (`Setup`).
 //! * 6: ring slots are whole pages (slot isolation, `ring::Ring::isolate`),
 //!   so a slot's capacity is its size rounded up to that.
+//! * 7: every string of at least 4 KiB in an argument or a result carries a
+//!   pad marker (see `codec`), so that each large string of a spilled payload
+//!   is aligned with its source, not only the first; the payload starts at
+//!   the memfd's first byte.
 
 use std::fmt;
 
@@ -89,7 +93,7 @@ use crate::confine::Confinement;
 use crate::sandbox::Sandbox;
 
 /// The version written into, and required of, every frame.
-pub(crate) const VERSION: u16 = 6;
+pub(crate) const VERSION: u16 = 7;
 
 const REQUEST_MAGIC: [u8; 4] = *b"RIPq";
 const REPORT_MAGIC: [u8; 4] = *b"RIPr";
