@@ -345,7 +345,7 @@ mod tests {
             (len.clone(), proptest::option::of(len.clone()), any::<u8>()).prop_map(
                 |(n, m, seed)| Nested::Text {
                     name: text(n, seed),
-                    more: m.map(|m| text(m, seed + 1)),
+                    more: m.map(|m| text(m, seed.wrapping_add(1))),
                 }
             ),
         ];
