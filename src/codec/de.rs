@@ -9,8 +9,8 @@
 //! whose marker comes first. The input is another process's: a marker that
 //! is too long, not zeros, or cut short is an error (kept for the message,
 //! since postcard's error type cannot carry it), never a panic or a read past
-//! the end. This module has no `unsafe` code: postcard's own `Slice` flavor
-//! uses raw pointers, this one only slice methods.
+//! the end. Postcard's own `Slice` flavor walks raw
+//! pointers; this one only calls slice methods.
 
 use std::fmt;
 
