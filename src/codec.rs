@@ -74,9 +74,9 @@ pub(crate) fn zeros(k: usize) -> &'static [u8] {
 /// targets and tests.
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
-    let mut sink = VecSink(Vec::new());
+    let mut sink = VecSink::padded(Vec::new(), vec![0]);
     encode_to(value, &mut sink)?;
-    Ok(sink.0)
+    Ok(sink.bytes)
 }
 
 /// Where [`encode_to`] puts bytes as the encoder produces them. A refusal
@@ -96,20 +96,43 @@ pub(crate) trait ByteSink {
     }
 }
 
-/// The sink of [`encode`].
+/// The sink of [`encode`], and of tests that choose each large string's
+/// padding: after `bytes`, it pads the large strings by `pads` in turn.
 #[cfg(any(test, feature = "fuzzing"))]
-struct VecSink(Vec<u8>);
+pub(crate) struct VecSink {
+    pub(crate) bytes: Vec<u8>,
+    pads: std::iter::Cycle<std::vec::IntoIter<usize>>,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl VecSink {
+    /// `pads` must not be empty; each is at most [`PAD_MAX`].
+    pub(crate) fn padded(bytes: Vec<u8>, pads: Vec<usize>) -> VecSink {
+        VecSink {
+            bytes,
+            pads: pads.into_iter().cycle(),
+        }
+    }
+}
 
 #[cfg(any(test, feature = "fuzzing"))]
 impl ByteSink for VecSink {
     fn push(&mut self, byte: u8) -> Result<(), ()> {
-        self.0.push(byte);
+        self.bytes.push(byte);
         Ok(())
     }
 
     fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
-        self.0.extend_from_slice(bytes);
+        self.bytes.extend_from_slice(bytes);
         Ok(())
+    }
+
+    fn extend_large(&mut self, bytes: &[u8]) -> Result<(), ()> {
+        let k = self.pads.next().unwrap_or(0);
+        debug_assert!(k <= PAD_MAX, "a pad marker of {k}");
+        self.bytes.extend_from_slice(&(k as u16).to_le_bytes());
+        self.bytes.extend_from_slice(zeros(k));
+        self.extend(bytes)
     }
 }
 
@@ -278,31 +301,10 @@ mod tests {
             .collect()
     }
 
-    /// Writes pad markers of `pads` lengths in turn, as a writer may.
-    struct Pads(Vec<u8>, std::iter::Cycle<std::vec::IntoIter<usize>>);
-
-    impl ByteSink for Pads {
-        fn push(&mut self, byte: u8) -> Result<(), ()> {
-            self.0.push(byte);
-            Ok(())
-        }
-        fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
-            self.0.extend_from_slice(bytes);
-            Ok(())
-        }
-        fn extend_large(&mut self, bytes: &[u8]) -> Result<(), ()> {
-            let k = self.1.next().unwrap_or(0);
-            self.0.extend_from_slice(&(k as u16).to_le_bytes());
-            self.0.extend_from_slice(zeros(k));
-            self.0.extend_from_slice(bytes);
-            Ok(())
-        }
-    }
-
     fn padded<T: Serialize>(value: &T, pads: Vec<usize>) -> Vec<u8> {
-        let mut sink = Pads(Vec::new(), pads.into_iter().cycle());
+        let mut sink = VecSink::padded(Vec::new(), pads);
         encode_to(value, &mut sink).unwrap();
-        sink.0
+        sink.bytes
     }
 
     /// `Display`ed in fragments of one to seven bytes.

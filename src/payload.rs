@@ -608,26 +608,10 @@ mod tests {
         lead: usize,
         k: usize,
     ) -> (T, u64) {
-        struct Padding(Vec<u8>, usize);
-        impl ByteSink for Padding {
-            fn push(&mut self, byte: u8) -> Result<(), ()> {
-                self.0.push(byte);
-                Ok(())
-            }
-            fn extend(&mut self, bytes: &[u8]) -> Result<(), ()> {
-                self.0.extend_from_slice(bytes);
-                Ok(())
-            }
-            fn extend_large(&mut self, bytes: &[u8]) -> Result<(), ()> {
-                self.0.extend_from_slice(&(self.1 as u16).to_le_bytes());
-                self.0.extend_from_slice(codec::zeros(self.1));
-                self.extend(bytes)
-            }
-        }
-        let mut sink = Padding(vec![0u8; lead], k);
+        let mut sink = codec::VecSink::padded(vec![0u8; lead], vec![k]);
         crate::codec::encode_to(value, &mut sink).unwrap();
-        let fd = shm::sealed_copy(&sink.0).unwrap();
-        let len = (sink.0.len() - lead) as u64;
+        let fd = shm::sealed_copy(&sink.bytes).unwrap();
+        let len = (sink.bytes.len() - lead) as u64;
         let sealed = SealedBytes::open(fd.as_fd(), len, u64::MAX).unwrap();
         let value = crate::blob::decoding_from(&sealed, || {
             crate::codec::decode(sealed.bytes(), usize::MAX)
