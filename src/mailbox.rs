@@ -21,10 +21,13 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rustix::process::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::runtime;
 
+use crate::epoch::ForkLocal;
 use crate::idle;
 use crate::sys;
 use crate::wire::{Dismissal, REPORT_LEN, Report};
@@ -32,7 +35,14 @@ use crate::zygote::Mailbox;
 
 /// The parent's table of mailboxes.
 pub(crate) struct Mailboxes {
-    states: Mutex<Vec<State>>,
+    table: Mutex<Table>,
+}
+
+struct Table {
+    states: Vec<State>,
+    /// Runtimes that a kept registration may belong to, each watched for
+    /// its shutdown (`reactor::Watch`), which ends their registrations.
+    watched: Vec<runtime::Id>,
 }
 
 enum State {
@@ -44,7 +54,7 @@ enum State {
         pid: u32,
         pidfd: OwnedFd,
         reused: bool,
-        kept: Option<Kept>,
+        kept: Option<ForkLocal<Kept>>,
     },
     /// A task is using the worker; it owns the report socket until `Exited`.
     Busy,
@@ -54,12 +64,44 @@ enum State {
 
 /// What the parent keeps of a reused worker between its tasks, so that the
 /// next task needs neither a new eventfd nor a new duplicate of the report
-/// socket: both deregistered from the last task's runtime, nothing queued.
-pub(crate) struct Kept {
-    /// The doorbell the worker also kept (`wire::FLAG_SAME_DOORBELL`).
-    pub(crate) doorbell: OwnedFd,
-    /// The last task's duplicate of the mailbox's report socket.
-    pub(crate) report: OwnedFd,
+/// socket, nor, on the same runtime, a new registration: four `epoll_ctl`
+/// calls were a fifth of the parent's time per reused task. Nothing is
+/// queued on either.
+///
+/// Held as a [`ForkLocal`]: dropped in a fork of the parent, which shares
+/// the runtime's epoll instance, an `AsyncFd` would deregister the parent's
+/// fd from it (SAFETY.md T1).
+pub(crate) enum Kept {
+    /// Still registered with the runtime of the worker's last task, which
+    /// is running (it is watched: see [`Mailboxes::forget_runtime`]).
+    Registered {
+        runtime: runtime::Id,
+        /// The doorbell the worker also kept (`wire::FLAG_SAME_DOORBELL`).
+        doorbell: AsyncFd<OwnedFd>,
+        /// The last task's duplicate of the mailbox's report socket.
+        report: AsyncFd<OwnedFd>,
+    },
+    /// Registered nowhere.
+    Plain { doorbell: OwnedFd, report: OwnedFd },
+}
+
+impl Kept {
+    /// The doorbell and the report socket, registered nowhere.
+    pub(crate) fn deregister(self) -> (OwnedFd, OwnedFd) {
+        match self {
+            Kept::Registered {
+                doorbell, report, ..
+            } => (doorbell.into_inner(), report.into_inner()),
+            Kept::Plain { doorbell, report } => (doorbell, report),
+        }
+    }
+
+    fn runtime(&self) -> Option<runtime::Id> {
+        match self {
+            Kept::Registered { runtime, .. } => Some(*runtime),
+            Kept::Plain { .. } => None,
+        }
+    }
 }
 
 /// A parked worker, claimed for one task.
@@ -70,14 +112,21 @@ pub(crate) struct Claim {
     /// The worker has run a task before this one.
     pub(crate) reused: bool,
     /// Its last task's doorbell and report socket, if it has served one.
-    pub(crate) kept: Option<Kept>,
+    pub(crate) kept: Option<ForkLocal<Kept>>,
 }
 
 impl Mailboxes {
     pub(crate) fn new(count: usize) -> Mailboxes {
         Mailboxes {
-            states: Mutex::new((0..count).map(|_| State::Empty).collect()),
+            table: Mutex::new(Table {
+                states: (0..count).map(|_| State::Empty).collect(),
+                watched: Vec::new(),
+            }),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Claims a mailbox whose worker is parked, if there is one. Never blocks:
@@ -89,7 +138,8 @@ impl Mailboxes {
         idle: &[AtomicU64],
         fresh: bool,
     ) -> Option<Claim> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.lock();
+        let states = &mut table.states;
         // A worker that has served tasks first: it is warm, and keeping the
         // busy ones few lets the others reach their idle timeout.
         let warm = !fresh
@@ -141,8 +191,8 @@ impl Mailboxes {
 
     /// Mailboxes whose worker is known to be waiting for a task.
     pub(crate) fn ready(&self) -> usize {
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states
+        self.lock()
+            .states
             .iter()
             .filter(|s| matches!(s, State::Ready { .. }))
             .count()
@@ -151,8 +201,7 @@ impl Mailboxes {
     /// Puts back a claim whose job was never sent (setting the task up
     /// failed first): the worker is still parked and waiting.
     pub(crate) fn unclaim(&self, claim: Claim) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = states.get_mut(claim.index) {
+        if let Some(state) = self.lock().states.get_mut(claim.index) {
             if matches!(state, State::Busy) {
                 *state = State::Ready {
                     pid: claim.pid,
@@ -167,8 +216,7 @@ impl Mailboxes {
     /// Returns a mailbox after its worker's `Exited` report has been read (or
     /// its report socket ended).
     fn release(&self, index: usize) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = states.get_mut(index) {
+        if let Some(state) = self.lock().states.get_mut(index) {
             if matches!(state, State::Busy) {
                 *state = State::Empty;
             }
@@ -249,24 +297,63 @@ impl MailboxGuard {
     }
 
     /// Offers the mailbox's worker, which has served a task and is waiting
-    /// for the next (reuse mode), to the next claimer.
-    pub(crate) fn put_back(mut self, pid: u32, pidfd: OwnedFd, kept: Kept) {
-        let Some(index) = self.index.take() else {
+    /// for the next (reuse mode), to the next claimer. Returns a watch for
+    /// the runtime `kept` is registered with if that runtime has none yet:
+    /// the caller hands it to a task of that runtime that never ends.
+    #[must_use]
+    pub(crate) fn put_back(
+        mut self,
+        pid: u32,
+        pidfd: OwnedFd,
+        kept: ForkLocal<Kept>,
+    ) -> Option<RuntimeWatch> {
+        let index = self.index.take()?;
+        let mut table = self.mailboxes.lock();
+        let runtime = kept.runtime();
+        let state = table.states.get_mut(index)?;
+        if !matches!(state, State::Busy) {
+            return None;
+        }
+        *state = State::Ready {
+            pid,
+            pidfd,
+            reused: true,
+            kept: Some(kept),
+        };
+        let runtime = runtime.filter(|id| !table.watched.contains(id))?;
+        table.watched.push(runtime);
+        Some(RuntimeWatch {
+            mailboxes: Arc::downgrade(&self.mailboxes),
+            runtime,
+        })
+    }
+}
+
+/// Ends the kept registrations with one runtime when dropped. A task spawned
+/// on that runtime holds it and never completes, so it is dropped when the
+/// runtime shuts down: an idle reused worker's registration would otherwise
+/// keep the runtime's epoll instance (an fd) and driver alive.
+pub(crate) struct RuntimeWatch {
+    /// Weak: the watch must not keep the table, and with it parked
+    /// workers' pidfds, alive after the zygote is dropped.
+    mailboxes: Weak<Mailboxes>,
+    runtime: runtime::Id,
+}
+
+impl Drop for RuntimeWatch {
+    fn drop(&mut self) {
+        let Some(mailboxes) = self.mailboxes.upgrade() else {
             return;
         };
-        let mut states = self
-            .mailboxes
-            .states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = states.get_mut(index) {
-            if matches!(state, State::Busy) {
-                *state = State::Ready {
-                    pid,
-                    pidfd,
-                    reused: true,
-                    kept: Some(kept),
-                };
+        let mut table = mailboxes.lock();
+        table.watched.retain(|id| *id != self.runtime);
+        for state in &mut table.states {
+            if let State::Ready { kept, .. } = state {
+                if kept.as_ref().and_then(|k| k.runtime()) == Some(self.runtime) {
+                    let (doorbell, report) =
+                        kept.take().expect("just seen").into_inner().deregister();
+                    *kept = Some(ForkLocal::new(Kept::Plain { doorbell, report }));
+                }
             }
         }
     }

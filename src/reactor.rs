@@ -3,7 +3,11 @@
 //!
 //! Each task owns its file descriptors and registers them with whatever tokio
 //! runtime polls it, so there is no shared driver task, no background thread,
-//! and nothing bound to the runtime that happened to start the zygote:
+//! and nothing bound to the runtime that happened to start the zygote. (In
+//! reuse mode a waiting worker's doorbell and report socket stay registered
+//! with the runtime of its last task, for its next task there; an idle task
+//! of that runtime, a `RuntimeWatch`, ends those registrations when the
+//! runtime shuts down.)
 //!
 //! * the **doorbell** (an eventfd) receives the worker's key right after the
 //!   worker commits its result record, *before* it exits: completion is seen
@@ -91,6 +95,8 @@ pub(crate) struct Launch<'a> {
 /// One task's I/O state in the parent.
 pub(crate) struct TaskIo {
     pub(crate) inner: Arc<Inner>,
+    /// The runtime `report` and `doorbell` are registered with.
+    runtime: tokio::runtime::Id,
     /// Held until the worker is known to be reaped (or handed to the reaper).
     lease: Option<Lease>,
     /// For a task run by a parked worker: its mailbox, held as long as the
@@ -163,14 +169,15 @@ impl TaskIo {
         // can env, cwd or output settings.
         let fresh = fresh || !confinement.is_default() || !io.is_default();
         inner.check_process()?;
-        if tokio::runtime::Handle::try_current().is_err() {
+        // The runtime this task's fds are registered with.
+        let Ok(runtime) = tokio::runtime::Handle::try_current().map(|h| h.id()) else {
             return Err(Error::io(
                 "epoll_ctl",
                 std::io::Error::other(
                     "run-in-process futures must be polled inside a tokio runtime",
                 ),
             ));
-        }
+        };
         // Until they are in the `TaskIo`, what this future holds across its
         // one later await (the cold path's send) is `ForkLocal`: the future
         // may be dropped in a fork that inherited it (held in a static),
@@ -229,15 +236,24 @@ impl TaskIo {
         let idle = inner.process.idle.words();
         if let Some(mut claim) = inner.mailboxes.claim(&inner.process.mailboxes, idle, fresh) {
             let mailbox = &inner.process.mailboxes[claim.index];
-            let kept = claim.kept.take();
+            let kept = claim.kept.take().map(ForkLocal::into_inner);
             let same_doorbell = kept.is_some();
             // The doorbell and a duplicate of the mailbox's report socket,
             // registered with this task's runtime: kept from the worker's
-            // last task, or new. If that fails (out of fds, say), the worker
-            // goes back to the mailbox for the next task.
+            // last task (and registered already if that ran on this runtime
+            // too), or new. If that fails (out of fds, say), the worker goes
+            // back to the mailbox for the next task.
             let registered = match kept {
-                Some(kept) => register(kept.doorbell, Interest::READABLE)
-                    .and_then(|d| Ok((d, register(kept.report, Interest::READABLE)?))),
+                Some(Kept::Registered {
+                    runtime: theirs,
+                    doorbell,
+                    report,
+                }) if theirs == runtime => Ok((doorbell, report)),
+                Some(kept) => {
+                    let (doorbell, report) = kept.deregister();
+                    register(doorbell, Interest::READABLE)
+                        .and_then(|d| Ok((d, register(report, Interest::READABLE)?)))
+                }
                 None => sys::eventfd()
                     .map_err(Error::from)
                     .and_then(|fd| register(fd, Interest::READABLE))
@@ -325,6 +341,7 @@ impl TaskIo {
         spill.into_inner().defuse();
         Ok(TaskIo {
             inner,
+            runtime,
             lease: Some(lease.into_inner()),
             mailbox,
             continues: false,
@@ -584,31 +601,54 @@ impl TaskIo {
     /// into the slot of the task it is given, under that task's generation.
     /// (Only from `Drop`, which has forgotten the task's spill notice.)
     fn offer_again(&mut self) {
-        // Both taken out of this runtime's epoll set, for the next task to
-        // register with its own. The doorbell was drained when the key was
-        // read, and the report socket holds nothing for us: the worker has
-        // not exited.
-        let report = self.report.take().map(AsyncFd::into_inner);
-        let doorbell = self.doorbell.take().map(AsyncFd::into_inner);
+        // Both stay registered with this task's runtime, for the next task
+        // to use as they are if it runs there too, as long as that runtime
+        // runs: it is the one at hand, and watched for its shutdown. The
+        // doorbell was drained when the key was read, and the report socket
+        // holds nothing for us: the worker has not exited.
+        let current = tokio::runtime::Handle::try_current().ok();
         if let (Some(guard), Some(pid), Some(pidfd), Some(report), Some(doorbell)) = (
             self.mailbox.take(),
             self.pid,
             self.pidfd.take(),
-            report,
-            doorbell,
+            self.report.take(),
+            self.doorbell.take(),
         ) {
-            guard.put_back(pid, pidfd, Kept { doorbell, report });
+            let kept = match &current {
+                Some(handle) if handle.id() == self.runtime => Kept::Registered {
+                    runtime: self.runtime,
+                    doorbell,
+                    report,
+                },
+                _ => Kept::Plain {
+                    doorbell: doorbell.into_inner(),
+                    report: report.into_inner(),
+                },
+            };
+            if let (Some(watch), Some(handle)) =
+                (guard.put_back(pid, pidfd, ForkLocal::new(kept)), &current)
+            {
+                // Dropped, ending the registrations, when the runtime shuts
+                // down; forgotten in a fork that drops the runtime (it shares
+                // the epoll instance: see `register`). On a runtime already
+                // shutting down, dropped at once.
+                let watch = ForkLocal::new(watch);
+                handle.spawn(async move {
+                    let _watch = watch;
+                    std::future::pending::<()>().await
+                });
+            }
         }
         self.lease = None;
         if let Some(spent) = self.spent.take() {
             // Unmapping a large result is slow (see `spent`): off the
             // caller's path when a runtime is at hand.
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
+            match current {
+                Some(handle) => {
                     let spent = ForkLocal::new(spent);
                     handle.spawn(async move { drop(spent) });
                 }
-                Err(_) => drop(spent),
+                None => drop(spent),
             }
         }
     }

@@ -80,6 +80,13 @@ fn main() {
     trial!(one, a_confined_task_runs_fresh_and_ends_its_worker);
     trial!(one, an_open_process_ends_its_reused_worker);
     trial!(reused, results_are_never_crossed_between_tasks);
+    {
+        let z = one.clone();
+        trials.push(Trial::test(
+            "a_reused_worker_follows_its_tasks_between_runtimes",
+            move || a_reused_worker_follows_its_tasks_between_runtimes(&z),
+        ));
+    }
     trial!(one, stats_count_each_outcome_once);
     trial!(idle, idle_workers_retire_and_no_task_is_lost_to_the_race);
     trial!(pair, tasks_spread_across_zygotes);
@@ -230,6 +237,49 @@ async fn a_worker_serves_up_to_reuse_tasks_then_is_replaced(z: Zygote) -> TestRe
     ensure(
         seen[5].0 != first && seen[5].1 == 1,
         format!("the sixth task gets a new worker: {seen:?}"),
+    )
+}
+
+/// A reused worker's doorbell and report socket stay registered with the
+/// runtime of its last task. A task on another runtime must register them
+/// with its own: were it to wait on the old registration, only a poll of the
+/// old runtime (idle here) would ever wake it.
+fn a_reused_worker_follows_its_tasks_between_runtimes(z: &Zygote) -> TestResult {
+    // Generous, to catch a hang: each task takes well under a millisecond.
+    const WAKE: Duration = Duration::from_secs(10);
+    let fds_before = common::open_fds();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let (a, b) = (runtime()?, runtime()?);
+    let on = |rt: &tokio::runtime::Runtime, name: &str| -> Result<(u32, u64), String> {
+        rt.block_on(async { tokio::time::timeout(WAKE, z.run(count, ())).await })
+            .map_err(|_| format!("a task on runtime {name} was never woken"))?
+            .map_err(|e| format!("a task on runtime {name}: {e}"))
+    };
+    let mut seen = Vec::new();
+    for name in ["a", "a", "b", "b", "a"] {
+        seen.push(on(if name == "a" { &a } else { &b }, name)?);
+    }
+    drop(a);
+    // The kept registration is with a runtime that is gone.
+    seen.push(on(&b, "b")?);
+    let first = seen[0];
+    ensure(
+        seen.iter()
+            .enumerate()
+            .all(|(i, &(pid, n))| pid == first.0 && n == first.1 + i as u64),
+        format!("one worker served every task, across both runtimes: {seen:?}"),
+    )?;
+    b.block_on(async { tokio::time::timeout(HANG, z.wait_idle()).await })
+        .map_err(|_| "wait_idle hung")?;
+    drop(b);
+    common::check_pooled_hygiene(
+        z,
+        &fds_before,
+        &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
     )
 }
 
