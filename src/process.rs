@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -825,7 +825,7 @@ pub enum State {
 pub struct Process<R> {
     io: TaskIo,
     /// Taken by `terminate` from `&self`; moved into `io` by the next await.
-    stop_requested: std::sync::Mutex<bool>,
+    stop_requested: AtomicBool,
     /// Captured stdout and stderr (`crate::output`).
     output: Streams,
     _result: PhantomData<fn() -> R>,
@@ -844,7 +844,7 @@ impl<R: DeserializeOwned> Process<R> {
     fn new(io: TaskIo, output: Streams) -> Process<R> {
         Process {
             io,
-            stop_requested: std::sync::Mutex::new(false),
+            stop_requested: AtomicBool::new(false),
             output,
             _result: PhantomData,
         }
@@ -963,10 +963,7 @@ impl<R: DeserializeOwned> Process<R> {
     /// [`ErrorKind::Io`] if the signal cannot be sent;
     /// [`ErrorKind::WrongProcess`] as for [`send_signal`](Process::send_signal).
     pub fn terminate(&self) -> Result<()> {
-        *self
-            .stop_requested
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop_requested.store(true, Ordering::Relaxed);
         self.send(Signal::TERM)
     }
 
@@ -981,12 +978,7 @@ impl<R: DeserializeOwned> Process<R> {
     }
 
     fn sync_stop_request(&mut self) {
-        let requested = std::mem::take(
-            &mut *self
-                .stop_requested
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let requested = self.stop_requested.swap(false, Ordering::Relaxed);
         if requested && self.io.deadlines.kill_at.is_none() {
             self.io.deadlines.kill_at = Some(Instant::now() + self.io.deadlines.grace);
         }

@@ -384,7 +384,15 @@ impl TaskIo {
         let Deadlines {
             stop_at, kill_at, ..
         } = self.deadlines;
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        // A disabled branch's future is still made, so the sleeps are made
+        // only when polled: most tasks have no deadline, and a `Sleep`
+        // reads the clock and looks up the timer.
+        let until = |at: Option<Instant>| async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let report = self.report.as_ref();
         let doorbell = self.doorbell.as_ref();
         tokio::select! {
@@ -409,12 +417,12 @@ impl TaskIo {
                 }
                 None => self.zygote_gone = true,
             },
-            () = tokio::time::sleep_until(stop_at.unwrap_or(far)), if stop_at.is_some() => {
+            () = until(stop_at), if stop_at.is_some() => {
                 self.deadlines.stop_at = None;
                 self.timed_out = true;
                 let _ = self.request_stop();
             }
-            () = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+            () = until(kill_at), if kill_at.is_some() => {
                 self.deadlines.kill_at = None;
                 let _ = self.signal(Signal::KILL);
             }
