@@ -8,10 +8,11 @@
 //! (default 16), `--checkpoints C` (default 20), `--zygote-kills N` (default 4:
 //! SIGKILL a zygote N times during the run, spread evenly; the zygotes
 //! respawn, `Builder::respawn`), `--no-respawn` (then at most `Z - 1` kills),
-//! `--no-cancel-big` (leave out cancelled large results).
+//! `--no-cancel-big` (leave out cancelled large results), `--reuse N` (default
+//! 1: a fresh process per task; above 1, reuse mode, `Builder::reuse`).
 //! Exits with status 1 if any task ended the wrong way or anything leaked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ pub(crate) struct Config {
     pub(crate) zygote_kills: u64,
     pub(crate) respawn: bool,
     pub(crate) cancel_big: bool,
+    pub(crate) reuse: u32,
 }
 
 impl Default for Config {
@@ -44,6 +46,7 @@ impl Default for Config {
             zygote_kills: 4,
             respawn: true,
             cancel_big: true,
+            reuse: 1,
         }
     }
 }
@@ -67,6 +70,9 @@ impl Config {
                 "--zygote-kills" => config.zygote_kills = value()?,
                 "--no-cancel-big" => config.cancel_big = false,
                 "--no-respawn" => config.respawn = false,
+                "--reuse" => {
+                    config.reuse = u32::try_from(value()?).map_err(|_| "--reuse is too big")?
+                }
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -136,7 +142,12 @@ impl Rng {
 // ---------------------------------------------------------------------------
 // The task functions, run in workers.
 
-fn healthy(n: u64) -> u64 {
+/// The value, and the worker that computed it.
+fn healthy(n: u64) -> (u64, u32) {
+    (expected(n), std::process::id())
+}
+
+fn expected(n: u64) -> u64 {
     n.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 7
 }
 
@@ -202,6 +213,8 @@ enum Seen {
     Cancelled,
     /// In flight on a zygote that was killed: `ZygoteDied`.
     LostToZygoteKill,
+    /// An `Ok` task returned the right value, computed in this worker.
+    Healthy(u32),
 }
 
 /// Runs task `n` of kind `kind` (`r` is its random number). In the batch
@@ -225,8 +238,8 @@ async fn one(z: &Zygote, kind: Kind, n: u64, r: u64, killing: bool) -> Result<Se
     };
     match kind {
         Kind::Ok => match z.run(healthy, n).await {
-            Ok(v) if v == healthy(n) => Ok(Seen::As(kind)),
-            Ok(v) => wrong(format!("WRONG value {v}")),
+            Ok((v, pid)) if v == expected(n) => Ok(Seen::Healthy(pid)),
+            Ok((v, _)) => wrong(format!("WRONG value {v}")),
             Err(e) => failed(e, &|_| false),
         },
         Kind::Panic => match z.run(panics, n).await {
@@ -394,6 +407,8 @@ pub(crate) struct Report {
     pub(crate) checkpoints: Vec<Checkpoint>,
     pub(crate) zygote_kills: u64,
     pub(crate) problems: Vec<String>,
+    /// The workers that computed the `Ok` tasks' values.
+    pub(crate) healthy_workers: BTreeSet<u32>,
 }
 
 impl Report {
@@ -403,8 +418,15 @@ impl Report {
 
     /// Steady state: no zombie or stray at any quiet point, and the second
     /// half of the run holds no more fds, and not materially more memory,
-    /// than the first.
-    fn judge(&mut self) {
+    /// than the first. In reuse mode, some worker served more than one `Ok`
+    /// task (else the run tested fresh workers only).
+    fn judge(&mut self, reuse: u32) {
+        let healthy = self.counts.get("Ok").copied().unwrap_or(0);
+        if reuse > 1 && healthy > 1 && self.healthy_workers.len() as u64 >= healthy {
+            self.problems.push(format!(
+                "reuse mode: {healthy} Ok tasks ran in as many workers"
+            ));
+        }
         for c in &self.checkpoints {
             if c.zombies > 0 || c.strays > 0 {
                 self.problems.push(format!(
@@ -451,6 +473,11 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
+            "  Ok tasks ran in {} worker processes",
+            self.healthy_workers.len()
+        )?;
+        writeln!(
+            f,
             "  {:>9} {:>5} {:>9} {:>7} {:>6}",
             "tasks", "fds", "RSS KiB", "zombies", "strays"
         )?;
@@ -485,12 +512,23 @@ pub(crate) fn start(config: &Config) -> Result<Zygote, Error> {
         .zygotes(config.zygotes)
         .max_in_flight(config.in_flight.max(config.zygotes) as u32)
         .respawn(config.respawn)
+        .reuse(config.reuse)
         .start()
 }
 
 /// Runs a soak on zygotes from [`start`], on a runtime of its own.
 pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::error::Error>> {
-    let parked = run_in_process::DEFAULT_PARKED as usize;
+    // Idle workers a zygote may keep: its parked ones, and in reuse mode
+    // one per slot it has (`max_in_flight` divided among the zygotes).
+    let slots = config
+        .in_flight
+        .max(config.zygotes)
+        .div_ceil(config.zygotes);
+    let parked = if config.reuse > 1 {
+        slots.max(run_in_process::DEFAULT_PARKED as usize)
+    } else {
+        run_in_process::DEFAULT_PARKED as usize
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let mut rng = Rng(config.seed);
     let mut report = Report::default();
@@ -541,6 +579,10 @@ pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::e
                     Ok(seen) => {
                         let what = match seen {
                             Seen::As(k) => format!("{k:?}"),
+                            Seen::Healthy(pid) => {
+                                report.healthy_workers.insert(pid);
+                                format!("{kind:?}")
+                            }
                             Seen::Cancelled => format!("{kind:?}: cancelled"),
                             Seen::LostToZygoteKill => format!("{kind:?}: zygote killed"),
                         };
@@ -561,7 +603,7 @@ pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::e
     // The first checkpoint is before any task ran: the caches (report
     // sockets, the tokio signal pipe) fill during the first batches.
     report.checkpoints.remove(0);
-    report.judge();
+    report.judge(config.reuse);
     Ok(report)
 }
 
