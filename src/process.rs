@@ -1112,7 +1112,8 @@ impl<R> Drop for Process<R> {
         // A worker known to have exited writes no more: its streams end
         // after one last drain, even if a process it left holds them open.
         // (A running worker is killed as the `TaskIo` drops, which ends them.)
-        if self.io.inner.check_process().is_ok() && self.io.ended() {
+        // `ended` first: a system call (`getpid`) saved per reused task.
+        if self.io.ended() && self.io.inner.check_process().is_ok() {
             self.output.worker_exited();
         }
     }
