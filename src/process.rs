@@ -336,8 +336,8 @@ impl Builder {
     /// the call that attempted it, with the reason; each later call that is
     /// left only dead zygotes tries once more, and with
     /// [`zygotes`](Builder::zygotes) above 1 the others serve in the
-    /// meantime. Nothing retries in a loop. The counters in
-    /// [`Zygote::stats`] start again from zero for a respawned zygote.
+    /// meantime. Nothing retries in a loop. [`Zygote::stats`] counts the
+    /// tasks of a zygote and of those that replace it together.
     pub fn respawn(mut self, respawn: bool) -> Builder {
         self.respawn = respawn;
         self

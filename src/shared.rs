@@ -42,7 +42,9 @@ pub(crate) struct Inner {
     next_gen: AtomicU64,
     /// Set once a task saw this zygote die: new tasks go to another one.
     dead: AtomicBool,
-    pub(crate) counters: Counters,
+    /// Shared with the zygotes that replace this one (`Builder::respawn`),
+    /// so that `Zygote::stats` counts their tasks together.
+    pub(crate) counters: Arc<Counters>,
     /// The process that started the zygote. The epoch alone misses a child
     /// made by a raw `clone` (or `clone3`) system call, which runs no fork
     /// handler and so stays in its parent's epoch.
@@ -60,7 +62,7 @@ impl Inner {
             report_pool: Arc::new(ReportPool::new(limits.slots as usize)),
             next_gen: AtomicU64::new(1),
             dead: AtomicBool::new(false),
-            counters: Counters::default(),
+            counters: Arc::default(),
             owner: sys::getpid(),
             limits,
             process: Arc::new(process),

@@ -86,6 +86,8 @@ impl Respawn {
                 process.template = Some(Arc::clone(&self.template));
                 let mut new = Inner::new(process, old.limits, old.confinement);
                 new.capture_limit = old.capture_limit;
+                // The old zygote's tasks still in flight count there too.
+                new.counters = Arc::clone(&old.counters);
                 let new = Arc::new(new);
                 *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&new);
                 failed.store(false, Ordering::Relaxed);

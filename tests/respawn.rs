@@ -202,6 +202,7 @@ fn in_flight_fail_then_respawn(
     Box::pin(async move {
         let z = &o.zygote;
         let first = z.pid();
+        let before = z.stats();
         let a = z.open(sleep_forever, ()).await?;
         let b = z.open(sleep_forever, ()).await?;
         kill(first)?;
@@ -228,7 +229,18 @@ fn in_flight_fail_then_respawn(
         for (i, r) in all.into_iter().enumerate() {
             ensure(r? == (i * i) as u64, "a later task's value")?;
         }
-        Ok(())
+        // The counts go on across the respawn: two tasks lost with the
+        // first zygote, 21 completed by its replacement.
+        z.wait_idle().await;
+        let after = z.stats();
+        ensure(
+            (
+                after.spawned - before.spawned,
+                after.lost - before.lost,
+                after.completed - before.completed,
+            ) == (23, 2, 21),
+            format!("stats across the respawn: {before:?} then {after:?}"),
+        )
     })
 }
 
