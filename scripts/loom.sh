@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The loom model of the result ring's publish/take protocol (src/ring/model.rs,
-# docs/verification.md): every interleaving of a parent and its workers over a
-# heap-backed two-slot ring. The scenarios are small enough to search
-# without a preemption bound (seconds); LOOM_MAX_PREEMPTIONS=N bounds it.
+# The loom models (docs/verification.md): the result ring's publish/take
+# protocol (src/ring/model.rs), every interleaving of a parent and its
+# workers over a heap-backed two-slot ring; and reuse mode's idle handshake
+# (src/idle/model.rs), a parent and a worker racing to decide. The scenarios
+# are small enough to search without a preemption bound (seconds);
+# LOOM_MAX_PREEMPTIONS=N bounds it.
 #
 #   bash scripts/loom.sh
 #
@@ -13,4 +15,4 @@ cd "$(dirname "$0")/.."
 
 export RUSTFLAGS="${RUSTFLAGS:-} --cfg loom"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom"
-exec cargo test --release --lib ring::model -- --test-threads=1 "$@"
+exec cargo test --release --lib -- --test-threads=1 ring::model idle::model "$@"

@@ -25,7 +25,7 @@
 //! parent kill that mailbox's idle worker, never run a task twice or lose
 //! one: the parent treats any value but `WAITING` as "do not send".
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 /// Running a task, or parked fresh (the parent never asks a fresh worker).
 pub(crate) const BUSY: u64 = 0;
@@ -36,36 +36,59 @@ pub(crate) const CLAIMED: u64 = 2;
 /// It timed out and is exiting.
 pub(crate) const RETIRED: u64 = 3;
 
-/// Worker: about to publish a result and then wait for another task.
-///
-/// Stored before the result is published, so that a parent which has seen
-/// the result also sees `WAITING` (Release here, Acquire in [`claim`]).
-pub(crate) fn wait(word: &AtomicU64) {
-    word.store(WAITING, Ordering::Release);
+/// The four moves, over one type of atomic word: std's, and under
+/// `--cfg loom` loom's too, so that `idle::model` checks this very code
+/// under every interleaving (docs/verification.md).
+macro_rules! handshake {
+    ($word:ty) => {
+        /// Worker: about to publish a result and then wait for another task.
+        ///
+        /// Stored before the result is published, so that a parent which has
+        /// seen the result also sees `WAITING` (Release here, Acquire in
+        /// [`claim`]).
+        pub(crate) fn wait(word: &$word) {
+            word.store(WAITING, Ordering::Release);
+        }
+
+        /// Worker: a job arrived.
+        pub(crate) fn busy(word: &$word) {
+            word.store(BUSY, Ordering::Relaxed);
+        }
+
+        /// Worker, at its idle timeout: true if it may exit, false if the
+        /// parent claimed it first (a job is on its way, and it must wait
+        /// for it).
+        pub(crate) fn retire(word: &$word) -> bool {
+            word.compare_exchange(WAITING, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        }
+
+        /// Parent, before sending a job to a worker that has served a task:
+        /// true if the worker will take it, false if it is retiring (or its
+        /// word was scribbled on), in which case no job may be sent.
+        pub(crate) fn claim(word: &$word) -> bool {
+            word.compare_exchange(WAITING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        }
+    };
 }
 
-/// Worker: a job arrived.
-pub(crate) fn busy(word: &AtomicU64) {
-    word.store(BUSY, Ordering::Relaxed);
-}
+handshake!(std::sync::atomic::AtomicU64);
 
-/// Worker, at its idle timeout: true if it may exit, false if the parent
-/// claimed it first (a job is on its way, and it must wait for it).
-pub(crate) fn retire(word: &AtomicU64) -> bool {
-    word.compare_exchange(WAITING, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-}
-
-/// Parent, before sending a job to a worker that has served a task: true
-/// if the worker will take it, false if it is retiring (or its word was
-/// scribbled on), in which case no job may be sent.
-pub(crate) fn claim(word: &AtomicU64) -> bool {
-    word.compare_exchange(WAITING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
+/// The same moves over loom's atomics, for the model.
+#[cfg(all(loom, test))]
+mod on_loom {
+    use super::{BUSY, CLAIMED, Ordering, RETIRED, WAITING};
+    handshake!(loom::sync::atomic::AtomicU64);
 }
 
 #[cfg(test)]
+mod model;
+
+#[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
+
     use super::*;
 
     #[test]
