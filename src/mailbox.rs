@@ -41,7 +41,7 @@ pub(crate) struct Mailboxes {
 struct Table {
     states: Vec<State>,
     /// Runtimes that a kept registration may belong to, each watched for
-    /// its shutdown (`reactor::Watch`), which ends their registrations.
+    /// its shutdown by a [`RuntimeWatch`], which ends their registrations.
     watched: Vec<runtime::Id>,
 }
 
@@ -73,7 +73,7 @@ enum State {
 /// fd from it (SAFETY.md T1).
 pub(crate) enum Kept {
     /// Still registered with the runtime of the worker's last task, which
-    /// is running (it is watched: see [`Mailboxes::forget_runtime`]).
+    /// is running: a [`RuntimeWatch`] turns it `Plain` at its shutdown.
     Registered {
         runtime: runtime::Id,
         /// The doorbell the worker also kept (`wire::FLAG_SAME_DOORBELL`).
@@ -189,13 +189,18 @@ impl Mailboxes {
         None
     }
 
-    /// Mailboxes whose worker is known to be waiting for a task.
-    pub(crate) fn ready(&self) -> usize {
-        self.lock()
-            .states
-            .iter()
-            .filter(|s| matches!(s, State::Ready { .. }))
-            .count()
+    /// Mailboxes whose worker is known to be waiting for a task, and how
+    /// many of those workers have served one (reuse mode).
+    pub(crate) fn ready(&self) -> (usize, usize) {
+        let table = self.lock();
+        let ready = |reused_only: bool| {
+            table
+                .states
+                .iter()
+                .filter(|s| matches!(s, State::Ready { reused, .. } if *reused || !reused_only))
+                .count()
+        };
+        (ready(false), ready(true))
     }
 
     /// Puts back a claim whose job was never sent (setting the task up
@@ -348,12 +353,15 @@ impl Drop for RuntimeWatch {
         let mut table = mailboxes.lock();
         table.watched.retain(|id| *id != self.runtime);
         for state in &mut table.states {
-            if let State::Ready { kept, .. } = state {
-                if kept.as_ref().and_then(|k| k.runtime()) == Some(self.runtime) {
-                    let (doorbell, report) =
-                        kept.take().expect("just seen").into_inner().deregister();
-                    *kept = Some(ForkLocal::new(Kept::Plain { doorbell, report }));
-                }
+            let State::Ready { kept, .. } = state else {
+                continue;
+            };
+            if kept.as_ref().and_then(|k| k.runtime()) != Some(self.runtime) {
+                continue;
+            }
+            if let Some(registered) = kept.take() {
+                let (doorbell, report) = registered.into_inner().deregister();
+                *kept = Some(ForkLocal::new(Kept::Plain { doorbell, report }));
             }
         }
     }

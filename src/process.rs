@@ -478,9 +478,11 @@ impl Zygote {
         for member in &self.group.members() {
             member.counters.add_to(&mut stats);
             let in_flight = member.slots.in_use() as u64;
-            let parked = member.mailboxes.ready() as u64;
+            let (parked, reused) = member.mailboxes.ready();
+            let parked = parked as u64;
             stats.in_flight += in_flight;
             stats.parked += parked;
+            stats.reused += reused as u64;
             stats.workers += in_flight + parked;
         }
         stats

@@ -54,6 +54,10 @@ pub struct Stats {
     /// Idle workers waiting in mailboxes for a task: parked fresh ones and,
     /// in reuse mode, reused ones.
     pub parked: u64,
+    /// Of `parked`, the workers that have served a task and wait for the
+    /// next (reuse mode). The parent keeps three fds for each (its pidfd,
+    /// doorbell and report socket), one for a fresh parked worker.
+    pub reused: u64,
 }
 
 /// How a task ended, as counted.

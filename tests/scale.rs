@@ -406,6 +406,12 @@ async fn stats_count_each_outcome_once(z: Zygote) -> TestResult {
     z.wait_idle().await;
     let before = z.stats();
     z.run(count, ()).await?;
+    // Its worker waits for the next task: parked, and reused.
+    let waiting = z.stats();
+    ensure(
+        (waiting.parked, waiting.reused) == (1, 1),
+        format!("after one task: {waiting:?}"),
+    )?;
     let _ = z.run(fail, ()).await;
     let _ = z.run(crash, 0).await;
     let _ = z.run(crash, 1).await;
@@ -435,7 +441,9 @@ async fn stats_count_each_outcome_once(z: Zygote) -> TestResult {
     ensure(
         got == [6, 1, 1, 1, 1, 1, 1, 0, 0],
         format!("{got:?}: {after:?}"),
-    )
+    )?;
+    // The open task ended its worker; any worker parked now is fresh.
+    ensure(after.reused == 0, format!("after the last task: {after:?}"))
 }
 
 async fn results_are_never_crossed_between_tasks(z: Zygote) -> TestResult {
