@@ -646,11 +646,12 @@ fn bad_options_are_refused_before_any_fork() -> TestResult {
 /// Most page faults a fresh worker with default settings may take, on
 /// average, from its fork to its exit. Each fault on this VM costs a couple
 /// of microseconds of the task's latency, so a change that adds some shows
-/// here first. Measured on the dev VM: 29–31 (release) and 59–60
-/// (unoptimised). Without the zygote registering its thread-local
-/// destructors for its workers it was 47 and 76; with `close_fds_except`
-/// allocating for seven fds, 35.5 (release).
-const WORKER_FAULTS_MAX: f64 = if cfg!(debug_assertions) { 66.0 } else { 33.0 };
+/// here first. Measured on the dev VM: 29–31 (release) and 59–63
+/// (unoptimised; the unoptimised figure moves with the code's layout, a
+/// third of a worker's faults being text pages). Without the zygote
+/// registering its thread-local destructors for its workers it was 47 and
+/// 76; with `close_fds_except` allocating for seven fds, 35.5 (release).
+const WORKER_FAULTS_MAX: f64 = if cfg!(debug_assertions) { 70.0 } else { 33.0 };
 
 /// The minor faults of the zygote's reaped children (`cminflt`, field 11 of
 /// `/proc/PID/stat`).
