@@ -428,8 +428,9 @@ impl Report {
 
     /// Steady state: no zombie or stray at any quiet point, and the second
     /// half of the run holds no more fds (at its median checkpoint), and
-    /// not materially more memory, than the first. In reuse mode, some worker served more than one `Ok`
-    /// task (else the run tested fresh workers only).
+    /// not materially more memory, than the first. In reuse mode, some
+    /// worker served more than one `Ok` task (else the run tested fresh
+    /// workers only).
     fn judge(&mut self, reuse: u32) {
         let healthy = self.counts.get("Ok").copied().unwrap_or(0);
         if reuse > 1 && healthy > 1 && self.healthy_workers.len() as u64 >= healthy {
@@ -626,7 +627,19 @@ pub(crate) fn drive(config: &Config, z: Zygote) -> Result<Report, Box<dyn std::e
     Ok(report)
 }
 
-#[allow(dead_code)] // reason: tests/soak.rs includes this file for `start` and `drive`
+/// [`drive`], then prints the report; an error if it found a wrong outcome
+/// or a leak. What `main` and the test targets run.
+pub(crate) fn check(config: &Config, z: Zygote) -> Result<(), Box<dyn std::error::Error>> {
+    let report = drive(config, z)?;
+    println!("{report}");
+    if report.ok() {
+        Ok(())
+    } else {
+        Err("the soak found wrong outcomes or leaks (see above)".into())
+    }
+}
+
+#[allow(dead_code)] // reason: tests/soak*.rs include this file for `start` and `check`
 fn main() -> std::process::ExitCode {
     let config = match Config::from_args() {
         Ok(c) => c,
@@ -638,16 +651,9 @@ fn main() -> std::process::ExitCode {
     println!("soak: {config:?}");
     match start(&config)
         .map_err(Into::into)
-        .and_then(|z| drive(&config, z))
+        .and_then(|z| check(&config, z))
     {
-        Ok(report) => {
-            println!("{report}");
-            if report.ok() {
-                std::process::ExitCode::SUCCESS
-            } else {
-                std::process::ExitCode::FAILURE
-            }
-        }
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soak: {e}");
             std::process::ExitCode::FAILURE

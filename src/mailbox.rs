@@ -192,15 +192,13 @@ impl Mailboxes {
     /// Mailboxes whose worker is known to be waiting for a task, and how
     /// many of those workers have served one (reuse mode).
     pub(crate) fn ready(&self) -> (usize, usize) {
-        let table = self.lock();
-        let ready = |reused_only: bool| {
-            table
-                .states
-                .iter()
-                .filter(|s| matches!(s, State::Ready { reused, .. } if *reused || !reused_only))
-                .count()
-        };
-        (ready(false), ready(true))
+        self.lock()
+            .states
+            .iter()
+            .fold((0, 0), |(ready, reused), state| match state {
+                State::Ready { reused: r, .. } => (ready + 1, reused + usize::from(*r)),
+                _ => (ready, reused),
+            })
     }
 
     /// Puts back a claim whose job was never sent (setting the task up

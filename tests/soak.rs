@@ -20,14 +20,7 @@ fn main() {
     let args = common::harness_args();
     let trials = vec![Trial::test(
         "a_mixed_soak_delivers_every_outcome_and_leaks_nothing",
-        move || {
-            let report = soak::drive(&config, zygote)?;
-            println!("{report}");
-            common::ensure(
-                report.ok(),
-                "the soak found wrong outcomes or leaks (see above)",
-            )
-        },
+        move || Ok(soak::check(&config, zygote)?),
     )];
     libtest_mimic::run(&args, trials).exit();
 }
