@@ -788,7 +788,7 @@ impl<R: DeserializeOwned> Task<R> {
     /// As [`Zygote::run`].
     pub async fn run(self) -> Result<R> {
         let (io, output) = self.start(false).await?;
-        Process::<R>::new(io, output).result().await
+        Process::<R>::new(io, output).result_of().await
     }
 
     /// Starts the task and returns a handle once its worker process exists.
@@ -1026,16 +1026,20 @@ impl<R: DeserializeOwned> Process<R> {
     ///
     /// Dropping the future drops the `Process`, which kills the worker.
     pub async fn result(mut self) -> Result<R> {
+        self.io.inner.check_process()?;
         self.result_of().await
     }
 
+    /// Waits for the result. The caller has checked the process
+    /// ([`Inner::check_process`](crate::shared::Inner::check_process)), once
+    /// per public call like every entry point: `Process::result` here,
+    /// `TaskIo::start` for `Task::run`, which saves a `getpid` per task.
     async fn result_of(&mut self) -> Result<R> {
         let result = self.result_only().await;
         result.map_err(|e| self.output.annotate(e))
     }
 
     async fn result_only(&mut self) -> Result<R> {
-        self.io.inner.check_process()?;
         loop {
             self.sync_stop_request();
             if (self.io.record.is_some() || self.io.ended()) && !self.output.done() {
@@ -1114,8 +1118,9 @@ impl<R> Drop for Process<R> {
         // A worker known to have exited writes no more: its streams end
         // after one last drain, even if a process it left holds them open.
         // (A running worker is killed as the `TaskIo` drops, which ends them.)
-        // `ended` first: a system call (`getpid`) saved per reused task.
-        if self.io.ended() && self.io.inner.check_process().is_ok() {
+        // The process check last: it is a system call (`getpid`), needed
+        // only by an ended task that captures output.
+        if self.io.ended() && !self.output.done() && self.io.inner.check_process().is_ok() {
             self.output.worker_exited();
         }
     }
