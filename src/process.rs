@@ -1030,10 +1030,11 @@ impl<R: DeserializeOwned> Process<R> {
         self.result_of().await
     }
 
-    /// Waits for the result. The caller has checked the process
-    /// ([`Inner::check_process`](crate::shared::Inner::check_process)), once
-    /// per public call like every entry point: `Process::result` here,
-    /// `TaskIo::start` for `Task::run`, which saves a `getpid` per task.
+    /// Waits for the result. The caller has already checked the process
+    /// ([`Inner::check_process`](crate::shared::Inner::check_process)):
+    /// `Process::result` does so itself, while `Task::run` and
+    /// `run_with_output` rely on the check `TaskIo::start` made in the same
+    /// call, which saves a `getpid` per task.
     async fn result_of(&mut self) -> Result<R> {
         let result = self.result_only().await;
         result.map_err(|e| self.output.annotate(e))
