@@ -149,6 +149,30 @@ pub(crate) fn flush_stdio() {
     unsafe { libc::fflush(std::ptr::null_mut()) };
 }
 
+/// Counts the threads of the calling process once it has settled: while the
+/// count is above one, reads it again, with growing sleeps, for up to 100 ms.
+///
+/// A thread that was just joined can still be counted. The kernel wakes the
+/// joiner when it clears the exiting thread's tid (`CLONE_CHILD_CLEARTID`),
+/// before it removes the thread from the group; on a busy machine the gap can
+/// last a scheduler tick. Such a thread runs no more user code and holds no
+/// lock, but nothing signals when it is gone, so this polls. A count of one
+/// is final: only the calling thread exists, and only it could start another.
+/// A process that really has more threads pays the 100 ms on its way to an
+/// error.
+pub(crate) fn settled_thread_count() -> SysResult<usize> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    let mut pause = std::time::Duration::from_micros(50);
+    loop {
+        let threads = thread_count()?;
+        if threads <= 1 || std::time::Instant::now() >= deadline {
+            return Ok(threads);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Counts the threads of the calling process, from `/proc/self/status`.
 pub(crate) fn thread_count() -> SysResult<usize> {
     let status = std::fs::read_to_string("/proc/self/status")

@@ -228,7 +228,7 @@ impl Parts {
 /// Checks that the calling process has one thread, for a fork into Rust
 /// code (SAFETY.md F1), and makes every later fork start a new epoch.
 pub(crate) fn check_single_threaded() -> Result<(), Error> {
-    let threads = sys::thread_count()?;
+    let threads = sys::settled_thread_count()?;
     if threads != 1 {
         return Err(Error::new(
             ErrorKind::MultiThreaded,
@@ -509,7 +509,7 @@ impl Zygote<'_> {
         if std::panic::catch_unwind(hook).is_err() {
             sys::exit_now(EXIT_WARM_UP_PANICKED);
         }
-        if !matches!(sys::thread_count(), Ok(1)) {
+        if !matches!(sys::settled_thread_count(), Ok(1)) {
             sys::exit_now(EXIT_WARM_UP_THREADS);
         }
         let ready = Report::Started {

@@ -41,6 +41,13 @@ fn main() {
             move || fork_drops_the_runtime(&z, name),
         ));
     }
+    {
+        let z = parked.clone();
+        trials.push(Trial::test(
+            "a_zygote_starts_right_after_a_dropped_multi_thread_runtime",
+            move || checked_pooled(&z, KEPT, start_after_a_runtime),
+        ));
+    }
     for (name, z) in [("fresh", parked), ("reused", reused)] {
         trials.push(Trial::test(
             format!("a_task_runs_and_drops_a_multi_thread_runtime_of_its_own_{name}"),
@@ -180,15 +187,56 @@ fn multi_thread_sum(n: u64) -> (u64, usize) {
         sum
     });
     drop(rt);
-    let threads = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (sum, threads)
+    (sum, settled_threads())
+}
+
+/// The calling process's thread count once it falls to one, or as it is
+/// after [`HANG`]. A thread that was just joined can still be counted for a
+/// moment: the kernel wakes the joiner before it removes the thread.
+fn settled_threads() -> usize {
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        if threads == 1 || std::time::Instant::now() >= deadline {
+            return threads;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs and drops a multi-thread runtime, then at once starts a zygote, as
+/// a program that used tokio before `Zygote::start` would; returns how
+/// `start` ended.
+fn start_right_after_a_runtime(n: u64) -> Result<u64, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let sum = rt.block_on(async {
+        let tasks: Vec<_> = (1..=n).map(|i| tokio::spawn(async move { i })).collect();
+        let mut sum = 0;
+        for t in tasks {
+            sum += t.await.unwrap_or(0);
+        }
+        sum
+    });
+    drop(rt);
+    Zygote::start().map(|_| sum).map_err(|e| e.to_string())
+}
+
+async fn start_after_a_runtime(z: Zygote) -> TestResult {
+    for _ in 0..3 {
+        let sum = z.run(start_right_after_a_runtime, 100).await??;
+        ensure(sum == 5050, format!("sum {sum}"))?;
+    }
+    Ok(())
 }
 
 async fn own_runtime(z: Zygote) -> TestResult {

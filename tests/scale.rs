@@ -62,6 +62,7 @@ fn main() {
     let plain = Zygote::start().expect("start the default zygote");
     let panicking = Zygote::builder().warm_up(warm_up_panics).start();
     let threaded = Zygote::builder().warm_up(warm_up_starts_a_thread).start();
+    let joined = Zygote::builder().warm_up(warm_up_joins_its_threads).start();
 
     let args = common::harness_args();
     let mut trials = Vec::new();
@@ -121,6 +122,13 @@ fn main() {
                 e.kind() == ErrorKind::ZygoteDied && e.to_string().contains("thread"),
                 format!("{e:?}"),
             )
+        },
+    ));
+    trials.push(Trial::test(
+        "a_warm_up_that_joins_its_threads_starts",
+        move || {
+            let z = joined.map_err(|e| format!("{e:?}"))?;
+            checked(&z, warmed_by_threads)
         },
     ));
     libtest_mimic::run(&args, trials).exit();
@@ -210,6 +218,21 @@ fn warm_up() {
 
 fn warm_up_panics() {
     panic!("warm-up failed");
+}
+
+/// Leaves its result through threads it has joined: each of them is gone,
+/// though the last may still be counted for a moment.
+fn warm_up_joins_its_threads() {
+    for i in 1..=8 {
+        std::thread::spawn(move || WARMED.fetch_add(i, Ordering::Relaxed))
+            .join()
+            .expect("a warm-up thread");
+    }
+}
+
+async fn warmed_by_threads(z: Zygote) -> TestResult {
+    let warmed = z.run(warmed, ()).await?;
+    ensure(warmed == 36, format!("warmed {warmed}"))
 }
 
 fn warm_up_starts_a_thread() {
