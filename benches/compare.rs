@@ -148,6 +148,7 @@ fn main() {
     let mut floors = FloorServer::fork();
     let echo = Echo::fork();
     let raw = RawForkServer::fork();
+    let raw_pool = RawPool::fork(8);
     let zygote = Zygote::start().expect("start the zygote");
     let cold_zygote = Zygote::builder()
         .parked(0)
@@ -409,16 +410,18 @@ fn main() {
     let (mut parked8, mut cold8, mut raw8, mut ratios8) = (vec![], vec![], vec![], vec![]);
     let (mut reuse8, mut two8, mut pool8) = (vec![], vec![], vec![]);
     let (mut reuse_vs_pool, mut two_vs_one) = (vec![], vec![]);
+    let (mut raw_pool8, mut reuse_vs_raw_pool) = (vec![], vec![]);
     for _ in 0..if quick { 2 } else { 9 } {
         let (p, c, r) = (
             tput_on(&zygote, 8),
             tput_on(&cold_zygote, 8),
             raw.throughput(n.max(400), 8),
         );
-        let (u, t, q) = (
+        let (u, t, q, f) = (
             tput_total(&reuse_zygote, 8, 10 * n.max(400)),
             tput_on(&two_zygotes, 8),
             pool_tput(8, n.max(400)),
+            raw_pool.throughput(10 * n.max(400)),
         );
         parked8.push(p);
         cold8.push(c);
@@ -428,6 +431,8 @@ fn main() {
         two8.push(t);
         pool8.push(q);
         reuse_vs_pool.push(u / q);
+        raw_pool8.push(f);
+        reuse_vs_raw_pool.push(u / f);
         two_vs_one.push(t / p);
     }
     peer_pool.shutdown();
@@ -451,6 +456,10 @@ fn main() {
     throughput.push((
         "run_in_process: tasks/s, 8 in flight, reuse mode".into(),
         median(&reuse8),
+    ));
+    throughput.push((
+        "floor: raw process pool (8 workers, socket jobs), tasks/s, 8 in flight".into(),
+        median(&raw_pool8),
     ));
     throughput.push((
         "run_in_process: tasks/s, 8 in flight, zygotes(2), fresh per task".into(),
@@ -600,6 +609,7 @@ fn main() {
     floors.stop();
     echo.stop();
     raw.stop();
+    raw_pool.stop();
 
     // The report.
     let mut out = String::new();
@@ -725,6 +735,11 @@ fn main() {
         median(&reuse8),
         median(&reuse_vs_pool),
         span(&reuse_vs_pool),
+    );
+    out += &format!(
+        "- reuse mode / raw process pool, 8 in flight: {:.2}x (what the runtime, the ring and the result cost over the bare system calls; rounds {})\n",
+        median(&reuse_vs_raw_pool),
+        span(&reuse_vs_raw_pool),
     );
     out += &format!(
         "- reuse mode back to back / ping-pong floor: {:.2}x cross-CPU, {:.2}x one CPU (target 3x)\n",
@@ -1276,6 +1291,137 @@ impl RawForkServer {
         // SAFETY: signalling our own, unreaped child.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         reap(self.pid);
+    }
+}
+
+/// The floor for reuse mode: long-lived workers, each woken by a 64-byte job
+/// on a `SOCK_SEQPACKET` pair and answering on an eventfd of its own, which
+/// the parent waits on with epoll. These are the system calls a reused task
+/// makes (`ppoll`, `recv` and `write` in the worker; `sendmsg`, `read` and
+/// `epoll_wait` in the parent), with no runtime, no ring and no result.
+struct RawPool {
+    pids: Vec<libc::pid_t>,
+    jobs: Vec<OwnedFd>,
+    done: Vec<OwnedFd>,
+    epoll: OwnedFd,
+}
+
+impl RawPool {
+    fn fork(workers: usize) -> RawPool {
+        // SAFETY: epoll_create1 has no memory-safety preconditions.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(
+            epoll >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a fresh, open fd owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let (mut pids, mut jobs, mut done) = (vec![], vec![], vec![]);
+        for i in 0..workers {
+            let mut pair = [0; 2];
+            // SAFETY: `pair` has room for the two fds socketpair writes.
+            let r = unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                    0,
+                    pair.as_mut_ptr(),
+                )
+            };
+            assert!(r == 0, "socketpair: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh, open fd owned by nobody else.
+            let ours = unsafe { OwnedFd::from_raw_fd(pair[0]) };
+            // SAFETY: the other fresh, open fd, owned by nobody else.
+            let theirs = unsafe { OwnedFd::from_raw_fd(pair[1]) };
+            let doorbell = eventfd();
+            let (sock, bell) = (theirs.as_raw_fd(), doorbell.as_raw_fd());
+            pids.push(fork_then(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    let mut p = libc::pollfd {
+                        fd: sock,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd; no timeout, no signal mask.
+                    unsafe { libc::ppoll(&mut p, 1, std::ptr::null(), std::ptr::null()) };
+                    // SAFETY: receiving into a valid local buffer of its length.
+                    let n = unsafe {
+                        libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                    };
+                    if n <= 0 {
+                        return;
+                    }
+                    write_u64(bell, 1);
+                }
+            }));
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: registering an open fd with a valid event.
+            let r = unsafe {
+                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, bell, &mut event)
+            };
+            assert!(r == 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+            drop(theirs);
+            jobs.push(ours);
+            done.push(doorbell);
+        }
+        RawPool {
+            pids,
+            jobs,
+            done,
+            epoll,
+        }
+    }
+
+    fn send(&self, worker: usize) {
+        let job = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: job.as_ptr() as *mut _,
+            iov_len: job.len(),
+        };
+        // SAFETY: a zeroed msghdr is a message with no name and no control data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        // SAFETY: `msg` names one valid buffer, which the kernel only reads.
+        unsafe { libc::sendmsg(self.jobs[worker].as_raw_fd(), &msg, 0) };
+    }
+
+    /// Tasks per second, one job in flight per worker.
+    fn throughput(&self, total: usize) -> f64 {
+        let start = Instant::now();
+        let mut sent = 0;
+        for worker in 0..self.jobs.len().min(total) {
+            self.send(worker);
+            sent += 1;
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        let mut finished = 0;
+        while finished < total {
+            // SAFETY: `events` has room for the 8 events we allow.
+            let k = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 8, -1) };
+            for event in events.iter().take(usize::try_from(k).unwrap_or(0)) {
+                let worker = event.u64 as usize;
+                finished += read_u64(self.done[worker].as_raw_fd()) as usize;
+                if sent < total {
+                    self.send(worker);
+                    sent += 1;
+                }
+            }
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    }
+
+    fn stop(self) {
+        for pid in self.pids {
+            // SAFETY: signalling our own, unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap(pid);
+        }
     }
 }
 
