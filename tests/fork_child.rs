@@ -172,6 +172,12 @@ fn fork_drops_the_runtime(z: &Zygote, name: &str) -> TestResult {
 /// Builds a multi-thread runtime in the worker, runs tasks on it, drops it,
 /// and returns the sum and how many threads are left.
 fn multi_thread_sum(n: u64) -> (u64, usize) {
+    (sum_on_a_dropped_runtime(n), settled_threads())
+}
+
+/// Sums 1..=n in tasks of a multi-thread runtime of three workers, and drops
+/// the runtime.
+fn sum_on_a_dropped_runtime(n: u64) -> u64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(3)
         .enable_all()
@@ -187,7 +193,7 @@ fn multi_thread_sum(n: u64) -> (u64, usize) {
         sum
     });
     drop(rt);
-    (sum, settled_threads())
+    sum
 }
 
 /// The calling process's thread count once it falls to one, or as it is
@@ -215,19 +221,7 @@ fn settled_threads() -> usize {
 /// a program that used tokio before `Zygote::start` would; returns how
 /// `start` ended.
 fn start_right_after_a_runtime(n: u64) -> Result<u64, String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(3)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let sum = rt.block_on(async {
-        let tasks: Vec<_> = (1..=n).map(|i| tokio::spawn(async move { i })).collect();
-        let mut sum = 0;
-        for t in tasks {
-            sum += t.await.unwrap_or(0);
-        }
-        sum
-    });
-    drop(rt);
+    let sum = sum_on_a_dropped_runtime(n);
     Zygote::start().map(|_| sum).map_err(|e| e.to_string())
 }
 
