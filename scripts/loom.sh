@@ -15,4 +15,4 @@ cd "$(dirname "$0")/.."
 
 export RUSTFLAGS="${RUSTFLAGS:-} --cfg loom"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom"
-exec cargo test --release --lib -- --test-threads=1 ring::model idle::model "$@"
+exec cargo test --release --lib -- --test-threads=1 ring::model idle::model job_cell::model "$@"

@@ -84,6 +84,7 @@ mod env;
 mod epoch;
 mod error;
 mod idle;
+mod job_cell;
 mod limits;
 mod mailbox;
 mod map;

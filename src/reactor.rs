@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use crate::confine::Confinement;
 use crate::epoch::ForkLocal;
 use crate::error::Error;
+use crate::job_cell;
 use crate::mailbox::{Kept, MailboxGuard};
 use crate::payload::Payload;
 use crate::report_pool::Recycle;
@@ -285,14 +286,23 @@ impl TaskIo {
             // non-blocking send cannot find it full. It fails if the worker
             // died while parked (with the zygote, say): then forget the
             // mailbox and fall through to the cold path, which reports a dead
-            // zygote as such.
-            if sys::send_frame(
-                mailbox.jobs.as_fd(),
-                &frame(claim.pid, same_doorbell, 0, false),
-                &fds,
-            )
-            .is_ok()
-            {
+            // zygote as such. A reused worker waits on its job cell instead
+            // (`crate::job_cell`): the job goes there if it carries no fd and
+            // fits, else on the socket with an empty post saying so.
+            let job = frame(claim.pid, same_doorbell, 0, false);
+            let cell = job_cell::cell(&inner.process.cells, claim.index).filter(|_| claim.reused);
+            let sent = match &cell {
+                Some(cell) if fds.is_empty() && cell.post(&job) => true,
+                Some(cell) => {
+                    sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok() && cell.post(&[])
+                }
+                None => sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok(),
+            };
+            if let (true, Some(cell)) = (sent, &cell) {
+                // Fails only for a bad address, which the cell's is not.
+                let _ = cell.wake();
+            }
+            if sent {
                 claimed = Some((guard, report, claim.pid, claim.pidfd));
             }
             drop(fds);

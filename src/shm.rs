@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 use rustix::fs::SealFlags;
@@ -260,6 +260,108 @@ fn mseal(addr: *mut std::ffi::c_void, len: usize) {
 
 // `SharedWords` is Send and Sync because `MmapRaw` is, and it only hands out
 // atomics; no manual impl is needed.
+
+/// A memfd of 32-bit atomic words that only the process that made it can
+/// write: the job cells of reuse mode (`crate::job_cell`), which the
+/// parent writes and workers only read.
+///
+/// The parent maps the file writable, keeps that mapping out of every fork
+/// (`MADV_DONTFORK`), then seals the file against writes (`F_SEAL_FUTURE_WRITE`)
+/// before any other process exists that could map it: every other mapping,
+/// the zygote's and through it every worker's, is read-only, and the seal
+/// keeps it so (the kernel refuses `PROT_WRITE` on a new shared mapping and
+/// clears `VM_MAYWRITE` on a read-only one, so `mprotect` cannot upgrade it).
+/// A worker, whatever its code does, can read its job cell but never write
+/// it, nor anybody else's (SAFETY.md S6).
+pub(crate) struct PostedWords {
+    map: ForkLocal<MmapRaw>,
+    words: usize,
+    /// The parent's mapping: the only writable one.
+    writable: bool,
+}
+
+impl PostedWords {
+    /// Creates a memfd of `words * 4` bytes, maps it writable here and only
+    /// here, and seals it: its size, and any write but through this mapping.
+    pub(crate) fn create(name: &str, words: usize) -> SysResult<(PostedWords, OwnedFd)> {
+        let len = words.checked_mul(4).filter(|&l| l > 0).ok_or_else(|| {
+            SysError::new(
+                "memfd_create",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad job cell size"),
+            )
+        })?;
+        let fd = sys::memfd_create(name)?;
+        sys::ftruncate(fd.as_fd(), len as u64)?;
+        sys::add_seals(fd.as_fd(), SealFlags::SHRINK | SealFlags::GROW)?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&fd)
+            .map_err(|e| SysError::new("mmap", e))?;
+        // No fork of ours (a zygote, a worker, a fork of the user's) gets
+        // this writable mapping: they map the file again, read-only.
+        map.advise(memmap2::Advice::DontFork)
+            .map_err(|e| SysError::new("madvise", e))?;
+        // Unlike the ring's write seal (`SharedWords::seal_writes`), not best
+        // effort: a kernel without it (before 5.1) has no pidfds either.
+        sys::add_seals(fd.as_fd(), SealFlags::FUTURE_WRITE | SealFlags::SEAL)?;
+        let words = PostedWords {
+            map: ForkLocal::new(map),
+            words,
+            writable: true,
+        };
+        Ok((words, fd))
+    }
+
+    /// Maps the memfd `create` made, of `words` words, read-only: for a
+    /// zygote, whose workers inherit the mapping.
+    pub(crate) fn open(fd: BorrowedFd<'_>, words: usize) -> SysResult<PostedWords> {
+        let map = MmapOptions::new()
+            .len(words * 4)
+            .map_raw_read_only(&fd)
+            .map_err(|e| SysError::new("mmap", e))?;
+        Ok(PostedWords {
+            map: ForkLocal::new(map),
+            words,
+            writable: false,
+        })
+    }
+
+    /// Takes this mapping, inherited across a fork, as this process's own:
+    /// for a worker, the zygote's read-only mapping.
+    pub(crate) fn adopt(&self) {
+        self.map.adopt();
+    }
+
+    /// Is this the parent's writable mapping? Only then may words of
+    /// [`range`](PostedWords::range) be stored to.
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Words `start..start + len` of the mapping, or `None` if out of bounds
+    /// or in a process of another epoch (see `crate::epoch`). In a mapping
+    /// that is not [`writable`](PostedWords::writable), only `Relaxed` loads
+    /// are allowed on them (see SAFETY.md S6).
+    pub(crate) fn range(&self, start: usize, len: usize) -> Option<&[AtomicU32]> {
+        let end = start.checked_add(len)?;
+        if !self.map.is_own() || end > self.words {
+            return None;
+        }
+        let ptr = self.map.as_ptr().cast::<AtomicU32>().wrapping_add(start);
+        debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 4);
+        // SAFETY: SAFETY.md S6. The range lies within the mapping of exactly
+        // `words * 4` bytes owned by `self` and live in this process (made
+        // in this epoch, or adopted by this worker), so it is valid for the
+        // returned lifetime; mmap returns page-aligned memory, which
+        // satisfies AtomicU32's alignment; every bit pattern is a valid
+        // u32; the size is sealed, so the pages cannot go away (no SIGBUS).
+        // The parent's process is the only writer, through atomic stores;
+        // a read-only mapping is only ever loaded from, with `Relaxed`
+        // loads, which std guarantees never write (its "atomic accesses to
+        // read-only memory"), and `job_cell` stores only when `writable`.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+}
 
 /// Seals a memfd read-only (write, grow, shrink and further sealing all
 /// forbidden), so its reader can map it as plain bytes. Fill it with

@@ -537,6 +537,52 @@ pub(crate) fn poll_readable(
     }
 }
 
+/// How a [`futex_wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(loom, allow(dead_code))] // reason: no futex under loom (`job_cell`)
+pub(crate) enum Woken {
+    /// Woken, or the word no longer held the expected value (`EAGAIN`), or
+    /// a signal interrupted the wait: look at the word again.
+    Look,
+    /// `timeout` passed with the word unchanged.
+    TimedOut,
+}
+
+/// `futex(word, FUTEX_WAIT, expected, timeout)`, shared (not
+/// `FUTEX_PRIVATE_FLAG`): the word lies in a mapping another process
+/// writes (`crate::job_cell`). Sleeps while `word` holds `expected`, for
+/// at most `timeout` (`None`: for ever). The kernel checks the value and
+/// queues the waiter atomically, so a wake that follows a store of another
+/// value is never missed. The word may be in a read-only mapping: the call
+/// only reads it. See `futex(2)`.
+#[cfg(not(loom))]
+pub(crate) fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: Option<std::time::Duration>,
+) -> SysResult<Woken> {
+    use rustix::thread::futex;
+    let timeout = timeout.map(|t| futex::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: t.subsec_nanos().into(),
+    });
+    match futex::wait(word, futex::Flags::empty(), expected, timeout.as_ref()) {
+        Ok(()) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(Woken::Look),
+        Err(rustix::io::Errno::TIMEDOUT) => Ok(Woken::TimedOut),
+        Err(e) => Err(SysError::new("futex", e)),
+    }
+}
+
+/// `futex(word, FUTEX_WAKE, 1)`, shared: wakes the one process that may be
+/// waiting on `word` in [`futex_wait`].
+#[cfg(not(loom))]
+pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32) -> SysResult<()> {
+    use rustix::thread::futex;
+    futex::wake(word, futex::Flags::empty(), 1)
+        .map(drop)
+        .call("futex")
+}
+
 /// `pipe2(O_CLOEXEC)`, then `O_NONBLOCK` on the read end only; see
 /// `pipe(2)`. Returns `(read, write)`. The write end stays blocking: it
 /// becomes a worker's stdout or stderr, where `EAGAIN` would fail a print.

@@ -22,10 +22,11 @@ use rustix::process::Pid;
 
 use crate::confine::{self, Confinement};
 use crate::idle;
+use crate::job_cell::{self, Cell, Found};
 use crate::output::{IoFds, SetupFailure};
 use crate::payload::Payload;
 use crate::ring::Ring;
-use crate::shm::SealedBytes;
+use crate::shm::{PostedWords, SealedBytes};
 use crate::sys;
 use crate::wire::{self, ArgPlace, ConfineFailure, Dismissal, RecordKind, Request, SpillNotice};
 
@@ -240,6 +241,10 @@ pub(crate) struct Parked<'a> {
     pub(crate) ring: &'a Ring,
     /// The mailbox's idle word (`crate::idle`).
     pub(crate) idle: &'a AtomicU64,
+    /// The zygote's read-only mapping of the job cells, and the mailbox's
+    /// number among them (`crate::job_cell`).
+    pub(crate) cells: &'a PostedWords,
+    pub(crate) mailbox: usize,
     /// Tasks to serve before exiting (reuse mode when above 1).
     pub(crate) reuse: u32,
     /// Idle timeout between tasks in milliseconds; 0 waits for ever.
@@ -268,21 +273,32 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         spill,
         ring,
         idle,
+        cells,
+        mailbox,
         reuse,
         idle_ms,
         limit,
         buf,
         mut result_buf,
     } = parked;
-    // This fork started a new epoch; the zygote's ring is ours too.
+    // This fork started a new epoch; the zygote's ring is ours too, and so
+    // is its view of the job cells.
     ring.adopt();
+    cells.adopt();
     prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
-    let reused = reuse > 1;
+    // After its first task, a reused worker takes its jobs from its cell:
+    // the parent posts there only to a worker it has seen wait, which is
+    // after this read, so anything newer is (or names) a later job. (A
+    // worker without its cell, which cannot happen, serves one task.)
+    let cell = job_cell::cell(cells, mailbox).filter(|_| reuse > 1);
+    let reused = cell.is_some();
+    let mut seen = cell.as_ref().map_or(0, Cell::current);
     let mut served = 0u32;
     let mut kept_doorbell = None;
+
     // Drawn now, after the fork: this worker's own.
     let Some(mut keys) = Keys::draw() else {
         sys::exit_now(EXIT_NO_KEY);
@@ -290,7 +306,9 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     loop {
         // Between tasks of a reused worker, the idle timeout applies.
         let timeout = (served > 0 && idle_ms > 0).then(|| Duration::from_millis(idle_ms));
-        let (request, inline_len, fds) = receive_job(jobs, buf, slots, limit, me, idle, timeout);
+        let posted = cell.as_ref().filter(|_| served > 0).map(|c| (c, &mut seen));
+        let (request, inline_len, fds) =
+            receive_job(jobs, posted, buf, slots, limit, me, idle, timeout);
         let mut fds = fds.into_iter();
         // A reused worker's job may ask it to ring its last doorbell again.
         let doorbell = if request.same_doorbell {
@@ -416,14 +434,19 @@ impl Keys {
     }
 }
 
-/// Waits on the mailbox's job socket for a job addressed to this worker
-/// (`me`), into `buf`; returns its request, the inline argument's length,
-/// and the fds the frame carried (the doorbell, unless the request says to
-/// ring the last one, then the argument's memfd, if any). Exits if the parent hung up, the job is
-/// malformed, the parent dismissed this worker, or `timeout` passed and
-/// the idle handshake let this worker retire.
+/// Waits for a job addressed to this worker (`me`), into `buf`; returns its
+/// request, the inline argument's length, and the fds the frame carried
+/// (the doorbell, unless the request says to ring the last one, then the
+/// argument's memfd, if any). With `posted` (a reused worker's cell and
+/// the `seq` of the job it took last) the job is posted there, or the cell
+/// says it is on the socket; otherwise it comes on the mailbox's job
+/// socket. Exits if the parent hung up, the job is malformed, the parent
+/// dismissed this worker, or `timeout` passed and the idle handshake let
+/// this worker retire.
+#[allow(clippy::too_many_arguments)] // reason: one call site, all borrowed state
 fn receive_job(
     jobs: BorrowedFd<'_>,
+    mut posted: Option<(&Cell<'_>, &mut u32)>,
     buf: &mut [u8],
     slots: u32,
     limit: u64,
@@ -432,9 +455,21 @@ fn receive_job(
     mut timeout: Option<Duration>,
 ) -> (Request, usize, sys::Fds) {
     loop {
+        if let Some((cell, seen)) = posted.as_mut() {
+            // Posted whole, no fds with it; or `None`: on the socket, queued
+            // before the post, read below.
+            if let Some(len) = wait_posted(cell, seen, buf, idle, &mut timeout) {
+                match accept(&buf[..len], slots, limit, me) {
+                    Some((request, inline)) => return (request, inline, sys::Fds::default()),
+                    None => continue,
+                }
+            }
+        }
         // Waits first: after a task, the next job is seldom there yet, and
-        // a receive that finds nothing would be one more system call.
-        match sys::poll_readable(jobs, timeout) {
+        // a receive that finds nothing would be one more system call. (A
+        // job the cell announced is queued already.)
+        let wait = if posted.is_some() { None } else { timeout };
+        match sys::poll_readable(jobs, wait) {
             Ok(true) => {}
             // Idle for the whole timeout. Retire unless the parent has just
             // claimed this worker: then its job is on the way.
@@ -458,20 +493,52 @@ fn receive_job(
             }
             continue;
         }
-        let decoded = if frame.truncated {
-            None
-        } else {
-            Request::decode(&buf[..frame.len], slots, limit).ok()
-        };
-        let Some((request, inline)) = decoded else {
+        if frame.truncated {
             sys::exit_now(EXIT_BAD_JOB);
-        };
-        // A job for a predecessor that died before reading it (the parent
-        // sent it to that pid): not ours to run. Its fds close here.
-        if request.worker != me {
-            continue;
         }
-        return (request, inline.len(), frame.fds);
+        // Not ours: its fds close here.
+        if let Some((request, inline)) = accept(&buf[..frame.len], slots, limit, me) {
+            return (request, inline, frame.fds);
+        }
+    }
+}
+
+/// Decodes a job frame; exits if it is malformed. `None` if it names
+/// another worker: a predecessor that died before reading it (the parent
+/// sent it to that pid), not ours to run.
+fn accept(frame: &[u8], slots: u32, limit: u64, me: u32) -> Option<(Request, usize)> {
+    let Ok((request, inline)) = Request::decode(frame, slots, limit) else {
+        sys::exit_now(EXIT_BAD_JOB);
+    };
+    (request.worker == me).then_some((request, inline.len()))
+}
+
+/// Sleeps on the cell's futex until a job is posted after `seen`; returns
+/// its frame's length in `buf`, or `None` if the cell says the job is on
+/// the socket. Exits as [`receive_job`] does at the idle timeout.
+fn wait_posted(
+    cell: &Cell<'_>,
+    seen: &mut u32,
+    buf: &mut [u8],
+    idle: &AtomicU64,
+    timeout: &mut Option<Duration>,
+) -> Option<usize> {
+    loop {
+        match cell.take(*seen, buf) {
+            Found::Job { seq, len } => {
+                *seen = seq;
+                return (len > 0).then_some(len);
+            }
+            Found::Torn => continue,
+            Found::Bad => sys::exit_now(EXIT_BAD_JOB),
+            Found::Nothing(now) => match cell.sleep(now, *timeout) {
+                Ok(sys::Woken::Look) => {}
+                Ok(sys::Woken::TimedOut) if idle::retire(idle) => sys::exit_now(0),
+                // Claimed just in time: the job is on its way.
+                Ok(sys::Woken::TimedOut) => *timeout = None,
+                Err(_) => sys::exit_now(EXIT_BAD_JOB),
+            },
+        }
     }
 }
 

@@ -40,7 +40,7 @@ use crate::epoch;
 use crate::error::{Error, ErrorKind};
 use crate::output::IoFds;
 use crate::ring::Ring;
-use crate::shm::SharedWords;
+use crate::shm::{PostedWords, SharedWords};
 use crate::sys::{self, Forked, SysError};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource};
@@ -67,6 +67,9 @@ pub(crate) struct ZygoteProcess {
     /// One word per mailbox for the idle handshake of reused workers
     /// (`crate::idle`).
     pub(crate) idle: SharedWords,
+    /// One job cell per mailbox, for reused workers (`crate::job_cell`):
+    /// the only writable mapping of them.
+    pub(crate) cells: PostedWords,
     /// For a zygote forked by the template (`crate::template`): the
     /// template, which must outlive it (it is the zygote's parent, and the
     /// zygote dies with it).
@@ -109,6 +112,7 @@ pub(crate) const EXIT_WARM_UP_THREADS: i32 = 4;
 pub(crate) struct Parts {
     ring: Ring,
     idle: SharedWords,
+    cells: PostedWords,
     command: OwnedFd,
     spill: OwnedFd,
     mailboxes: Vec<Mailbox>,
@@ -121,6 +125,8 @@ pub(crate) struct ZygoteEnds {
     pub(crate) ring: OwnedFd,
     /// The idle words' memfd.
     pub(crate) idle: OwnedFd,
+    /// The job cells' memfd, sealed against writes (`shm::PostedWords`).
+    pub(crate) cells: OwnedFd,
     /// The zygote's end of the command socket.
     pub(crate) command: OwnedFd,
     /// The workers' end of the spill socket.
@@ -135,6 +141,7 @@ impl ZygoteEnds {
         let mut fds = vec![
             self.ring.as_fd(),
             self.idle.as_fd(),
+            self.cells.as_fd(),
             self.command.as_fd(),
             self.spill.as_fd(),
         ];
@@ -146,7 +153,7 @@ impl ZygoteEnds {
 
     /// How many fds a zygote of `limits` is started with.
     pub(crate) fn count(limits: &Limits) -> usize {
-        4 + 2 * limits.parked as usize
+        5 + 2 * limits.parked as usize
     }
 
     /// The inverse of [`fds`](ZygoteEnds::fds); `None` unless there are
@@ -157,11 +164,13 @@ impl ZygoteEnds {
         }
         let mut fds = fds.into_iter();
         let mut next = || fds.next().expect("counted");
-        let (ring, idle, command, spill) = (next(), next(), next(), next());
+        let (ring, idle, cells) = (next(), next(), next());
+        let (command, spill) = (next(), next());
         let mailboxes = (0..limits.parked).map(|_| (next(), next())).collect();
         Some(ZygoteEnds {
             ring,
             idle,
+            cells,
             command,
             spill,
             mailboxes,
@@ -169,11 +178,18 @@ impl ZygoteEnds {
     }
 }
 
-/// Creates the ring, the idle words and the sockets of a new zygote.
+/// Words of the job cells of a zygote of `limits`: one cell per mailbox.
+fn cell_words(limits: &Limits) -> usize {
+    limits.parked.max(1) as usize * crate::job_cell::CELL_WORDS
+}
+
+/// Creates the ring, the idle words, the job cells and the sockets of a
+/// new zygote.
 pub(crate) fn parts(limits: Limits) -> Result<(Parts, ZygoteEnds), Error> {
     let (ring, ring_fd) = Ring::create(limits.slots, limits.slot_bytes)?;
     let (idle, idle_fd) =
         SharedWords::create("run-in-process-idle", limits.parked.max(1) as usize)?;
+    let (cells, cells_fd) = PostedWords::create("run-in-process-jobs", cell_words(&limits))?;
     let (command, command_zygote) = sys::seqpacket_pair()?;
     let (spill, spill_workers) = sys::seqpacket_pair()?;
     let mut mailboxes = Vec::new();
@@ -188,6 +204,7 @@ pub(crate) fn parts(limits: Limits) -> Result<(Parts, ZygoteEnds), Error> {
         Parts {
             ring,
             idle,
+            cells,
             command,
             spill,
             mailboxes,
@@ -195,6 +212,7 @@ pub(crate) fn parts(limits: Limits) -> Result<(Parts, ZygoteEnds), Error> {
         ZygoteEnds {
             ring: ring_fd,
             idle: idle_fd,
+            cells: cells_fd,
             command: command_zygote,
             spill: spill_workers,
             mailboxes: mailbox_ends,
@@ -220,6 +238,7 @@ impl Parts {
             ring: self.ring,
             mailboxes: self.mailboxes,
             idle: self.idle,
+            cells: self.cells,
             template: None,
         }
     }
@@ -270,7 +289,12 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             // (the parent keeps them out of this fork, see `crate::epoch`).
             parts.ring.adopt();
             parts.idle.adopt();
-            become_zygote(&parts.ring, &parts.idle, &ends, parent, limits)
+            // The parent's writable mapping of the job cells is not in this
+            // process (`MADV_DONTFORK`); ours is read-only.
+            let Ok(cells) = PostedWords::open(ends.cells.as_fd(), cell_words(&limits)) else {
+                sys::exit_now(1)
+            };
+            become_zygote(&parts.ring, &parts.idle, &cells, &ends, parent, limits)
         })
     }
     sys::restore_signal_mask(blocked);
@@ -291,7 +315,8 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
 pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> ! {
     let ring = Ring::open(ends.ring.as_fd(), limits.slots, limits.slot_bytes);
     let idle = SharedWords::open(ends.idle.as_fd(), limits.parked.max(1) as usize);
-    let (Ok(ring), Ok(idle)) = (ring, idle) else {
+    let cells = PostedWords::open(ends.cells.as_fd(), cell_words(&limits));
+    let (Ok(ring), Ok(idle), Ok(cells)) = (ring, idle, cells) else {
         sys::exit_now(1)
     };
     // Ours is the last mapping made of either file (see `spawn`).
@@ -301,13 +326,14 @@ pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> 
     {
         sys::exit_now(1)
     }
-    match become_zygote(&ring, &idle, &ends, parent, limits) {}
+    match become_zygote(&ring, &idle, &cells, &ends, parent, limits) {}
 }
 
 /// The zygote's life after the fork that made it.
 fn become_zygote(
     ring: &Ring,
     idle: &SharedWords,
+    cells: &PostedWords,
     ends: &ZygoteEnds,
     parent: Pid,
     limits: Limits,
@@ -318,6 +344,7 @@ fn become_zygote(
     let zygote = Zygote {
         ring,
         idle: idle.words(),
+        cells,
         command: ends.command.as_fd(),
         spill: ends.spill.as_fd(),
         mailboxes: ends
@@ -388,6 +415,8 @@ struct Zygote<'a> {
     ring: &'a Ring,
     /// The idle words, one per mailbox (`crate::idle`).
     idle: &'a [std::sync::atomic::AtomicU64],
+    /// The job cells, one per mailbox, read-only (`crate::job_cell`).
+    cells: &'a PostedWords,
     command: BorrowedFd<'a>,
     spill: BorrowedFd<'a>,
     /// Per mailbox: the workers' end of its job socket, the zygote's end of
@@ -920,6 +949,8 @@ impl Zygote<'_> {
                     spill: self.spill,
                     ring: self.ring,
                     idle: &self.idle[i],
+                    cells: self.cells,
+                    mailbox: i,
                     reuse: self.limits.reuse,
                     idle_ms: self.limits.idle_ms,
                     limit: self.limits.max_payload,

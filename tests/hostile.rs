@@ -92,12 +92,28 @@ fn main() {
     ));
     trials.push(Trial::test(
         "a_reused_worker_keeps_the_ring_until_its_last_task",
-        move || {
-            common::checked_pooled(
-                &reused,
-                &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
-                a_reused_worker_keeps_the_ring_until_its_last_task,
-            )
+        {
+            let z = reused.clone();
+            move || {
+                common::checked_pooled(
+                    &z,
+                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                    a_reused_worker_keeps_the_ring_until_its_last_task,
+                )
+            }
+        },
+    ));
+    trials.push(Trial::test(
+        "a_reused_worker_can_read_but_never_write_its_job_cell",
+        {
+            let z = reused.clone();
+            move || {
+                common::checked_pooled(
+                    &z,
+                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                    a_reused_worker_can_read_but_never_write_its_job_cell,
+                )
+            }
         },
     ));
     libtest_mimic::run(&args, trials).exit();
@@ -261,6 +277,64 @@ fn write_where_a_neighbour_was(_: ()) -> u64 {
         // task's slot was mapped; it must now be inaccessible.
         unsafe { word.write_volatile(value) };
     }
+    1
+}
+
+/// The job cells' mappings in this process: their address ranges and
+/// permissions (`rw-s`, `r--s`, ...).
+fn job_cell_mappings() -> Vec<(usize, usize, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("read maps");
+    maps.lines()
+        .filter(|l| l.contains("memfd:run-in-process-jobs"))
+        .map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next().expect("address range");
+            let perms = fields.next().expect("permissions").to_owned();
+            let (start, end) = range.split_once('-').expect("start-end");
+            let start = usize::from_str_radix(start, 16).expect("hex start");
+            let end = usize::from_str_radix(end, 16).expect("hex end");
+            (start, end, perms)
+        })
+        .collect()
+}
+
+/// How a worker sees the job cells: the permissions of each mapping, the
+/// errno of an `mprotect` that asks to write them (0 if it succeeded), and
+/// how many fds it holds on their memfd.
+fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
+    let mappings = job_cell_mappings();
+    let protect = mappings.first().map_or(0, |&(start, end, _)| {
+        // SAFETY: none needed for soundness of this test: the range is a
+        // mapping of this process, and the call only asks to change its
+        // protection, which the kernel must refuse.
+        let r = unsafe {
+            libc::mprotect(
+                start as *mut libc::c_void,
+                end - start,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        errno_of(r.into())
+    });
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("run-in-process-jobs"))
+        .count();
+    (
+        mappings.into_iter().map(|(_, _, p)| p).collect(),
+        protect,
+        fds,
+    )
+}
+
+/// Writes the first word of the job cells: must fault.
+fn write_job_cell(_: ()) -> u64 {
+    let Some(&(start, _, _)) = job_cell_mappings().first() else {
+        return 0;
+    };
+    // SAFETY: none: this is the attack. The mapping is read-only.
+    unsafe { (start as *mut u32).write_volatile(0x4141_4141) };
     1
 }
 
@@ -654,6 +728,30 @@ async fn a_reused_worker_keeps_the_ring_until_its_last_task(z: Zygote) -> TestRe
         last == (1, slot_bytes(64 * 1024), 0),
         format!("a last task sees {last:?} of the ring"),
     )
+}
+
+/// Reuse mode: the parent posts a reused worker's jobs in shared memory
+/// (`job_cell`), which workers map read-only and cannot make writable, so
+/// that no task can forge a job for itself or another worker.
+async fn a_reused_worker_can_read_but_never_write_its_job_cell(z: Zygote) -> TestResult {
+    // Twice: the second task comes through the cell, to a reused worker.
+    for task in 0..2 {
+        let (perms, protect, fds) = z.run(job_cell_view, ()).await?;
+        ensure(
+            perms == ["r--s"],
+            format!("task {task}: the job cells are mapped {perms:?}, want one read-only mapping"),
+        )?;
+        ensure(
+            protect == libc::EACCES,
+            format!("task {task}: mprotect to writable: errno {protect}, want EACCES"),
+        )?;
+        ensure(fds == 0, format!("task {task}: {fds} fds on the job cells"))?;
+    }
+    match z.run(write_job_cell, ()).await {
+        Err(e) if e.signal() == Some(libc::SIGSEGV) => {}
+        other => return Err(format!("writing the job cell did not fault: {other:?}").into()),
+    }
+    still_serving(&z).await
 }
 
 /// The zygote maps the whole ring; the sandbox must keep a task from

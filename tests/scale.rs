@@ -89,6 +89,7 @@ fn main() {
         ));
     }
     trial!(one, stats_count_each_outcome_once);
+    trial!(one, a_reused_worker_takes_jobs_of_every_size);
     trial!(idle, idle_workers_retire_and_no_task_is_lost_to_the_race);
     trial!(pair, tasks_spread_across_zygotes);
     trials.push(Trial::test(
@@ -185,6 +186,12 @@ fn announce_and_block(path: PathBuf) -> u64 {
 
 fn double(x: u64) -> (u32, u64) {
     (std::process::id(), x * 2)
+}
+
+/// The worker's pid, the argument's length and the sum of its bytes.
+fn weigh(bytes: serde_bytes::ByteBuf) -> (u32, usize, u64) {
+    let sum = bytes.iter().map(|&b| u64::from(b)).sum();
+    (std::process::id(), bytes.len(), sum)
 }
 
 fn parent_pid(_: ()) -> u32 {
@@ -303,6 +310,31 @@ fn a_reused_worker_follows_its_tasks_between_runtimes(z: &Zygote) -> TestResult 
         z,
         &fds_before,
         &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+    )
+}
+
+/// A reused worker's job comes through its job cell when it fits and
+/// carries no fd, else over the socket, with the cell pointing there: an
+/// argument inline in the cell, inline but too long for the cell (4 KiB),
+/// and in a memfd (over 32 KiB). One worker serves them all, in any order.
+async fn a_reused_worker_takes_jobs_of_every_size(z: Zygote) -> TestResult {
+    let sizes = [16usize, 6000, 100_000, 16, 100_000, 4000, 6000, 16];
+    let mut pids = std::collections::BTreeSet::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        let bytes: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
+        let want = bytes.iter().map(|&b| u64::from(b)).sum::<u64>();
+        let (pid, got_len, sum) = z.run(weigh, serde_bytes::ByteBuf::from(bytes)).await?;
+        ensure(
+            got_len == len && sum == want,
+            format!(
+                "task {i}: a {len}-byte argument arrived as {got_len} bytes, sum {sum} (want {want})"
+            ),
+        )?;
+        pids.insert(pid);
+    }
+    ensure(
+        pids.len() == 1,
+        format!("one reused worker serves every size, not {pids:?}"),
     )
 }
 
