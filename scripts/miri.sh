@@ -29,7 +29,7 @@ cargo "+$toolchain" miri setup
 if [ "$#" -gt 0 ]; then
   MIRIFLAGS="${MIRIFLAGS:-} $forward" exec cargo "+$toolchain" miri test --lib -- "$@"
 fi
-MIRIFLAGS="${MIRIFLAGS:-} $forward" cargo "+$toolchain" miri test --lib -- wire:: codec:: budget:: ring::
-# The ring scenarios again over eight thread schedules and weak-memory
+MIRIFLAGS="${MIRIFLAGS:-} $forward" cargo "+$toolchain" miri test --lib -- wire:: codec:: budget:: ring:: job_cell::
+# The ring and job cell scenarios again over eight thread schedules and weak-memory
 # outcomes instead of the single default seed.
-MIRIFLAGS="${MIRIFLAGS:-} -Zmiri-many-seeds=0..8" cargo "+$toolchain" miri test --lib -- ring::model
+MIRIFLAGS="${MIRIFLAGS:-} -Zmiri-many-seeds=0..8" cargo "+$toolchain" miri test --lib -- ring::model job_cell::model

@@ -89,6 +89,11 @@ impl<'a> Cell<'a> {
         (words.len() > HEADER_WORDS).then_some(Cell { words, writable })
     }
 
+    /// Is this the parent's mapping, which [`post`](Cell::post) writes?
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
     fn seq(&self) -> &AtomicU32 {
         &self.words[0]
     }

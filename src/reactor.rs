@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use crate::confine::Confinement;
 use crate::epoch::ForkLocal;
 use crate::error::Error;
-use crate::job_cell;
+use crate::job_cell::{self, Cell};
 use crate::mailbox::{Kept, MailboxGuard};
 use crate::payload::Payload;
 use crate::report_pool::Recycle;
@@ -290,15 +290,23 @@ impl TaskIo {
             // (`crate::job_cell`): the job goes there if it carries no fd and
             // fits, else on the socket with an empty post saying so.
             let job = frame(claim.pid, same_doorbell, 0, false);
-            let cell = job_cell::cell(&inner.process.cells, claim.index).filter(|_| claim.reused);
-            let sent = match &cell {
-                Some(cell) if fds.is_empty() && cell.post(&job) => true,
-                Some(cell) => {
+            let cell = job_cell::cell(&inner.process.cells, claim.index).filter(Cell::writable);
+            let sent = match (claim.reused, &cell) {
+                (false, _) => sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok(),
+                (true, Some(cell)) if fds.is_empty() && cell.post(&job) => true,
+                // An empty post always fits a writable cell.
+                (true, Some(cell)) => {
                     sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok() && cell.post(&[])
                 }
-                None => sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok(),
+                // Cannot happen (the cells are this process's own writable
+                // mapping). A reused worker reads only its cell, so it could
+                // never get this job: end it, and take the cold path.
+                (true, None) => {
+                    let _ = sys::pidfd_send_signal(claim.pidfd.as_fd(), Signal::KILL);
+                    false
+                }
             };
-            if let (true, Some(cell)) = (sent, &cell) {
+            if let (true, true, Some(cell)) = (sent, claim.reused, &cell) {
                 // Fails only for a bad address, which the cell's is not.
                 let _ = cell.wake();
             }

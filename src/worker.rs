@@ -258,8 +258,9 @@ pub(crate) struct Parked<'a> {
 
 /// A parked worker: prepared, warmed up, then blocked on its mailbox's job
 /// socket until the parent sends it a task (or hangs up), which it runs. In
-/// reuse mode it then waits for the next task on the same socket, up to
-/// `reuse` tasks in all, for as long as each one returns a value.
+/// reuse mode it then waits for the next task in its mailbox's job cell
+/// (`crate::job_cell`), up to `reuse` tasks in all, for as long as each one
+/// returns a value.
 ///
 /// `buf` is the zygote's request buffer, inherited across the fork. Receiving
 /// into it rather than into a buffer of our own keeps a parked worker from
@@ -298,7 +299,6 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     let mut seen = cell.as_ref().map_or(0, Cell::current);
     let mut served = 0u32;
     let mut kept_doorbell = None;
-
     // Drawn now, after the fork: this worker's own.
     let Some(mut keys) = Keys::draw() else {
         sys::exit_now(EXIT_NO_KEY);
