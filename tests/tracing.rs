@@ -165,6 +165,11 @@ fn traced_ok(x: u64) -> u64 {
     x * 2
 }
 
+fn traced_reused(n: u64) -> u32 {
+    tracing::info!(n, "served");
+    std::process::id()
+}
+
 fn traced_run(x: u64) -> u64 {
     x + 1
 }
@@ -292,6 +297,30 @@ async fn worker_events_arrive_in_the_task_span(z: Zygote, rec: Recorder) -> Test
     ensure(events.len() == 2, format!("{events:?}"))
 }
 
+/// In reuse mode each task's events land in its own span, also when one
+/// worker serves them all.
+async fn a_reused_workers_events_arrive_in_each_tasks_span(z: Zygote, rec: Recorder) -> TestResult {
+    let mut pids = std::collections::BTreeSet::new();
+    for n in 1..=3u64 {
+        rec.log.lock().unwrap().spans.clear();
+        pids.insert(z.run(traced_reused, n).await?);
+        let (serial, span) = rec.task_span("traced_reused")?;
+        ensure(
+            field(&span.fields, "outcome") == "ok",
+            format!("task {n}: {span:?}"),
+        )?;
+        let events = rec.events_in(serial);
+        ensure(
+            events.len() == 1 && field(&events[0].fields, "worker.fields") == format!("n={n}"),
+            format!("task {n}: {events:?}"),
+        )?;
+    }
+    ensure(
+        pids.len() == 1,
+        format!("one worker served them all: {pids:?}"),
+    )
+}
+
 async fn a_flood_is_bounded_and_counted(z: Zygote, rec: Recorder) -> TestResult {
     // The worker does not wait for the parent: a million events cost it no
     // more than the time to count them, and the task returns.
@@ -353,6 +382,14 @@ fn main() {
         .max_in_flight(4)
         .start()
         .expect("start the zygote");
+    // One worker at a time, serving every task: its trace buffers come with
+    // jobs on the socket, which its job cell points to (`job_cell`).
+    let reused = Zygote::builder()
+        .max_in_flight(1)
+        .parked(1)
+        .reuse(1000)
+        .start()
+        .expect("start the reuse zygote");
     let recorder = Recorder::default();
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(recorder.clone()))
         .expect("install the recording subscriber");
@@ -372,5 +409,20 @@ fn main() {
     trial!(worker_events_arrive_in_the_task_span);
     trial!(a_flood_is_bounded_and_counted);
     trial!(a_confined_task_is_traced_too);
+    trials.push(Trial::test(
+        "a_reused_workers_events_arrive_in_each_tasks_span",
+        {
+            let rec = recorder.clone();
+            // A waiting reused worker's pidfd, doorbell and report socket
+            // stay open in the parent.
+            move || {
+                common::checked_pooled(
+                    &reused,
+                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                    |z| a_reused_workers_events_arrive_in_each_tasks_span(z, rec),
+                )
+            }
+        },
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
