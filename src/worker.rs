@@ -241,9 +241,9 @@ pub(crate) struct Parked<'a> {
     pub(crate) ring: &'a Ring,
     /// The mailbox's idle word (`crate::idle`).
     pub(crate) idle: &'a AtomicU64,
-    /// The zygote's read-only mapping of the job cells, and the mailbox's
-    /// number among them (`crate::job_cell`).
-    pub(crate) cells: &'a PostedWords,
+    /// The zygote's read-only mapping of the job cells (reuse mode only),
+    /// and the mailbox's number among them (`crate::job_cell`).
+    pub(crate) cells: Option<&'a PostedWords>,
     pub(crate) mailbox: usize,
     /// Tasks to serve before exiting (reuse mode when above 1).
     pub(crate) reuse: u32,
@@ -285,7 +285,9 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     // This fork started a new epoch; the zygote's ring is ours too, and so
     // is its view of the job cells.
     ring.adopt();
-    cells.adopt();
+    if let Some(cells) = cells {
+        cells.adopt();
+    }
     prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();
@@ -294,7 +296,9 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     // the parent posts there only to a worker it has seen wait, which is
     // after this read, so anything newer is (or names) a later job. (A
     // worker without its cell, which cannot happen, serves one task.)
-    let cell = job_cell::cell(cells, mailbox).filter(|_| reuse > 1);
+    let cell = cells
+        .and_then(|cells| job_cell::cell(cells, mailbox))
+        .filter(|_| reuse > 1);
     let reused = cell.is_some();
     let mut seen = cell.as_ref().map_or(0, Cell::current);
     let mut served = 0u32;

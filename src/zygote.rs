@@ -41,7 +41,7 @@ use crate::error::{Error, ErrorKind};
 use crate::output::IoFds;
 use crate::ring::Ring;
 use crate::shm::{PostedWords, SharedWords};
-use crate::sys::{self, Forked, SysError};
+use crate::sys::{self, Forked, SysError, SysResult};
 use crate::wire::{self, ArgPlace, Report, Request};
 use crate::worker::{self, ArgSource};
 
@@ -183,6 +183,17 @@ fn cell_words(limits: &Limits) -> usize {
     limits.parked.max(1) as usize * crate::job_cell::CELL_WORDS
 }
 
+/// The zygote's read-only mapping of the job cells (the parent's writable
+/// one is not in its process: `MADV_DONTFORK`). Only in reuse mode, where
+/// workers read them: without it, a mapping fewer in the zygote is one
+/// fewer for every fork and exit of a worker to copy and tear down.
+fn map_cells(ends: &ZygoteEnds, limits: &Limits) -> SysResult<Option<PostedWords>> {
+    if limits.reuse <= 1 {
+        return Ok(None);
+    }
+    PostedWords::open(ends.cells.as_fd(), cell_words(limits)).map(Some)
+}
+
 /// Creates the ring, the idle words, the job cells and the sockets of a
 /// new zygote.
 pub(crate) fn parts(limits: Limits) -> Result<(Parts, ZygoteEnds), Error> {
@@ -289,12 +300,17 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
             // (the parent keeps them out of this fork, see `crate::epoch`).
             parts.ring.adopt();
             parts.idle.adopt();
-            // The parent's writable mapping of the job cells is not in this
-            // process (`MADV_DONTFORK`); ours is read-only.
-            let Ok(cells) = PostedWords::open(ends.cells.as_fd(), cell_words(&limits)) else {
+            let Ok(cells) = map_cells(&ends, &limits) else {
                 sys::exit_now(1)
             };
-            become_zygote(&parts.ring, &parts.idle, &cells, &ends, parent, limits)
+            become_zygote(
+                &parts.ring,
+                &parts.idle,
+                cells.as_ref(),
+                &ends,
+                parent,
+                limits,
+            )
         })
     }
     sys::restore_signal_mask(blocked);
@@ -315,7 +331,7 @@ pub(crate) fn spawn(limits: Limits) -> Result<ZygoteProcess, Error> {
 pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> ! {
     let ring = Ring::open(ends.ring.as_fd(), limits.slots, limits.slot_bytes);
     let idle = SharedWords::open(ends.idle.as_fd(), limits.parked.max(1) as usize);
-    let cells = PostedWords::open(ends.cells.as_fd(), cell_words(&limits));
+    let cells = map_cells(&ends, &limits);
     let (Ok(ring), Ok(idle), Ok(cells)) = (ring, idle, cells) else {
         sys::exit_now(1)
     };
@@ -326,14 +342,14 @@ pub(crate) fn serve_respawned(limits: Limits, parent: Pid, ends: ZygoteEnds) -> 
     {
         sys::exit_now(1)
     }
-    match become_zygote(&ring, &idle, &cells, &ends, parent, limits) {}
+    match become_zygote(&ring, &idle, cells.as_ref(), &ends, parent, limits) {}
 }
 
 /// The zygote's life after the fork that made it.
 fn become_zygote(
     ring: &Ring,
     idle: &SharedWords,
-    cells: &PostedWords,
+    cells: Option<&PostedWords>,
     ends: &ZygoteEnds,
     parent: Pid,
     limits: Limits,
@@ -415,8 +431,9 @@ struct Zygote<'a> {
     ring: &'a Ring,
     /// The idle words, one per mailbox (`crate::idle`).
     idle: &'a [std::sync::atomic::AtomicU64],
-    /// The job cells, one per mailbox, read-only (`crate::job_cell`).
-    cells: &'a PostedWords,
+    /// The job cells, one per mailbox, read-only (`crate::job_cell`); in
+    /// reuse mode only.
+    cells: Option<&'a PostedWords>,
     command: BorrowedFd<'a>,
     spill: BorrowedFd<'a>,
     /// Per mailbox: the workers' end of its job socket, the zygote's end of

@@ -74,6 +74,7 @@ fn main() {
         move || checked(&z, a_worker_maps_only_its_own_slot)
     }));
     trial!(zygote, a_sandboxed_task_cannot_reach_the_zygotes_memory);
+    trial!(zygote, a_fresh_worker_maps_no_job_cells);
     trial!(zygote, ring_file_cannot_be_resized_or_written_again);
     trial!(zygote, zero_sized_elements_cannot_stall_the_parent);
     trial!(zygote, spinning_task_is_stopped_and_zygote_keeps_serving);
@@ -752,6 +753,16 @@ async fn a_reused_worker_can_read_but_never_write_its_job_cell(z: Zygote) -> Tes
         other => return Err(format!("writing the job cell did not fault: {other:?}").into()),
     }
     still_serving(&z).await
+}
+
+/// Without reuse nothing reads the job cells, so no worker maps them (a
+/// mapping fewer for each fork and exit).
+async fn a_fresh_worker_maps_no_job_cells(z: Zygote) -> TestResult {
+    let (perms, _, fds) = z.run(job_cell_view, ()).await?;
+    ensure(
+        perms.is_empty() && fds == 0,
+        format!("a fresh worker maps the job cells {perms:?}, {fds} fds"),
+    )
 }
 
 /// The zygote maps the whole ring; the sandbox must keep a task from
