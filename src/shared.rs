@@ -63,7 +63,7 @@ impl Inner {
             next_gen: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             counters: Arc::default(),
-            owner: sys::getpid(),
+            owner: sys::getpid_cached(),
             limits,
             process: Arc::new(process),
         }
@@ -74,8 +74,10 @@ impl Inner {
     /// other fork, inherits a handle held in a static, but not its fds: their
     /// numbers are closed there, or reused by fds of its own.
     pub(crate) fn check_process(&self) -> Result<()> {
-        // The epoch first: a load, where the pid is a system call.
-        if self.process.ring.is_own() && sys::getpid() == self.owner {
+        // The epoch first, a load; then the pid, a load too after its first
+        // call in this process (`sys::getpid_cached`), which catches the
+        // forks that skip `pthread_atfork` and so keep the epoch.
+        if self.process.ring.is_own() && sys::getpid_cached() == self.owner {
             return Ok(());
         }
         Err(Error::new(

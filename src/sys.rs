@@ -862,6 +862,67 @@ pub(crate) fn getpid() -> Pid {
     rustix::process::getpid()
 }
 
+/// `getpid()`, cached in a page that every fork of this process, however it
+/// is made (`fork`, a raw `clone` that runs no `pthread_atfork` handler),
+/// finds zero-filled (`MADV_WIPEONFORK`, Linux 4.14; SAFETY.md F6). So it
+/// never answers with the pid of the process a fork was copied from, and
+/// after its first call in a process it makes no system call: a task's
+/// `Inner::check_process` calls it twice. A `CLONE_VM` child shares the page
+/// with its parent, as it shares all of its memory, and gets its answer.
+/// Where the page cannot be made, every call is a `getpid()`.
+pub(crate) fn getpid_cached() -> Pid {
+    static PAGE: std::sync::OnceLock<Option<PidPage>> = std::sync::OnceLock::new();
+    let Some(page) = PAGE.get_or_init(PidPage::new) else {
+        return getpid();
+    };
+    let word = page.word();
+    if let Some(pid) = Pid::from_raw(word.load(std::sync::atomic::Ordering::Relaxed)) {
+        return pid;
+    }
+    // First call here: this is the process that made the page, or a fork
+    // of it, whose copy of the page the kernel zero-filled.
+    let pid = getpid();
+    word.store(
+        pid.as_raw_nonzero().get(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    pid
+}
+
+/// The page of [`getpid_cached`]: one private anonymous page, never unmapped.
+struct PidPage(memmap2::MmapRaw);
+
+impl PidPage {
+    fn new() -> Option<PidPage> {
+        let map =
+            memmap2::MmapRaw::from(memmap2::MmapMut::map_anon(rustix::param::page_size()).ok()?);
+        // SAFETY: SAFETY.md F6. The range is exactly this new private
+        // mapping, which nothing else references. `MADV_WIPEONFORK` changes
+        // nothing in this process: it only has the kernel give every child a
+        // zero-filled copy of these pages.
+        unsafe {
+            rustix::mm::madvise(
+                map.as_mut_ptr().cast(),
+                map.len(),
+                rustix::mm::Advice::LinuxWipeOnFork,
+            )
+        }
+        .ok()?;
+        Some(PidPage(map))
+    }
+
+    fn word(&self) -> &std::sync::atomic::AtomicI32 {
+        // SAFETY: SAFETY.md F6. The pointer is the start of a live,
+        // writable, page-aligned (so AtomicI32-aligned) mapping owned by
+        // `self`, which lives in a static and is never dropped, so it is
+        // valid for the returned lifetime. The page is only ever accessed
+        // through this `AtomicI32`, so there are no non-atomic accesses to
+        // race with; every bit pattern is a valid i32, including the zeros
+        // a fork finds.
+        unsafe { std::sync::atomic::AtomicI32::from_ptr(self.0.as_mut_ptr().cast()) }
+    }
+}
+
 /// 64 random bits from `getrandom(2)`.
 pub(crate) fn random_u64() -> SysResult<u64> {
     let mut buf = [0u8; 8];
