@@ -290,26 +290,26 @@ impl TaskIo {
             // (`crate::job_cell`): the job goes there if it carries no fd and
             // fits, else on the socket with an empty post saying so.
             let job = frame(claim.pid, same_doorbell, 0, false);
-            let cell = job_cell::cell(&inner.process.cells, claim.index).filter(Cell::writable);
-            let sent = match (claim.reused, &cell) {
-                (false, _) => sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok(),
-                (true, Some(cell)) if fds.is_empty() && cell.post(&job) => true,
+            let send = || sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok();
+            let sent = if !claim.reused {
+                send()
+            } else if let Some(cell) =
+                job_cell::cell(&inner.process.cells, claim.index).filter(Cell::writable)
+            {
                 // An empty post always fits a writable cell.
-                (true, Some(cell)) => {
-                    sys::send_frame(mailbox.jobs.as_fd(), &job, &fds).is_ok() && cell.post(&[])
+                let posted = (fds.is_empty() && cell.post(&job)) || (send() && cell.post(&[]));
+                if posted {
+                    // Fails only for a bad address, which the cell's is not.
+                    let _ = cell.wake();
                 }
+                posted
+            } else {
                 // Cannot happen (the cells are this process's own writable
                 // mapping). A reused worker reads only its cell, so it could
                 // never get this job: end it, and take the cold path.
-                (true, None) => {
-                    let _ = sys::pidfd_send_signal(claim.pidfd.as_fd(), Signal::KILL);
-                    false
-                }
+                let _ = sys::pidfd_send_signal(claim.pidfd.as_fd(), Signal::KILL);
+                false
             };
-            if let (true, true, Some(cell)) = (sent, claim.reused, &cell) {
-                // Fails only for a bad address, which the cell's is not.
-                let _ = cell.wake();
-            }
             if sent {
                 claimed = Some((guard, report, claim.pid, claim.pidfd));
             }

@@ -43,24 +43,33 @@ pub(crate) struct SharedWords {
     kept_end: AtomicUsize,
 }
 
+/// A new memfd of `len` bytes (`None` or 0: refused), sealed against
+/// shrinking and growing: a worker must not be able to shrink a shared file
+/// under the parent's mapping (the parent would take SIGBUS on its next
+/// access) nor grow it.
+fn sized_memfd(name: &str, len: Option<usize>) -> SysResult<OwnedFd> {
+    let len = len.filter(|&l| l > 0).ok_or_else(|| {
+        SysError::new(
+            "memfd_create",
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("bad size of {name}"),
+            ),
+        )
+    })?;
+    let fd = sys::memfd_create(name)?;
+    sys::ftruncate(fd.as_fd(), len as u64)?;
+    sys::add_seals(fd.as_fd(), SealFlags::SHRINK | SealFlags::GROW)?;
+    Ok(fd)
+}
+
 impl SharedWords {
     /// Creates a memfd of `words * 8` bytes, seals its size, and maps it shared.
     ///
     /// Returns the mapping and the memfd; the caller may close the memfd once
     /// every process that needs the mapping has it (mappings outlive the fd).
     pub(crate) fn create(name: &str, words: usize) -> SysResult<(SharedWords, OwnedFd)> {
-        let len = words.checked_mul(8).filter(|&l| l > 0).ok_or_else(|| {
-            SysError::new(
-                "memfd_create",
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad ring size"),
-            )
-        })?;
-        let fd = sys::memfd_create(name)?;
-        sys::ftruncate(fd.as_fd(), len as u64)?;
-        // A worker must not be able to shrink the file under the parent's
-        // mapping (the parent would take SIGBUS on its next access) nor grow it.
-        sys::add_seals(fd.as_fd(), SealFlags::SHRINK | SealFlags::GROW)?;
-        let file = File::from(fd);
+        let file = File::from(sized_memfd(name, words.checked_mul(8))?);
         let words = SharedWords::open(file.as_fd(), words)?;
         Ok((words, file.into()))
     }
@@ -284,17 +293,9 @@ impl PostedWords {
     /// Creates a memfd of `words * 4` bytes, maps it writable here and only
     /// here, and seals it: its size, and any write but through this mapping.
     pub(crate) fn create(name: &str, words: usize) -> SysResult<(PostedWords, OwnedFd)> {
-        let len = words.checked_mul(4).filter(|&l| l > 0).ok_or_else(|| {
-            SysError::new(
-                "memfd_create",
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad job cell size"),
-            )
-        })?;
-        let fd = sys::memfd_create(name)?;
-        sys::ftruncate(fd.as_fd(), len as u64)?;
-        sys::add_seals(fd.as_fd(), SealFlags::SHRINK | SealFlags::GROW)?;
+        let fd = sized_memfd(name, words.checked_mul(4))?;
         let map = MmapOptions::new()
-            .len(len)
+            .len(words * 4)
             .map_raw(&fd)
             .map_err(|e| SysError::new("mmap", e))?;
         // No fork of ours (a zygote, a worker, a fork of the user's) gets

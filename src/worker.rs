@@ -540,6 +540,8 @@ fn wait_posted(
                 Ok(sys::Woken::TimedOut) if idle::retire(idle) => sys::exit_now(0),
                 // Claimed just in time: the job is on its way.
                 Ok(sys::Woken::TimedOut) => *timeout = None,
+                // `EFAULT` or `EINVAL`: the cell is not the mapping it was,
+                // and no job can come through it.
                 Err(_) => sys::exit_now(EXIT_BAD_JOB),
             },
         }

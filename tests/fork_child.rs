@@ -45,20 +45,17 @@ fn main() {
         let z = parked.clone();
         trials.push(Trial::test(
             "a_zygote_starts_right_after_a_dropped_multi_thread_runtime",
-            move || checked_pooled(&z, KEPT, start_after_a_runtime),
+            move || checked_pooled(&z, common::REUSED_KEPT, start_after_a_runtime),
         ));
     }
     for (name, z) in [("fresh", parked), ("reused", reused)] {
         trials.push(Trial::test(
             format!("a_task_runs_and_drops_a_multi_thread_runtime_of_its_own_{name}"),
-            move || checked_pooled(&z, KEPT, own_runtime),
+            move || checked_pooled(&z, common::REUSED_KEPT, own_runtime),
         ));
     }
     libtest_mimic::run(&args, trials).exit();
 }
-
-/// What an idle reused worker keeps in the parent (see tests/scale.rs).
-const KEPT: &[&str] = &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["];
 
 fn marker(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rip-fork-child-{}-{name}", std::process::id()))
@@ -166,7 +163,7 @@ fn fork_drops_the_runtime(z: &Zygote, name: &str) -> TestResult {
             .into());
         }
     }
-    check_pooled_hygiene(z, &fds_before, KEPT)
+    check_pooled_hygiene(z, &fds_before, common::REUSED_KEPT)
 }
 
 /// Builds a multi-thread runtime in the worker, runs tasks on it, drops it,

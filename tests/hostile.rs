@@ -98,7 +98,7 @@ fn main() {
             move || {
                 common::checked_pooled(
                     &z,
-                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                    common::REUSED_KEPT,
                     a_reused_worker_keeps_the_ring_until_its_last_task,
                 )
             }
@@ -111,7 +111,7 @@ fn main() {
             move || {
                 common::checked_pooled(
                     &z,
-                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                    common::REUSED_KEPT,
                     a_reused_worker_can_read_but_never_write_its_job_cell,
                 )
             }
@@ -195,17 +195,37 @@ fn byte_count(bytes: Vec<u8>) -> u64 {
 /// The ring mappings in this process, found by the memfd's name: address
 /// ranges.
 fn ring_ranges() -> Vec<(usize, usize)> {
+    memfd_mappings("run-in-process-ring")
+        .into_iter()
+        .map(|(start, end, _)| (start, end))
+        .collect()
+}
+
+/// This process's mappings of the crate's memfd `name`: their address
+/// ranges and permissions (`rw-s`, `r--s`, ...).
+fn memfd_mappings(name: &str) -> Vec<(usize, usize, String)> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("read maps");
     maps.lines()
-        .filter(|l| l.contains("memfd:run-in-process-ring"))
+        .filter(|l| l.contains(&format!("memfd:{name}")))
         .map(|line| {
-            let range = line.split_whitespace().next().expect("address range");
+            let mut fields = line.split_whitespace();
+            let range = fields.next().expect("address range");
+            let perms = fields.next().expect("permissions").to_owned();
             let (start, end) = range.split_once('-').expect("start-end");
             let start = usize::from_str_radix(start, 16).expect("hex start");
             let end = usize::from_str_radix(end, 16).expect("hex end");
-            (start, end)
+            (start, end, perms)
         })
         .collect()
+}
+
+/// How many fds this process holds on the crate's memfd `name`.
+fn fds_on(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains(name))
+        .count()
 }
 
 /// The ring mapping in this process: the worker's own slot (or the whole
@@ -226,11 +246,7 @@ fn ring() -> &'static [AtomicU64] {
 fn ring_view(_: ()) -> (usize, usize, usize) {
     let ranges = ring_ranges();
     let bytes = ranges.iter().map(|(s, e)| e - s).sum();
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .expect("fd dir")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().contains("run-in-process-ring"))
-        .count();
+    let fds = fds_on("run-in-process-ring");
     (ranges.len(), bytes, fds)
 }
 
@@ -281,33 +297,17 @@ fn write_where_a_neighbour_was(_: ()) -> u64 {
     1
 }
 
-/// The job cells' mappings in this process: their address ranges and
-/// permissions (`rw-s`, `r--s`, ...).
-fn job_cell_mappings() -> Vec<(usize, usize, String)> {
-    let maps = std::fs::read_to_string("/proc/self/maps").expect("read maps");
-    maps.lines()
-        .filter(|l| l.contains("memfd:run-in-process-jobs"))
-        .map(|line| {
-            let mut fields = line.split_whitespace();
-            let range = fields.next().expect("address range");
-            let perms = fields.next().expect("permissions").to_owned();
-            let (start, end) = range.split_once('-').expect("start-end");
-            let start = usize::from_str_radix(start, 16).expect("hex start");
-            let end = usize::from_str_radix(end, 16).expect("hex end");
-            (start, end, perms)
-        })
-        .collect()
-}
-
 /// How a worker sees the job cells: the permissions of each mapping, the
 /// errno of an `mprotect` that asks to write them (0 if it succeeded), and
 /// how many fds it holds on their memfd.
 fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
-    let mappings = job_cell_mappings();
+    let mappings = memfd_mappings("run-in-process-jobs");
     let protect = mappings.first().map_or(0, |&(start, end, _)| {
-        // SAFETY: none needed for soundness of this test: the range is a
-        // mapping of this process, and the call only asks to change its
-        // protection, which the kernel must refuse.
+        // SAFETY: the range is a whole mapping of this process, which Rust
+        // code here reaches only through atomics (the crate's job cells);
+        // the call asks only to add write access, which invalidates no
+        // reference whether the kernel grants it (the failure this trial
+        // detects) or refuses it.
         let r = unsafe {
             libc::mprotect(
                 start as *mut libc::c_void,
@@ -317,11 +317,7 @@ fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
         };
         errno_of(r.into())
     });
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .expect("fd dir")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().contains("run-in-process-jobs"))
-        .count();
+    let fds = fds_on("run-in-process-jobs");
     (
         mappings.into_iter().map(|(_, _, p)| p).collect(),
         protect,
@@ -331,7 +327,7 @@ fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
 
 /// Writes the first word of the job cells: must fault.
 fn write_job_cell(_: ()) -> u64 {
-    let Some(&(start, _, _)) = job_cell_mappings().first() else {
+    let Some(&(start, _, _)) = memfd_mappings("run-in-process-jobs").first() else {
         return 0;
     };
     // SAFETY: none: this is the attack. The mapping is read-only.

@@ -143,11 +143,7 @@ where
     F: FnOnce(Zygote) -> Fut,
     Fut: Future<Output = TestResult>,
 {
-    common::checked_pooled(
-        zygote,
-        &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
-        body,
-    )
+    common::checked_pooled(zygote, common::REUSED_KEPT, body)
 }
 
 fn count(_: ()) -> (u32, u64) {
@@ -306,11 +302,7 @@ fn a_reused_worker_follows_its_tasks_between_runtimes(z: &Zygote) -> TestResult 
     b.block_on(async { tokio::time::timeout(HANG, z.wait_idle()).await })
         .map_err(|_| "wait_idle hung")?;
     drop(b);
-    common::check_pooled_hygiene(
-        z,
-        &fds_before,
-        &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
-    )
+    common::check_pooled_hygiene(z, &fds_before, common::REUSED_KEPT)
 }
 
 /// A reused worker's job comes through its job cell when it fits and

@@ -60,7 +60,7 @@ fn main() {
         move || {
             checked_pooled(
                 &z,
-                &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
+                common::REUSED_KEPT,
                 reuse_mode_does_not_leak_settings_into_later_tasks,
             )
         },

@@ -413,14 +413,10 @@ fn main() {
         "a_reused_workers_events_arrive_in_each_tasks_span",
         {
             let rec = recorder.clone();
-            // A waiting reused worker's pidfd, doorbell and report socket
-            // stay open in the parent.
             move || {
-                common::checked_pooled(
-                    &reused,
-                    &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["],
-                    |z| a_reused_workers_events_arrive_in_each_tasks_span(z, rec),
-                )
+                common::checked_pooled(&reused, common::REUSED_KEPT, |z| {
+                    a_reused_workers_events_arrive_in_each_tasks_span(z, rec)
+                })
             }
         },
     ));

@@ -38,6 +38,10 @@ where
     checked_pooled(zygote, &[], body)
 }
 
+/// What an idle reused worker keeps in the parent between its tasks (reuse
+/// mode): its pidfd, and its doorbell and report socket (`mailbox::Kept`).
+pub(crate) const REUSED_KEPT: &[&str] = &["anon_inode:[pidfd]", "anon_inode:[eventfd]", "socket:["];
+
 /// As [`checked`], for a zygote whose idle workers may keep fds of the
 /// kinds in `kept` (the `/proc/self/fd` link text they contain) in the
 /// parent: at most one of each kind per worker of the pools.
