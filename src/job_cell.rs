@@ -50,11 +50,18 @@ use crate::sync::{AtomicU32, Ordering, fence};
 use crate::sys;
 use crate::sys::{SysResult, Woken};
 
-/// Bytes per cell: one page, so that a cell never shares a page with
-/// another mailbox's.
+/// Bytes per cell.
 pub(crate) const CELL_BYTES: usize = 4096;
 /// Words per cell.
 pub(crate) const CELL_WORDS: usize = CELL_BYTES / 4;
+
+/// Words from one cell's start to the next's: a cell, rounded up to a
+/// whole page (larger than a cell where pages are 16 or 64 KiB), so that no
+/// cell shares a page with another mailbox's and a reused worker can give
+/// up every page but its own cell's ([`keep_only`]).
+pub(crate) fn stride_words() -> usize {
+    rustix::param::page_size().max(CELL_BYTES) / 4
+}
 /// Words before the frame; the rest of the cell, 4088 bytes, holds it.
 const HEADER_WORDS: usize = 2;
 
@@ -194,19 +201,41 @@ impl<'a> Cell<'a> {
     }
 }
 
-/// Mailbox `index`'s cell in `cells`, or `None` if out of range or not
-/// mapped in this process's epoch.
+/// Mailbox `index`'s cell in `cells`, or `None` if out of range, given up
+/// ([`keep_only`]) or not mapped in this process's epoch.
 #[cfg(not(loom))]
 pub(crate) fn cell(cells: &crate::shm::PostedWords, index: usize) -> Option<Cell<'_>> {
-    let words = cells.range(index.checked_mul(CELL_WORDS)?, CELL_WORDS)?;
+    let words = cells.range(index.checked_mul(stride_words())?, CELL_WORDS)?;
     Cell::over(words, cells.writable())
+}
+
+/// A reused worker's cell isolation: gives up, in this process, every
+/// mailbox's cell but `index`'s (every one, if `None`), so that its tasks
+/// cannot read the jobs of other workers (SAFETY.md S6). Does nothing to
+/// the parent's writable mapping. Later [`cell`] calls return `None` for
+/// the cells given up.
+///
+/// # Safety
+///
+/// No [`Cell`] of `cells` but mailbox `index`'s may be live in this
+/// process, now or later.
+pub(crate) unsafe fn keep_only(
+    cells: &crate::shm::PostedWords,
+    index: Option<usize>,
+) -> SysResult<()> {
+    let stride = stride_words();
+    let (start, len) = index.map_or((0, 0), |i| (i.saturating_mul(stride), stride));
+    // SAFETY: SAFETY.md S6. A `Cell` is the only slice of `cells` anybody
+    // holds (`cell` makes them), and the caller promises that none outside
+    // the kept cell is live; one cell's stride is whole pages (`stride_words`).
+    unsafe { cells.keep_only(start, len) }
 }
 
 /// Under `--cfg loom` a cell's words are loom's atomics, which cannot
 /// overlay a mapping: only the heap-backed cells of `job_cell::model` exist.
 #[cfg(loom)]
 pub(crate) fn cell(cells: &crate::shm::PostedWords, index: usize) -> Option<Cell<'_>> {
-    let _ = (cells.range(index, 0), cells.writable(), Cell::over);
+    let _ = (cells.range(index, CELL_WORDS), cells.writable(), Cell::over);
     None
 }
 

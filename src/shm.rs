@@ -37,10 +37,31 @@ use crate::sys::{self, SysError, SysResult};
 pub(crate) struct SharedWords {
     map: ForkLocal<MmapRaw>,
     words: usize,
-    /// The words still mapped to the memfd here, `kept_start..kept_end`: all
-    /// of them, unless a worker gave up the rest ([`SharedWords::keep_only`]).
-    kept_start: AtomicUsize,
-    kept_end: AtomicUsize,
+    /// The words still mapped to the memfd here: all of them, unless a
+    /// worker gave up the rest ([`SharedWords::keep_only`]).
+    kept: Kept,
+}
+
+/// The words of a mapping still mapped to its memfd in this process,
+/// `start..end`: all of them, until a worker gives up the rest
+/// ([`give_up_all_but`]).
+struct Kept {
+    start: AtomicUsize,
+    end: AtomicUsize,
+}
+
+impl Kept {
+    fn all(words: usize) -> Kept {
+        Kept {
+            start: AtomicUsize::new(0),
+            end: AtomicUsize::new(words),
+        }
+    }
+
+    /// Are words `start..end` all still mapped here?
+    fn covers(&self, start: usize, end: usize) -> bool {
+        self.start.load(Ordering::Relaxed) <= start && end <= self.end.load(Ordering::Relaxed)
+    }
 }
 
 /// A new memfd of `len` bytes (`None` or 0: refused), sealed against
@@ -84,8 +105,7 @@ impl SharedWords {
         Ok(SharedWords {
             map: ForkLocal::new(map),
             words,
-            kept_start: AtomicUsize::new(0),
-            kept_end: AtomicUsize::new(words),
+            kept: Kept::all(words),
         })
     }
 
@@ -137,18 +157,16 @@ impl SharedWords {
     /// this is a process of another epoch (see `crate::epoch`).
     pub(crate) fn range(&self, start: usize, len: usize) -> Option<&[AtomicU64]> {
         let end = start.checked_add(len)?;
-        let kept = self.kept_start.load(Ordering::Relaxed)..self.kept_end.load(Ordering::Relaxed);
-        if !self.is_own() || start < kept.start || end > kept.end {
+        if !self.is_own() || end > self.words || !self.kept.covers(start, end) {
             return None;
         }
-        debug_assert!(kept.end <= self.words);
         let ptr = self.map.as_ptr().cast::<AtomicU64>().wrapping_add(start);
         debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 8);
         // SAFETY: SAFETY.md S1, S4. The range lies within the mapping of
         // exactly `words * 8` bytes owned by `self` and live in this
         // process: it was made in this epoch or adopted by this zygote
         // (`crate::epoch`), so it is valid for the returned lifetime, and
-        // within `kept_start..kept_end`, the words `keep_only` left mapped
+        // within the kept words, the ones `keep_only` left mapped
         // to the memfd (all of them in the parent and the zygote, which
         // never call it); mmap returns page-aligned memory, which satisfies
         // AtomicU64's alignment; AtomicU64 has the same size as u64 and
@@ -184,55 +202,92 @@ impl SharedWords {
         if !self.is_own() {
             return Ok(());
         }
-        let invalid = |what| {
-            SysError::new(
-                "mmap",
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+        // SAFETY: SAFETY.md S4. The mapping is this process's (checked just
+        // above), `words * 8` bytes long, and `kept` is its own; the caller
+        // promises that no slice of it outside the kept words is live.
+        unsafe {
+            give_up_all_but(
+                self.map.as_mut_ptr(),
+                self.words * 8,
+                8,
+                &self.kept,
+                start,
+                len,
             )
-        };
-        let page = rustix::param::page_size();
-        let end = start
-            .checked_add(len)
-            .filter(|&end| end <= self.words)
-            .ok_or_else(|| invalid("kept range out of bounds"))?;
-        let (start_byte, end_byte, all) = (start * 8, end * 8, self.words * 8);
-        if start_byte % page != 0 || (end_byte % page != 0 && end_byte != all) {
-            return Err(invalid("kept range not page-aligned"));
         }
-        // Narrowed first: from here on `range` refuses the words that go.
-        self.kept_start.store(start, Ordering::Relaxed);
-        self.kept_end.store(end, Ordering::Relaxed);
-        let base = self.map.as_mut_ptr();
-        let round_up = |n: usize| n.div_ceil(page) * page;
-        for (from, to) in [(0, start_byte), (round_up(end_byte), round_up(all))] {
-            if from >= to {
-                continue;
-            }
-            let at = base.wrapping_add(from).cast::<std::ffi::c_void>();
-            // SAFETY: SAFETY.md S4. `at..at + (to - from)` lies within this
-            // mapping, which `self` owns, on page boundaries (checked
-            // above; the mapping's own length is rounded up to a page by
-            // the kernel). MAP_FIXED replaces exactly those pages, which
-            // belong to nothing but this mapping, and the caller promises
-            // that no reference into them is live; `range` no longer hands
-            // them out. When `self` is dropped, memmap2 unmaps the whole
-            // original range, which is then this mapping's kept part and
-            // these placeholders: still only memory `self` owns.
-            unsafe {
-                rustix::mm::mmap_anonymous(
-                    at,
-                    to - from,
-                    rustix::mm::ProtFlags::empty(),
-                    rustix::mm::MapFlags::PRIVATE
-                        | rustix::mm::MapFlags::FIXED
-                        | rustix::mm::MapFlags::NORESERVE,
-                )
-            }
-            .map_err(|e| SysError::new("mmap", e))?;
-        }
-        mseal(base.cast(), round_up(all));
-        Ok(())
     }
+}
+
+/// The body of both `keep_only`s: of the mapping of `all` bytes at `base`,
+/// in words of `word` bytes, keeps words `start..start + len` mapped to the
+/// memfd and replaces every other page with inaccessible anonymous memory
+/// (`mmap(MAP_FIXED, PROT_NONE)`), then `mseal`s the whole range where the
+/// kernel has it. `kept` is narrowed first, so the mapping's `range` refuses
+/// the words that go from then on. Fails, before changing anything, if the
+/// kept words are out of bounds or do not start and end on page boundaries
+/// (or at the end of the mapping); fails if the kernel refuses the
+/// replacement, after which the caller must not run untrusted code.
+///
+/// # Safety
+///
+/// `base..base + all` is a whole mapping that the caller owns and that is
+/// live in this process, `kept` is that mapping's, and no reference into
+/// the words outside the kept ones is live, now or later.
+unsafe fn give_up_all_but(
+    base: *mut u8,
+    all: usize,
+    word: usize,
+    kept: &Kept,
+    start: usize,
+    len: usize,
+) -> SysResult<()> {
+    let invalid = |what| {
+        SysError::new(
+            "mmap",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+        )
+    };
+    let page = rustix::param::page_size();
+    let end = start
+        .checked_add(len)
+        .filter(|&end| end.checked_mul(word).is_some_and(|bytes| bytes <= all))
+        .ok_or_else(|| invalid("kept range out of bounds"))?;
+    let (start_byte, end_byte) = (start * word, end * word);
+    if start_byte % page != 0 || (end_byte % page != 0 && end_byte != all) {
+        return Err(invalid("kept range not page-aligned"));
+    }
+    // Narrowed first: from here on `range` refuses the words that go.
+    kept.start.store(start, Ordering::Relaxed);
+    kept.end.store(end, Ordering::Relaxed);
+    let round_up = |n: usize| n.div_ceil(page) * page;
+    for (from, to) in [(0, start_byte), (round_up(end_byte), round_up(all))] {
+        if from >= to {
+            continue;
+        }
+        let at = base.wrapping_add(from).cast::<std::ffi::c_void>();
+        // SAFETY: SAFETY.md S4. `at..at + (to - from)` lies within the
+        // mapping, which the caller owns, on page boundaries (checked
+        // above; the mapping's own length is rounded up to a page by the
+        // kernel). MAP_FIXED replaces exactly those pages, which belong to
+        // nothing but this mapping, and the caller promises that no
+        // reference into them is live; the mapping's `range` no longer
+        // hands them out (`kept`). When the owner is dropped, memmap2
+        // unmaps the whole original range, which is then the kept part and
+        // these placeholders: still only memory the owner owns.
+        unsafe {
+            rustix::mm::mmap_anonymous(
+                at,
+                to - from,
+                rustix::mm::ProtFlags::empty(),
+                rustix::mm::MapFlags::PRIVATE
+                    | rustix::mm::MapFlags::FIXED
+                    | rustix::mm::MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| SysError::new("mmap", e))?;
+    }
+    mseal(base.cast(), round_up(all));
+    Ok(())
 }
 
 /// `mseal(addr, len, 0)` (Linux 6.10), best effort: the kept slot can then
@@ -281,12 +336,16 @@ fn mseal(addr: *mut std::ffi::c_void, len: usize) {
 /// keeps it so (the kernel refuses `PROT_WRITE` on a new shared mapping and
 /// clears `VM_MAYWRITE` on a read-only one, so `mprotect` cannot upgrade it).
 /// A worker, whatever its code does, can read its job cell but never write
-/// it, nor anybody else's (SAFETY.md S6).
+/// it, nor anybody else's; and once it has given up the other cells
+/// ([`PostedWords::keep_only`]), it cannot read theirs either (SAFETY.md S6).
 pub(crate) struct PostedWords {
     map: ForkLocal<MmapRaw>,
     words: usize,
     /// The parent's mapping: the only writable one.
     writable: bool,
+    /// The words still mapped to the memfd here: all of them, unless a
+    /// reused worker gave up the other mailboxes' ([`PostedWords::keep_only`]).
+    kept: Kept,
 }
 
 impl PostedWords {
@@ -309,6 +368,7 @@ impl PostedWords {
             map: ForkLocal::new(map),
             words,
             writable: true,
+            kept: Kept::all(words),
         };
         Ok((words, fd))
     }
@@ -324,6 +384,7 @@ impl PostedWords {
             map: ForkLocal::new(map),
             words,
             writable: false,
+            kept: Kept::all(words),
         })
     }
 
@@ -339,20 +400,53 @@ impl PostedWords {
         self.writable
     }
 
-    /// Words `start..start + len` of the mapping, or `None` if out of bounds
-    /// or in a process of another epoch (see `crate::epoch`). In a mapping
-    /// that is not [`writable`](PostedWords::writable), only `Relaxed` loads
-    /// are allowed on them (see SAFETY.md S6).
+    /// Gives up, in this process, every word of the mapping but
+    /// `start..start + len`, as [`SharedWords::keep_only`] does for the ring:
+    /// for a reused worker, whose tasks then cannot read the jobs of other
+    /// mailboxes' workers (SAFETY.md S6). Does nothing in a process of
+    /// another epoch, or in the parent's writable mapping, which is never
+    /// given up. Fails if the kept range is out of bounds or not on page
+    /// boundaries, or if the kernel refused the replacement.
+    ///
+    /// # Safety
+    ///
+    /// No slice handed out by [`PostedWords::range`] outside the kept range
+    /// may be live in this process, now or later.
+    pub(crate) unsafe fn keep_only(&self, start: usize, len: usize) -> SysResult<()> {
+        if !self.map.is_own() || self.writable {
+            return Ok(());
+        }
+        // SAFETY: SAFETY.md S6. The mapping is this process's (checked just
+        // above), `words * 4` bytes long, and `kept` is its own; the caller
+        // promises that no slice of it outside the kept words is live.
+        unsafe {
+            give_up_all_but(
+                self.map.as_mut_ptr(),
+                self.words * 4,
+                4,
+                &self.kept,
+                start,
+                len,
+            )
+        }
+    }
+
+    /// Words `start..start + len` of the mapping, or `None` if out of bounds,
+    /// given up ([`PostedWords::keep_only`]) or in a process of another
+    /// epoch (see `crate::epoch`). In a mapping that is not
+    /// [`writable`](PostedWords::writable), only `Relaxed` loads are allowed
+    /// on them (see SAFETY.md S6).
     pub(crate) fn range(&self, start: usize, len: usize) -> Option<&[AtomicU32]> {
         let end = start.checked_add(len)?;
-        if !self.map.is_own() || end > self.words {
+        if !self.map.is_own() || end > self.words || !self.kept.covers(start, end) {
             return None;
         }
         let ptr = self.map.as_ptr().cast::<AtomicU32>().wrapping_add(start);
         debug_assert!(ptr.is_aligned() && self.map.len() == self.words * 4);
         // SAFETY: SAFETY.md S6. The range lies within the mapping of exactly
         // `words * 4` bytes owned by `self` and live in this process (made
-        // in this epoch, or adopted by this worker), so it is valid for the
+        // in this epoch, or adopted by this worker), and within the words
+        // `keep_only` left mapped to the memfd, so it is valid for the
         // returned lifetime; mmap returns page-aligned memory, which
         // satisfies AtomicU32's alignment; every bit pattern is a valid
         // u32; the size is sealed, so the pages cannot go away (no SIGBUS).

@@ -231,6 +231,23 @@ fn isolate(ring: &Ring, slot: u32) {
     }
 }
 
+/// Cell isolation (SAFETY.md S6): gives up every mailbox's job cell but
+/// `mine`'s (all of them if `None`), before any job arrives; exits if that
+/// fails, so no task runs able to read another worker's jobs.
+///
+/// Unlike the ring, the cells are isolated once, when the worker parks: a
+/// reused worker only ever reads its own mailbox's cell, whichever slot
+/// each of its tasks is given.
+fn isolate_cells(cells: &PostedWords, mine: Option<usize>) {
+    // SAFETY: SAFETY.md S6. No `Cell` exists yet in this worker: `park`
+    // makes its one, of mailbox `mine`, only after this call, and no task's
+    // code can reach the cells' mapping, which belongs to the zygote's
+    // frame (it lies in no static).
+    if unsafe { job_cell::keep_only(cells, mine) }.is_err() {
+        sys::exit_now(EXIT_NOT_ISOLATED);
+    }
+}
+
 /// What a parked worker is given by the zygote.
 pub(crate) struct Parked<'a> {
     /// The zygote's pid, to detect its death between fork and `prctl`.
@@ -292,6 +309,9 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
+    if let Some(cells) = cells {
+        isolate_cells(cells, (reuse > 1).then_some(mailbox));
+    }
     // After its first task, a reused worker takes its jobs from its cell:
     // the parent posts there only to a worker it has seen wait, which is
     // after this read, so anything newer is (or names) a later job. (A

@@ -178,9 +178,10 @@ impl ZygoteEnds {
     }
 }
 
-/// Words of the job cells of a zygote of `limits`: one cell per mailbox.
+/// Words of the job cells of a zygote of `limits`: one cell per mailbox,
+/// each on pages of its own.
 fn cell_words(limits: &Limits) -> usize {
-    limits.parked.max(1) as usize * crate::job_cell::CELL_WORDS
+    limits.parked.max(1) as usize * crate::job_cell::stride_words()
 }
 
 /// The zygote's read-only mapping of the job cells (the parent's writable

@@ -104,6 +104,16 @@ fn main() {
             }
         },
     ));
+    trials.push(Trial::test("a_reused_worker_maps_only_its_own_job_cell", {
+        let z = reused.clone();
+        move || {
+            common::checked_pooled(
+                &z,
+                common::REUSED_KEPT,
+                a_reused_worker_maps_only_its_own_job_cell,
+            )
+        }
+    }));
     trials.push(Trial::test(
         "a_reused_worker_can_read_but_never_write_its_job_cell",
         {
@@ -261,6 +271,12 @@ fn slot_bytes(payload: usize) -> usize {
 /// if that is in the ring (the own slot is not the first or the last).
 fn neighbour() -> Option<usize> {
     let (start, end) = *ring_ranges().first()?;
+    placeholder_next_to(start, end)
+}
+
+/// The start of a placeholder's stretch of `end - start` bytes right after
+/// or right before the mapping `start..end`, if one is there.
+fn placeholder_next_to(start: usize, end: usize) -> Option<usize> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let len = end - start;
     maps.lines().find_map(|line| {
@@ -323,6 +339,24 @@ fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
         protect,
         fds,
     )
+}
+
+/// The bytes of the job cells this worker maps.
+fn job_cell_bytes(_: ()) -> usize {
+    memfd_mappings("run-in-process-jobs")
+        .iter()
+        .map(|&(start, end, _)| end - start)
+        .sum()
+}
+
+/// Reads the first word where another mailbox's job cell was mapped: must
+/// fault. Returns `None` if there is no such place (it never should).
+fn read_where_another_cell_was(_: ()) -> Option<u32> {
+    let &(start, end, _) = memfd_mappings("run-in-process-jobs").first()?;
+    let at = placeholder_next_to(start, end)?;
+    // SAFETY: none: this is the attack. The address is where another
+    // mailbox's cell was mapped; it must now be inaccessible.
+    Some(unsafe { (at as *const u32).read_volatile() })
 }
 
 /// Writes the first word of the job cells: must fault.
@@ -747,6 +781,32 @@ async fn a_reused_worker_can_read_but_never_write_its_job_cell(z: Zygote) -> Tes
     match z.run(write_job_cell, ()).await {
         Err(e) if e.signal() == Some(libc::SIGSEGV) => {}
         other => return Err(format!("writing the job cell did not fault: {other:?}").into()),
+    }
+    still_serving(&z).await
+}
+
+/// A reused worker keeps only its own mailbox's job cell: its tasks cannot
+/// read the jobs, arguments included, that the parent posts to other
+/// workers.
+async fn a_reused_worker_maps_only_its_own_job_cell(z: Zygote) -> TestResult {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
+    let cell = page.max(4096);
+    // The second task comes through the cell, to a reused worker.
+    for task in 0..2 {
+        let bytes = z.run(job_cell_bytes, ()).await?;
+        ensure(
+            bytes == cell,
+            format!(
+                "task {task}: the worker maps {bytes} bytes of job cells, want one cell of {cell}"
+            ),
+        )?;
+    }
+    match z.run(read_where_another_cell_was, ()).await {
+        Err(e) if e.signal() == Some(libc::SIGSEGV) => {}
+        other => {
+            return Err(format!("reading another mailbox's cell did not fault: {other:?}").into());
+        }
     }
     still_serving(&z).await
 }
