@@ -346,6 +346,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore)] // a memfd mapping and mmap(MAP_FIXED); ring::model covers heap-backed slots
     fn slots_are_whole_pages_and_an_isolated_ring_keeps_only_its_slot() {
         let page = rustix::param::page_size();
         let r = ring();
