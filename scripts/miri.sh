@@ -8,7 +8,7 @@
 #
 # Needs a nightly toolchain with the miri and rust-src components; it adds
 # them if rustup can. Tests that fork, map a memfd or make other system calls
-# Miri does not emulate are marked #[cfg_attr(miri, ignore)]. Not part of CI.
+# Miri does not emulate are marked #[cfg_attr(miri, ignore)]. CI runs it (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
