@@ -290,10 +290,10 @@ unsafe fn give_up_all_but(
     Ok(())
 }
 
-/// `mseal(addr, len, 0)` (Linux 6.10), best effort: the kept slot can then
-/// no longer be grown with `mremap` (over the memfd's next pages, other
-/// tasks' slots), nor the range unmapped, remapped or its protection
-/// changed. `ENOSYS` on older kernels, where that one hole stays open
+/// `mseal(addr, len, 0)` (Linux 6.10), best effort: the kept slot (or job
+/// cell) can then no longer be grown with `mremap` (over the memfd's next
+/// pages, other tasks' slots or other workers' cells), nor the range
+/// unmapped, remapped or its protection changed. `ENOSYS` on older kernels, where that one hole stays open
 /// (README, "Slot isolation"). The number is 462 on every architecture the
 /// crate builds seccomp filters for (they share the generic syscall table
 /// for new calls).
@@ -305,11 +305,11 @@ fn mseal(addr: *mut std::ffi::c_void, len: usize) {
     ))]
     {
         const SYS_MSEAL: libc::c_long = 462;
-        // SAFETY: SAFETY.md S4. `mseal` changes no memory and unmaps
+        // SAFETY: SAFETY.md S4, S6. `mseal` changes no memory and unmaps
         // nothing: it only makes later `munmap`, `mremap`, `mprotect` and
-        // `MAP_FIXED` calls over the range fail with EPERM. The range is this
-        // mapping's; were it dropped later (a worker never drops its ring,
-        // which belongs to the zygote's frame), memmap2's `munmap` would
+        // `MAP_FIXED` calls over the range fail with EPERM. The range is one
+        // mapping's; were it dropped later (a worker never drops its ring or
+        // its job cells, which belong to the zygote's frame), memmap2's `munmap` would
         // fail and the pages would stay mapped until exit: a leak, not an
         // unmapping of anybody else's memory.
         let _ = unsafe { libc::syscall(SYS_MSEAL, addr, len, 0usize) };
