@@ -209,9 +209,10 @@ pub(crate) fn cell(cells: &crate::shm::PostedWords, index: usize) -> Option<Cell
     Cell::over(words, cells.writable())
 }
 
-/// A reused worker's cell isolation: gives up, in this process, every
-/// mailbox's cell but `index`'s (every one, if `None`), so that its tasks
-/// cannot read the jobs of other workers (SAFETY.md S6). Does nothing to
+/// A worker's cell isolation: gives up, in this process, every mailbox's
+/// cell but `index`'s (a reused worker's own), or every one if `None` (a
+/// worker forked for one task), so that its tasks cannot read the jobs of
+/// other workers (SAFETY.md S6). Does nothing to
 /// the parent's writable mapping. Later [`cell`] calls return `None` for
 /// the cells given up.
 ///

@@ -265,7 +265,7 @@ unsafe fn give_up_all_but(
             continue;
         }
         let at = base.wrapping_add(from).cast::<std::ffi::c_void>();
-        // SAFETY: SAFETY.md S4. `at..at + (to - from)` lies within the
+        // SAFETY: SAFETY.md S4, S6. `at..at + (to - from)` lies within the
         // mapping, which the caller owns, on page boundaries (checked
         // above; the mapping's own length is rounded up to a page by the
         // kernel). MAP_FIXED replaces exactly those pages, which belong to

@@ -155,9 +155,18 @@ pub fn stop_requested() -> bool {
 
 /// Runs one task in the calling process, a worker just forked by the zygote,
 /// and exits.
-pub(crate) fn run(job: Job<'_>) -> ! {
-    // This fork started a new epoch; the zygote's ring is ours too.
+///
+/// `cells`: the zygote's read-only mapping of the job cells (reuse mode
+/// only), which a worker forked for one task never reads: it gives them all
+/// up before the task runs.
+pub(crate) fn run(job: Job<'_>, cells: Option<&PostedWords>) -> ! {
+    // This fork started a new epoch; the zygote's ring is ours too, and so
+    // is its view of the job cells.
     job.ring.adopt();
+    if let Some(cells) = cells {
+        cells.adopt();
+        isolate_cells(cells, None);
+    }
     let arg_fd = match &job.arg {
         ArgSource::Memfd(fd, _) => sys::raw(fd),
         // Not an fd: `close_fds_except` ignores it.
@@ -232,17 +241,18 @@ fn isolate(ring: &Ring, slot: u32) {
 }
 
 /// Cell isolation (SAFETY.md S6): gives up every mailbox's job cell but
-/// `mine`'s (all of them if `None`), before any job arrives; exits if that
-/// fails, so no task runs able to read another worker's jobs.
+/// `mine`'s (all of them if `None`: a worker forked for one task), before
+/// any task runs; exits if that fails, so no task runs able to read another
+/// worker's jobs.
 ///
-/// Unlike the ring, the cells are isolated once, when the worker parks: a
+/// Unlike the ring, the cells are isolated once, when the worker starts: a
 /// reused worker only ever reads its own mailbox's cell, whichever slot
 /// each of its tasks is given.
 fn isolate_cells(cells: &PostedWords, mine: Option<usize>) {
     // SAFETY: SAFETY.md S6. No `Cell` exists yet in this worker: `park`
-    // makes its one, of mailbox `mine`, only after this call, and no task's
-    // code can reach the cells' mapping, which belongs to the zygote's
-    // frame (it lies in no static).
+    // makes its one, of mailbox `mine`, only after this call, and `run`
+    // makes none; no task's code can reach the cells' mapping, which
+    // belongs to the zygote's frame (it lies in no static).
     if unsafe { job_cell::keep_only(cells, mine) }.is_err() {
         sys::exit_now(EXIT_NOT_ISOLATED);
     }

@@ -837,21 +837,24 @@ impl Zygote<'_> {
         let forked = unsafe { sys::fork() };
         match forked {
             Ok(Forked::Child) => sys::contain_child(|| {
-                worker::run(worker::Job {
-                    ring: self.ring,
-                    slot: request.slot,
-                    generation: request.generation,
-                    entry: request.entry,
-                    arg,
-                    limit: self.limits.max_payload,
-                    doorbell,
-                    spill: self.spill,
-                    zygote,
-                    result_buf: std::mem::take(result_buf),
-                    confinement: request.confinement,
-                    io,
-                    trace,
-                })
+                worker::run(
+                    worker::Job {
+                        ring: self.ring,
+                        slot: request.slot,
+                        generation: request.generation,
+                        entry: request.entry,
+                        arg,
+                        limit: self.limits.max_payload,
+                        doorbell,
+                        spill: self.spill,
+                        zygote,
+                        result_buf: std::mem::take(result_buf),
+                        confinement: request.confinement,
+                        io,
+                        trace,
+                    },
+                    self.cells,
+                )
             }),
             Ok(Forked::Parent(pid)) => {
                 drop(arg);

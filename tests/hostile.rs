@@ -52,6 +52,13 @@ fn main() {
         .reuse(100)
         .start()
         .expect("start the reuse zygote");
+    // Reuse mode with one mailbox, which one reused worker fills.
+    let reused_one = Zygote::builder()
+        .max_in_flight(1)
+        .parked(1)
+        .reuse(100)
+        .start()
+        .expect("start the one-mailbox reuse zygote");
 
     let args = common::harness_args();
     let mut trials = Vec::new();
@@ -102,6 +109,16 @@ fn main() {
                     a_reused_worker_keeps_the_ring_until_its_last_task,
                 )
             }
+        },
+    ));
+    trials.push(Trial::test(
+        "a_worker_forked_for_one_task_maps_no_job_cell",
+        move || {
+            common::checked_pooled(
+                &reused_one,
+                common::REUSED_KEPT,
+                a_worker_forked_for_one_task_maps_no_job_cell,
+            )
         },
     ));
     trials.push(Trial::test("a_reused_worker_maps_only_its_own_job_cell", {
@@ -285,7 +302,8 @@ fn placeholder_next_to(start: usize, end: usize) -> Option<usize> {
             usize::from_str_radix(s, 16).ok()?,
             usize::from_str_radix(e, 16).ok()?,
         );
-        // The placeholder that replaced the ring's other slots.
+        // The placeholder that replaced the mapping's other pages (the
+        // ring's other slots, or other mailboxes' job cells).
         let placeholder = line.split_whitespace().nth(1) == Some("---p");
         if placeholder && s == end {
             Some(end)
@@ -341,12 +359,13 @@ fn job_cell_view(_: ()) -> (Vec<String>, i32, usize) {
     )
 }
 
-/// The bytes of the job cells this worker maps.
-fn job_cell_bytes(_: ()) -> usize {
-    memfd_mappings("run-in-process-jobs")
+/// This worker's pid and the bytes of the job cells it maps.
+fn job_cell_bytes(_: ()) -> (u32, usize) {
+    let bytes = memfd_mappings("run-in-process-jobs")
         .iter()
         .map(|&(start, end, _)| end - start)
-        .sum()
+        .sum();
+    (std::process::id(), bytes)
 }
 
 /// Reads the first word where another mailbox's job cell was mapped: must
@@ -792,22 +811,57 @@ async fn a_reused_worker_maps_only_its_own_job_cell(z: Zygote) -> TestResult {
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
     let cell = page.max(4096);
-    // The second task comes through the cell, to a reused worker.
+    // The second task comes through the cell, to the same reused worker:
+    // had it kept another mailbox's cell, it would have found no cell of
+    // its own and served one task only.
+    let mut pids = Vec::new();
     for task in 0..2 {
-        let bytes = z.run(job_cell_bytes, ()).await?;
+        let (pid, bytes) = z.run(job_cell_bytes, ()).await?;
         ensure(
             bytes == cell,
             format!(
                 "task {task}: the worker maps {bytes} bytes of job cells, want one cell of {cell}"
             ),
         )?;
+        pids.push(pid);
     }
+    ensure(
+        pids[0] == pids[1],
+        format!("two tasks in a row ran in workers {pids:?}: the second was not reused"),
+    )?;
     match z.run(read_where_another_cell_was, ()).await {
         Err(e) if e.signal() == Some(libc::SIGSEGV) => {}
         other => {
             return Err(format!("reading another mailbox's cell did not fault: {other:?}").into());
         }
     }
+    still_serving(&z).await
+}
+
+/// In reuse mode, a worker forked on demand for one task reads no job cell,
+/// and maps none: with the zygote's one mailbox held by a reused worker, a
+/// task that asks for a fresh process gets one forked for it alone.
+async fn a_worker_forked_for_one_task_maps_no_job_cell(z: Zygote) -> TestResult {
+    // The mailbox's worker serves a task, then waits there, reused.
+    let (reused, _) = z.run(job_cell_bytes, ()).await?;
+    for task in 0..2 {
+        let (pid, bytes) = z.task(job_cell_bytes, ()).fresh().run().await?;
+        ensure(
+            pid != reused,
+            format!("fresh task {task} ran in the reused worker"),
+        )?;
+        ensure(
+            bytes == 0,
+            format!("fresh task {task}: a worker forked for it maps {bytes} bytes of job cells"),
+        )?;
+    }
+    // The reused worker held the mailbox all along, so the fresh tasks
+    // were forked on demand, not given a parked worker.
+    let (after, _) = z.run(job_cell_bytes, ()).await?;
+    ensure(
+        after == reused,
+        format!("the next task ran in worker {after}, not in the reused {reused}"),
+    )?;
     still_serving(&z).await
 }
 
