@@ -62,6 +62,7 @@ pub(crate) const CELL_WORDS: usize = CELL_BYTES / 4;
 pub(crate) fn stride_words() -> usize {
     rustix::param::page_size().max(CELL_BYTES) / 4
 }
+
 /// Words before the frame; the rest of the cell, 4088 bytes, holds it.
 const HEADER_WORDS: usize = 2;
 

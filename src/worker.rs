@@ -161,12 +161,9 @@ pub fn stop_requested() -> bool {
 /// up before the task runs.
 pub(crate) fn run(job: Job<'_>, cells: Option<&PostedWords>) -> ! {
     // This fork started a new epoch; the zygote's ring is ours too, and so
-    // is its view of the job cells.
+    // is its view of the job cells, of which it keeps none.
     job.ring.adopt();
-    if let Some(cells) = cells {
-        cells.adopt();
-        isolate_cells(cells, None);
-    }
+    isolate_cells(cells, None);
     let arg_fd = match &job.arg {
         ArgSource::Memfd(fd, _) => sys::raw(fd),
         // Not an fd: `close_fds_except` ignores it.
@@ -240,7 +237,8 @@ fn isolate(ring: &Ring, slot: u32) {
     }
 }
 
-/// Cell isolation (SAFETY.md S6): gives up every mailbox's job cell but
+/// Cell isolation (SAFETY.md S6): adopts the zygote's mapping of the job
+/// cells, if it has one (reuse mode), and gives up every mailbox's cell but
 /// `mine`'s (all of them if `None`: a worker forked for one task), before
 /// any task runs; exits if that fails, so no task runs able to read another
 /// worker's jobs.
@@ -248,7 +246,9 @@ fn isolate(ring: &Ring, slot: u32) {
 /// Unlike the ring, the cells are isolated once, when the worker starts: a
 /// reused worker only ever reads its own mailbox's cell, whichever slot
 /// each of its tasks is given.
-fn isolate_cells(cells: &PostedWords, mine: Option<usize>) {
+fn isolate_cells(cells: Option<&PostedWords>, mine: Option<usize>) {
+    let Some(cells) = cells else { return };
+    cells.adopt();
     // SAFETY: SAFETY.md S6. No `Cell` exists yet in this worker: `park`
     // makes its one, of mailbox `mine`, only after this call, and `run`
     // makes none; no task's code can reach the cells' mapping, which
@@ -310,25 +310,19 @@ pub(crate) fn park(parked: Parked<'_>) -> ! {
         mut result_buf,
     } = parked;
     // This fork started a new epoch; the zygote's ring is ours too, and so
-    // is its view of the job cells.
+    // is its view of the job cells, of which a reused worker keeps its own.
     ring.adopt();
-    if let Some(cells) = cells {
-        cells.adopt();
-    }
+    isolate_cells(cells, (reuse > 1).then_some(mailbox));
     prepare(zygote, &[sys::raw(jobs), sys::raw(spill)]);
     warm_up(buf, &mut result_buf);
     let slots = ring.slots();
     let me = sys::getpid().as_raw_nonzero().get() as u32;
-    if let Some(cells) = cells {
-        isolate_cells(cells, (reuse > 1).then_some(mailbox));
-    }
-    // After its first task, a reused worker takes its jobs from its cell:
-    // the parent posts there only to a worker it has seen wait, which is
-    // after this read, so anything newer is (or names) a later job. (A
-    // worker without its cell, which cannot happen, serves one task.)
-    let cell = cells
-        .and_then(|cells| job_cell::cell(cells, mailbox))
-        .filter(|_| reuse > 1);
+    // After its first task, a reused worker takes its jobs from its cell
+    // (one that serves one task kept none): the parent posts there only to
+    // a worker it has seen wait, which is after this read, so anything
+    // newer is (or names) a later job. (A reused worker without its cell,
+    // which cannot happen, serves one task.)
+    let cell = cells.and_then(|cells| job_cell::cell(cells, mailbox));
     let reused = cell.is_some();
     let mut seen = cell.as_ref().map_or(0, Cell::current);
     let mut served = 0u32;

@@ -98,52 +98,23 @@ fn main() {
         "dropping_the_last_handle_ends_a_parked_worker_made_to_look_finished",
         move || dropping_the_last_handle_ends_a_worker_made_to_look_finished(disposable_parked),
     ));
-    trials.push(Trial::test(
-        "a_reused_worker_keeps_the_ring_until_its_last_task",
-        {
-            let z = reused.clone();
-            move || {
-                common::checked_pooled(
-                    &z,
-                    common::REUSED_KEPT,
-                    a_reused_worker_keeps_the_ring_until_its_last_task,
-                )
-            }
-        },
-    ));
-    trials.push(Trial::test(
-        "a_worker_forked_for_one_task_maps_no_job_cell",
-        move || {
-            common::checked_pooled(
-                &reused_one,
-                common::REUSED_KEPT,
-                a_worker_forked_for_one_task_maps_no_job_cell,
-            )
-        },
-    ));
-    trials.push(Trial::test("a_reused_worker_maps_only_its_own_job_cell", {
-        let z = reused.clone();
-        move || {
-            common::checked_pooled(
-                &z,
-                common::REUSED_KEPT,
-                a_reused_worker_maps_only_its_own_job_cell,
-            )
-        }
-    }));
-    trials.push(Trial::test(
-        "a_reused_worker_can_read_but_never_write_its_job_cell",
-        {
-            let z = reused.clone();
-            move || {
-                common::checked_pooled(
-                    &z,
-                    common::REUSED_KEPT,
-                    a_reused_worker_can_read_but_never_write_its_job_cell,
-                )
-            }
-        },
-    ));
+    // Reuse mode: each reused worker keeps its pidfd, doorbell and report
+    // socket in the parent between tasks.
+    macro_rules! reused_trial {
+        ($z:expr, $name:ident) => {{
+            let z = $z.clone();
+            trials.push(Trial::test(stringify!($name), move || {
+                common::checked_pooled(&z, common::REUSED_KEPT, $name)
+            }));
+        }};
+    }
+    reused_trial!(reused, a_reused_worker_keeps_the_ring_until_its_last_task);
+    reused_trial!(reused_one, a_worker_forked_for_one_task_maps_no_job_cell);
+    reused_trial!(reused, a_reused_worker_maps_only_its_own_job_cell);
+    reused_trial!(
+        reused,
+        a_reused_worker_can_read_but_never_write_its_job_cell
+    );
     libtest_mimic::run(&args, trials).exit();
 }
 
